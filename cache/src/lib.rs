@@ -1,0 +1,38 @@
+//! The expert cache: which experts are resident in a tier, under a byte budget, and which to
+//! evict. It knows expert keys and byte sizes, nothing about models or where bytes come from;
+//! the engine moves the bytes and stores whatever value it likes (`V`) against each key.
+//!
+//! One implementation of each replacement [`Policy`] serves the live engine and the simulator.
+
+mod cache;
+pub mod policy;
+
+pub use cache::{Cache, CacheError, CacheStats};
+pub use policy::{LruPolicy, Policy};
+
+/// Precision an expert is held in. `Full` is the checkpoint's own dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Precision {
+    Full,
+}
+
+/// Identifies one expert's weights in one precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExpertKey {
+    /// Index of the decoder layer (not of the MoE layer).
+    pub layer: u32,
+    pub expert: u32,
+    pub precision: Precision,
+}
+
+impl ExpertKey {
+    pub fn new(layer: usize, expert: usize) -> Self {
+        ExpertKey { layer: layer as u32, expert: expert as u32, precision: Precision::Full }
+    }
+}
+
+impl std::fmt::Display for ExpertKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layer {} expert {}", self.layer, self.expert)
+    }
+}

@@ -1,0 +1,1 @@
+//! Orchestration: the expert I/O pipeline, generation, sampling and the CLI.
