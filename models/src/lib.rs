@@ -5,6 +5,7 @@
 pub mod config;
 mod error;
 pub mod experts;
+pub mod names;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

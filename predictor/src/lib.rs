@@ -1,0 +1,1 @@
+//! Routing-path prediction. Pure: no IO, no threads.
