@@ -50,3 +50,32 @@ pub trait Experts: Sync {
         f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
     ) -> Result<(), ExpertsError>;
 }
+
+/// Experts read in place from the memory-mapped checkpoint: everything resident, nothing
+/// streamed. The reference that streamed stores must match token for token.
+pub struct MappedExperts<'a> {
+    index: &'a crate::WeightIndex,
+    config: &'a crate::ModelConfig,
+}
+
+impl<'a> MappedExperts<'a> {
+    pub fn new(index: &'a crate::WeightIndex, config: &'a crate::ModelConfig) -> Self {
+        MappedExperts { index, config }
+    }
+}
+
+impl Experts for MappedExperts<'_> {
+    fn for_each(
+        &self,
+        routing: &LayerRouting<'_>,
+        f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
+    ) -> Result<(), ExpertsError> {
+        let shapes = crate::names::expert_tensor_shapes(self.config);
+        for &e in routing.experts {
+            let names = crate::names::expert_tensor_names(self.config.arch, routing.layer, e as usize);
+            let [gate, up, down] = [0, 1, 2].map(|i| self.index.get(&names[i], &shapes[i]).map(|t| t.matrix()));
+            f(e, ExpertWeights { gate: gate?, up: up?, down: down? })?;
+        }
+        Ok(())
+    }
+}

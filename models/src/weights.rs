@@ -161,6 +161,11 @@ impl WeightIndex {
         Ok(shard)
     }
 
+    /// The whole mapped file of shard `i`.
+    pub fn shard_data(&self, i: usize) -> &[u8] {
+        &self.shards[i].map
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -1,0 +1,85 @@
+//! The generation loop: prefill the prompt as one batch, then decode token by token with the
+//! KV cache until EOS or the token limit.
+
+use std::time::Instant;
+
+use stevedore_models::{Error, Experts, KvCache, Model};
+
+use crate::sampling::{Sampler, SamplingParams};
+
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+pub struct GenerateOutput {
+    /// Generated ids; ends with the EOS id when generation stopped there.
+    pub generated_ids: Vec<u32>,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Tokens produced by decode steps (every generated token after the first).
+    pub decode_tokens: usize,
+}
+
+impl GenerateOutput {
+    pub fn prefill_tokens_per_s(&self, prompt_len: usize) -> f64 {
+        rate(prompt_len, self.prefill_seconds)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.decode_tokens, self.decode_seconds)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Positions a KV cache needs for `req`.
+pub fn kv_positions(req: &GenerateRequest) -> usize {
+    req.prompt_ids.len() + req.max_new_tokens
+}
+
+/// Runs `req`, calling `on_token` with each new id as soon as it is chosen.
+pub fn generate(
+    model: &Model,
+    experts: &dyn Experts,
+    req: &GenerateRequest,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenerateOutput, Error> {
+    if req.prompt_ids.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    let mut kv = KvCache::new(&model.config, kv_positions(req));
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut out = GenerateOutput { generated_ids: Vec::new(), prefill_seconds: 0.0, decode_seconds: 0.0, decode_tokens: 0 };
+    if req.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let eos = &model.config.eos_token_ids;
+    let t0 = Instant::now();
+    let logits = {
+        let _span = tracing::info_span!("prefill", tokens = req.prompt_ids.len()).entered();
+        model.forward(&req.prompt_ids, &mut kv, experts)?
+    };
+    let mut next = sampler.sample(&logits);
+    out.prefill_seconds = t0.elapsed().as_secs_f64();
+    out.generated_ids.push(next);
+    on_token(next);
+    let t1 = Instant::now();
+    while out.generated_ids.len() < req.max_new_tokens && !eos.contains(&next) {
+        let _span = tracing::debug_span!("decode", pos = kv.len()).entered();
+        let logits = model.forward(&[next], &mut kv, experts)?;
+        next = sampler.sample(&logits);
+        out.generated_ids.push(next);
+        out.decode_tokens += 1;
+        on_token(next);
+    }
+    out.decode_seconds = t1.elapsed().as_secs_f64();
+    Ok(out)
+}

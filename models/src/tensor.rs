@@ -1,0 +1,52 @@
+//! Dense weights held by a loaded model: matrices stay in the memory-mapped checkpoint and are
+//! read in place; small vectors (norms, biases) are converted to f32 once at load.
+
+use stevedore_kernels::{DType, Weight};
+
+use crate::{Error, WeightIndex};
+
+/// A matrix inside one of the checkpoint's mapped shards.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat {
+    shard: usize,
+    start: usize,
+    dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Mat {
+    pub fn load(index: &WeightIndex, name: &str, rows: usize, cols: usize) -> Result<Self, Error> {
+        let (info, dtype) = index.check(name, &[rows, cols])?;
+        Ok(Mat { shard: info.shard, start: info.offset as usize, dtype, rows, cols })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype.size()
+    }
+
+    pub fn weight<'a>(&self, index: &'a WeightIndex) -> Weight<'a> {
+        let data = &index.shard_data(self.shard)[self.start..self.start + self.bytes()];
+        Weight { dtype: self.dtype, data, rows: self.rows, cols: self.cols }
+    }
+}
+
+/// A 1-D tensor of `len` elements, converted to f32.
+pub fn load_vec(index: &WeightIndex, name: &str, len: usize) -> Result<Vec<f32>, Error> {
+    Ok(index.get(name, &[len])?.to_f32_vec())
+}
+
+/// `y = x @ w^T (+ bias)` for a batch of rows of `x`.
+pub fn linear(index: &WeightIndex, x: &[f32], w: &Mat, bias: Option<&[f32]>) -> Vec<f32> {
+    let n = x.len() / w.cols;
+    let mut out = vec![0.0; n * w.rows];
+    stevedore_kernels::matmul(x, &w.weight(index), &mut out);
+    if let Some(b) = bias {
+        for row in out.chunks_mut(w.rows) {
+            for (o, b) in row.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+    out
+}

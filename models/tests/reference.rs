@@ -1,0 +1,81 @@
+//! Whole models against Hugging Face transformers: greedy ids and top-5 logits per step, from
+//! `tests/fixtures/*/reference.json` (made by `tests/fixtures/make_fixtures.py`), with every
+//! expert read in place (`MappedExperts`). The streamed store is checked against the same
+//! references end to end in `tests/`.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use stevedore_models::{KvCache, MappedExperts, Model};
+
+/// Largest allowed |ours - transformers| for a logit, relative to max(1, |logit|). Both sides
+/// compute in f32 from the same bf16 weights; only summation order differs.
+const LOGIT_TOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn check(name: &str) {
+    let dir = fixture(name);
+    let model = Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let experts = MappedExperts::new(&model.index, &model.config);
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    let mut worst = 0.0f32;
+    for case in reference["cases"].as_array().unwrap() {
+        let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+        let prompt = ids(&case["prompt_ids"]);
+        let expected = ids(&case["generated_ids"]);
+        let mut kv = KvCache::new(&model.config, prompt.len() + max_new);
+        let mut logits = model.forward(&prompt, &mut kv, &experts).unwrap();
+        let mut got = Vec::new();
+        for (step, s) in case["steps"].as_array().unwrap().iter().enumerate() {
+            for (id, want) in ids(&s["top5_ids"]).iter().zip(s["top5_logits"].as_array().unwrap()) {
+                let want = want.as_f64().unwrap() as f32;
+                let err = (logits[*id as usize] - want).abs() / want.abs().max(1.0);
+                worst = worst.max(err);
+                assert!(err <= LOGIT_TOL, "{name} prompt {prompt:?} step {step}: logit of {id} is {} vs {want}", logits[*id as usize]);
+            }
+            let next = argmax(&logits);
+            got.push(next);
+            if got.len() == expected.len() {
+                break;
+            }
+            logits = model.forward(&[next], &mut kv, &experts).unwrap();
+        }
+        assert_eq!(got, expected, "{name}: greedy ids for prompt {prompt:?}");
+    }
+    println!("{name}: worst relative logit error {worst:.2e}");
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check("mixtral");
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check("qwen3_moe");
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check("olmoe");
+}
