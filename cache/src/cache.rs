@@ -105,12 +105,8 @@ impl<V> Cache<V> {
 
     /// Would `bytes` more fit after evicting unpinned entries not protected by `protect`?
     pub fn can_make_room(&self, bytes: u64, protect: &dyn Fn(&ExpertKey) -> bool) -> bool {
-        let locked: u64 = self
-            .entries
-            .iter()
-            .filter(|(k, e)| e.pins > 0 || protect(k))
-            .map(|(_, e)| e.bytes)
-            .sum();
+        let locked: u64 =
+            self.entries.iter().filter(|(k, e)| e.pins > 0 || protect(k)).map(|(_, e)| e.bytes).sum();
         locked + bytes <= self.budget
     }
 

@@ -8,7 +8,10 @@ mod cache;
 pub mod policy;
 
 pub use cache::{Cache, CacheError, CacheStats};
-pub use policy::{LruPolicy, Policy};
+pub use policy::{
+    BeladyPolicy, Candidate, LfuPolicy, Lookahead, LookaheadParams, LruPolicy, Policy, PredictivePolicy,
+    POLICY_NAMES,
+};
 
 /// Precision an expert is held in. `Full` is the checkpoint's own dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -5,7 +5,11 @@ use std::time::Instant;
 
 use stevedore_models::{Error, Experts, KvCache, Model};
 
+use crate::record::RoutingRecorder;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::trace::Phase;
+
+pub type GenerateError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,
@@ -45,15 +49,27 @@ pub fn kv_positions(req: &GenerateRequest) -> usize {
     req.prompt_ids.len() + req.max_new_tokens
 }
 
-/// Runs `req`, calling `on_token` with each new id as soon as it is chosen.
+/// Runs `req`, calling `on_token` with each new id as soon as it is chosen. With a `recorder`
+/// (which wraps `experts`), every forward pass's routing is written to its trace.
 pub fn generate(
     model: &Model,
     experts: &dyn Experts,
+    recorder: Option<&RoutingRecorder>,
     req: &GenerateRequest,
     on_token: &mut dyn FnMut(u32),
-) -> Result<GenerateOutput, Error> {
+) -> Result<GenerateOutput, GenerateError> {
+    let experts: &dyn Experts = match recorder {
+        Some(r) => r,
+        None => experts,
+    };
+    let after = |tokens: &[u32], phase| -> Result<(), GenerateError> {
+        match recorder {
+            Some(r) => Ok(r.end_forward(tokens, phase)?),
+            None => Ok(()),
+        }
+    };
     if req.prompt_ids.is_empty() {
-        return Err(Error::Input("the prompt is empty".into()));
+        return Err(Error::Input("the prompt is empty".into()).into());
     }
     let mut kv = KvCache::new(&model.config, kv_positions(req));
     let mut sampler = Sampler::new(req.sampling.clone());
@@ -67,6 +83,7 @@ pub fn generate(
         let _span = tracing::info_span!("prefill", tokens = req.prompt_ids.len()).entered();
         model.forward(&req.prompt_ids, &mut kv, experts)?
     };
+    after(&req.prompt_ids, Phase::Prefill)?;
     let mut next = sampler.sample(&logits);
     out.prefill_seconds = t0.elapsed().as_secs_f64();
     out.generated_ids.push(next);
@@ -75,6 +92,7 @@ pub fn generate(
     while out.generated_ids.len() < req.max_new_tokens && !eos.contains(&next) {
         let _span = tracing::debug_span!("decode", pos = kv.len()).entered();
         let logits = model.forward(&[next], &mut kv, experts)?;
+        after(&[next], Phase::Decode)?;
         next = sampler.sample(&logits);
         out.generated_ids.push(next);
         out.decode_tokens += 1;

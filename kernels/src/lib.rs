@@ -3,8 +3,28 @@
 //!
 //! Weights follow PyTorch's `nn.Linear` layout: `[rows = out_features, cols = in_features]`,
 //! row-major. `matmul` computes `out[t, r] = sum_c x[t, c] * w[r, c]`.
+//!
+//! Every kernel has a scalar reference path and SIMD paths chosen at run time ([`Isa`]):
+//! AVX-512F and AVX2+FMA+F16C on x86-64. The public functions use the best path the CPU has;
+//! `matmul_with` and the tests can force one. Paths differ only in summation order.
+//!
+//! Module map: `matmul` (threads, panels, tiles), `x86::{avx512, avx2}` (matmul micro-kernels),
+//! `elementwise` + `x86::elementwise` (dot, axpy, norms, softmax, SiLU, dtype conversion),
+//! `scalar` (the reference).
+
+mod elementwise;
+mod isa;
+mod matmul;
+mod scalar;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use half::{bf16, f16};
+
+pub use isa::Isa;
+pub use matmul::{MatmulOptions, Threading};
 
 /// Storage type of a weight tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,6 +62,8 @@ pub enum KernelError {
         expected: usize,
         got: usize,
     },
+    #[error("weight of {rows}x{cols} {dtype:?} is larger than the address space")]
+    WeightTooLarge { rows: usize, cols: usize, dtype: DType },
 }
 
 /// A borrowed 2-D weight matrix in its stored dtype. `data` may be unaligned.
@@ -55,7 +77,10 @@ pub struct Weight<'a> {
 
 impl<'a> Weight<'a> {
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        let expected = rows * cols * dtype.size();
+        let expected = rows
+            .checked_mul(cols)
+            .and_then(|e| e.checked_mul(dtype.size()))
+            .ok_or(KernelError::WeightTooLarge { rows, cols, dtype })?;
         if data.len() != expected {
             return Err(KernelError::WeightSize { rows, cols, dtype, expected, got: data.len() });
         }
@@ -88,69 +113,44 @@ pub fn read_f32(dtype: DType, data: &[u8], i: usize) -> f32 {
 
 /// Converts a whole little-endian buffer to f32 (`out.len()` elements).
 pub fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
-    assert_eq!(data.len(), out.len() * dtype.size());
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = read_f32(dtype, data, i);
-    }
+    elementwise::to_f32(Isa::detect(), dtype, data, out)
 }
 
 /// `out[t, r] = sum_c x[t, c] * w[r, c]` for `t < n`, where `n = x.len() / w.cols`.
 /// `out.len()` must be `n * w.rows`.
+///
+/// Uses the best SIMD path of the CPU and all of rayon's threads when the matmul is large enough.
+/// Weights are read in place (never converted as a whole); accumulation is in f32.
 pub fn matmul(x: &[f32], w: &Weight, out: &mut [f32]) {
-    let n = x.len() / w.cols;
-    assert_eq!(x.len(), n * w.cols);
-    assert_eq!(out.len(), n * w.rows);
-    for t in 0..n {
-        let xt = &x[t * w.cols..(t + 1) * w.cols];
-        for r in 0..w.rows {
-            let mut acc = 0.0f32;
-            for (c, xv) in xt.iter().enumerate() {
-                acc += xv * w.get(r * w.cols + c);
-            }
-            out[t * w.rows + r] = acc;
-        }
-    }
+    matmul::matmul_with(MatmulOptions::default(), x, w, out)
 }
 
-/// Dot product of two f32 slices of equal length.
+/// [`matmul`] on a chosen path and threading. Panics if the CPU lacks `opts.isa`.
+pub fn matmul_with(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut [f32]) {
+    matmul::matmul_with(opts, x, w, out)
+}
+
+/// Dot product of two f32 slices of equal length (a longer one is cut to the shorter).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    elementwise::dot(Isa::detect(), a, b)
 }
 
 /// `y += alpha * x`.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += alpha * xv;
-    }
+    elementwise::axpy(Isa::detect(), alpha, x, y)
 }
 
 /// RMSNorm of each row of `x` (row length `w.len()`), in place: `x * w / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
-    for row in x.chunks_mut(w.len()) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for (v, g) in row.iter_mut().zip(w) {
-            *v = *v * inv * g;
-        }
-    }
+    elementwise::rms_norm(Isa::detect(), x, w, eps)
 }
 
 /// Softmax in place.
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
+    elementwise::softmax(Isa::detect(), x)
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    elementwise::silu_mul(Isa::detect(), gate, up)
 }

@@ -1,9 +1,18 @@
 //! Replacement policies. A policy tracks the resident keys and names a victim when the cache
 //! needs room; the [`crate::Cache`] owns the values and the byte accounting.
+//!
+//! Configs name a policy (`lru`, `lfu`, `predictive`); [`by_name`] builds it. Belady's optimal
+//! policy needs the future, so only the simulator builds it, from the trace.
 
+mod belady;
+mod lfu;
 mod lru;
+mod predictive;
 
+pub use belady::BeladyPolicy;
+pub use lfu::LfuPolicy;
 pub use lru::LruPolicy;
+pub use predictive::{Candidate, Lookahead, LookaheadParams, PredictivePolicy};
 
 use crate::ExpertKey;
 
@@ -19,4 +28,17 @@ pub trait Policy: Send {
     /// The resident key to evict next, skipping keys for which `skip` is true; `None` if every
     /// resident key is skipped.
     fn victim(&mut self, skip: &dyn Fn(&ExpertKey) -> bool) -> Option<ExpertKey>;
+}
+
+/// The policies a config can name (Belady needs the future and is not among them).
+pub const POLICY_NAMES: [&str; 3] = ["lru", "lfu", "predictive"];
+
+/// Builds the policy a config names, or `None` for a name not in [`POLICY_NAMES`].
+pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
+    match name {
+        "lru" => Some(Box::new(LruPolicy::new())),
+        "lfu" => Some(Box::new(LfuPolicy::new())),
+        "predictive" => Some(Box::new(PredictivePolicy::new())),
+        _ => None,
+    }
 }

@@ -1,0 +1,359 @@
+//! The TOML config file: one file drives both `stevedore generate` and `stevedore simulate`.
+//! `docs/config.md` describes every key; [`DEFAULT_TOML`] is the commented default that
+//! `stevedore config --print-default` prints.
+//!
+//! Each section is its own table with `deny_unknown_fields`, and every key has a default, so a
+//! file names only what it changes, a misspelt key is an error that names it, and later
+//! sections (`[tiers.gpu]`, `[precision]`, `[regroup]`) slot in without breaking older files.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::size::Size;
+
+/// The whole config file.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub tiers: Tiers,
+    pub cache: CacheConfig,
+    pub predictor: PredictorConfig,
+    pub simulator: SimulatorConfig,
+}
+
+/// Memory tiers experts are cached in, fastest last. Only host RAM for now; a `gpu` tier will
+/// sit beside it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tiers {
+    pub host: TierConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TierConfig {
+    /// Bytes of the tier given to cached experts; a percentage is of the model's total
+    /// routed-expert bytes.
+    pub budget: Size,
+}
+
+impl Default for TierConfig {
+    fn default() -> Self {
+        TierConfig { budget: Size::Percent(25.0) }
+    }
+}
+
+/// Replacement policy, by the name the cache crate gives it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyName {
+    Lru,
+    Lfu,
+    #[default]
+    Predictive,
+}
+
+impl PolicyName {
+    pub const ALL: [PolicyName; 3] = [PolicyName::Lru, PolicyName::Lfu, PolicyName::Predictive];
+
+    /// The name `stevedore_cache::policy::by_name` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyName::Lru => "lru",
+            PolicyName::Lfu => "lfu",
+            PolicyName::Predictive => "predictive",
+        }
+    }
+}
+
+/// Whether all MoE layers share one cache or each gets an equal slice of the budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Split {
+    #[default]
+    Shared,
+    PerLayer,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub policy: PolicyName,
+    pub split: Split,
+}
+
+/// Routing predictor steering the `predictive` policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PredictorKind {
+    Frequency,
+    Recency,
+    #[default]
+    Transition,
+    /// The learned routing-path model; needs `predictor.model`.
+    Path,
+}
+
+impl PredictorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PredictorKind::Frequency => "frequency",
+            PredictorKind::Recency => "recency",
+            PredictorKind::Transition => "transition",
+            PredictorKind::Path => "path",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PredictorConfig {
+    pub kind: PredictorKind,
+    /// MoE layers looked ahead: predictions for the next `depth` layers are protected and
+    /// prefetched.
+    pub depth: usize,
+    /// Most bytes prefetched per step (a token start or one MoE layer's routing); a
+    /// percentage is of the cache's budget.
+    pub prefetch_budget: Size,
+    /// Candidates scoring below this are ignored.
+    pub protect_min_score: f32,
+    /// Candidates scoring below this are protected when resident but not prefetched.
+    pub prefetch_min_score: f32,
+    /// Most of the cache that protection may hold, as a percentage of its budget.
+    pub max_protected: Size,
+    /// Trained model for `kind = "path"`; relative paths are from the config file's directory.
+    pub model: Option<PathBuf>,
+}
+
+impl Default for PredictorConfig {
+    fn default() -> Self {
+        PredictorConfig {
+            kind: PredictorKind::Transition,
+            depth: 2,
+            prefetch_budget: Size::Percent(5.0),
+            protect_min_score: 0.05,
+            prefetch_min_score: 0.2,
+            max_protected: Size::Percent(50.0),
+            model: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Bytes of one routed expert, for `stevedore simulate` without `--model`.
+    pub expert_bytes: Option<Size>,
+}
+
+/// A config file that cannot be read or is invalid; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {msg}", path.display())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub msg: String,
+}
+
+/// Deepest look-ahead accepted: predictors stop at the next token's last layer anyway, and a
+/// larger value is more likely a typo than a plan.
+pub const MAX_DEPTH: usize = 64;
+
+impl Config {
+    /// Reads and validates `path`; `predictor.model` is resolved against its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |msg: String| ConfigError { path: path.to_owned(), msg };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut cfg = Self::parse(&text).map_err(err)?;
+        if let (Some(model), Some(dir)) = (&cfg.predictor.model, path.parent()) {
+            cfg.predictor.model = Some(dir.join(model));
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the values serde cannot: ranges and combinations. Errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tiers.host.budget == Size::Bytes(0) {
+            return Err("tiers.host.budget: must be more than 0 bytes".into());
+        }
+        let p = &self.predictor;
+        if p.depth == 0 || p.depth > MAX_DEPTH {
+            return Err(format!("predictor.depth: {} is not between 1 and {MAX_DEPTH}", p.depth));
+        }
+        for (key, v) in [
+            ("predictor.protect_min_score", p.protect_min_score),
+            ("predictor.prefetch_min_score", p.prefetch_min_score),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{key}: {v} is not between 0 and 1"));
+            }
+        }
+        if !matches!(p.max_protected, Size::Percent(_)) {
+            return Err(format!(
+                "predictor.max_protected: `{}` must be a percentage of the cache (e.g. \"50%\")",
+                p.max_protected
+            ));
+        }
+        if p.kind == PredictorKind::Path && p.model.is_none() {
+            return Err("predictor.model: kind = \"path\" needs the trained model file (from `stevedore predictor train`)".into());
+        }
+        match self.simulator.expert_bytes {
+            Some(Size::Percent(_)) => {
+                return Err(
+                    "simulator.expert_bytes: must be a size in bytes (e.g. \"336MiB\"), not a percentage"
+                        .into(),
+                )
+            }
+            Some(Size::Bytes(0)) => return Err("simulator.expert_bytes: must be more than 0 bytes".into()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The commented default config. It parses to [`Config::default`] (tested).
+pub const DEFAULT_TOML: &str = r#"# stevedore config: one file drives `stevedore generate` and `stevedore simulate`.
+# Every key is optional; this file spells out the defaults. Sizes are bytes (4096), a unit
+# (512MiB, 2GiB, 1.5GB) or a percentage (25%); each key says what its percentage is of.
+
+[tiers.host]
+# Host RAM given to cached experts. A percentage is of the model's total routed-expert bytes.
+budget = "25%"
+
+[cache]
+# Replacement policy: "lru", "lfu" or "predictive" (LRU order; experts predicted for the next
+# `predictor.depth` MoE layers are protected from eviction and prefetched).
+policy = "predictive"
+# "shared": one cache for all MoE layers; "per-layer": the budget split evenly between them.
+split = "shared"
+
+[predictor]
+# What steers the predictive policy: "frequency", "recency", "transition" (inter-layer
+# statistics, learned online) or "path" (a model trained by `stevedore predictor train`).
+kind = "transition"
+# MoE layers to look ahead.
+depth = 2
+# Most bytes prefetched per step (a step is a token's start or one MoE layer's routing).
+# A percentage is of the cache's budget.
+prefetch_budget = "5%"
+# Predicted experts scoring below this (scores are in [0, 1]) are ignored...
+protect_min_score = 0.05
+# ...and those below this are protected when resident, but not prefetched.
+prefetch_min_score = 0.2
+# Most of the cache that protection may hold, so that misses always find room.
+max_protected = "50%"
+# Trained model file for kind = "path", relative to this file.
+# model = "path-model.bin"
+
+[simulator]
+# Bytes of one routed expert, for `stevedore simulate` without --model DIR.
+# expert_bytes = "336MiB"
+"#;
+
+/// Prints [`DEFAULT_TOML`] (`stevedore config --print-default`).
+pub fn print_default() {
+    print!("{DEFAULT_TOML}");
+}
+
+/// Sizes as strings (`"512MiB"`, `"25%"`) or plain byte counts.
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"512MiB\", \"2GiB\" or \"25%\", or a number of bytes")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                Size::parse(v).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v).map(Size::Bytes).map_err(|_| E::custom(format!("{v} bytes is negative")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size::Bytes(v))
+            }
+        }
+        d.deserialize_any(SizeVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_parses_to_the_default() {
+        assert_eq!(Config::parse(DEFAULT_TOML).unwrap(), Config::default());
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_parse() {
+        let cfg = Config::parse(
+            "[tiers.host]\nbudget = \"2GiB\"\n[cache]\npolicy = \"lfu\"\nsplit = \"per-layer\"\n\
+             [predictor]\nkind = \"path\"\nmodel = \"m.bin\"\ndepth = 3\nprefetch_budget = 1048576\n\
+             [simulator]\nexpert_bytes = \"336MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.tiers.host.budget, Size::Bytes(2 << 30));
+        assert_eq!((cfg.cache.policy, cfg.cache.split), (PolicyName::Lfu, Split::PerLayer));
+        assert_eq!((cfg.predictor.kind, cfg.predictor.depth), (PredictorKind::Path, 3));
+        assert_eq!(cfg.predictor.prefetch_budget, Size::Bytes(1 << 20));
+        assert_eq!(cfg.simulator.expert_bytes, Some(Size::Bytes(336 << 20)));
+        // Untouched keys keep their defaults.
+        assert_eq!(cfg.predictor.max_protected, Size::Percent(50.0));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[cache]\npolcy = \"lru\"\n", "unknown field `polcy`"),
+            ("[cahce]\n", "unknown field `cahce`"),
+            ("[tiers.gpu]\nbudget = \"1GiB\"\n", "unknown field `gpu`"),
+            ("[cache]\npolicy = \"mru\"\n", "unknown variant `mru`"),
+            ("[tiers.host]\nbudget = \"12XB\"\n", "unknown unit `xb`"),
+            ("[tiers.host]\nbudget = \"150%\"\n", "a percentage must be in (0, 100]"),
+            ("[tiers.host]\nbudget = 0\n", "tiers.host.budget: must be more than 0"),
+            ("[predictor]\ndepth = 0\n", "predictor.depth: 0 is not between 1 and 64"),
+            ("[predictor]\ndepth = -1\n", "depth"),
+            (
+                "[predictor]\nprefetch_min_score = 1.5\n",
+                "predictor.prefetch_min_score: 1.5 is not between 0 and 1",
+            ),
+            (
+                "[predictor]\nmax_protected = \"1GiB\"\n",
+                "predictor.max_protected: `1.0 GiB` must be a percentage",
+            ),
+            ("[predictor]\nkind = \"path\"\n", "predictor.model: kind = \"path\" needs"),
+            ("[simulator]\nexpert_bytes = \"5%\"\n", "simulator.expert_bytes: must be a size in bytes"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.contains(want), "for {text:?}: want `{want}` in `{err}`");
+        }
+        // serde's messages point at the line with the key.
+        let err = Config::parse("[cache]\npolicy = \"mru\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("policy = \"mru\""), "{err}");
+    }
+
+    #[test]
+    fn load_names_the_file_and_resolves_the_model_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "[predictor]\nkind = \"path\"\nmodel = \"m.bin\"\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().predictor.model, Some(dir.path().join("m.bin")));
+        std::fs::write(&path, "[predictor]\ndepht = 2\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}: ", path.display())) && err.contains("depht"), "{err}");
+    }
+}

@@ -1,0 +1,102 @@
+//! Routing traces on disk: stevedore's own JSONL format (see `docs/traces.md`), written live by
+//! `stevedore generate --trace FILE` and read by the simulator and predictor training, plus
+//! importers for the public traces of other projects (FLAME-MoE, Mixtral, Qwen1.5-MoE).
+//!
+//! The in-memory types ([`Trace`], [`TokenRouting`], ...) belong to the predictor crate, which is
+//! pure; all file handling lives here.
+
+mod format;
+mod import;
+
+use std::path::{Path, PathBuf};
+
+pub use format::{read, write, TraceWriter, FORMAT_NAME, FORMAT_VERSION};
+pub use import::{detect, import, load, Format};
+pub use stevedore_predictor::{LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
+
+/// A trace file that cannot be read or written. Messages name the file and, for bad content,
+/// the line.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}: {msg}", path.display())]
+    Line { path: PathBuf, line: usize, msg: String },
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+}
+
+impl TraceError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        TraceError::Io { path: path.to_owned(), source }
+    }
+
+    pub(crate) fn line(path: &Path, line: usize, msg: impl Into<String>) -> Self {
+        TraceError::Line { path: path.to_owned(), line, msg: msg.into() }
+    }
+
+    pub(crate) fn file(path: &Path, msg: impl Into<String>) -> Self {
+        TraceError::File { path: path.to_owned(), msg: msg.into() }
+    }
+}
+
+/// Checks a header: at least one MoE layer, distinct layer ids, `1 <= top_k <= num_experts`.
+pub fn validate_meta(meta: &TraceMeta) -> Result<(), String> {
+    if meta.layer_ids.is_empty() {
+        return Err("`layer_ids` is empty: a trace needs at least one MoE layer".into());
+    }
+    let mut ids = meta.layer_ids.clone();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("`layer_ids` lists layer {} twice", w[0]));
+    }
+    if meta.num_experts == 0 || meta.top_k == 0 || meta.top_k > meta.num_experts {
+        return Err(format!(
+            "`top_k` ({}) must be between 1 and `num_experts` ({})",
+            meta.top_k, meta.num_experts
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one token against its trace's header: one entry per MoE layer; per recorded layer,
+/// distinct expert ids below `num_experts`, and weights (when present) parallel and finite.
+pub fn validate_token(meta: &TraceMeta, token: &TokenRouting) -> Result<(), String> {
+    if token.layers.len() != meta.layer_ids.len() {
+        return Err(format!(
+            "token has {} layers but the trace has {} MoE layers",
+            token.layers.len(),
+            meta.layer_ids.len()
+        ));
+    }
+    for (i, choice) in token.layers.iter().enumerate() {
+        let Some(c) = choice else { continue };
+        let at = || format!("MoE layer {i} (decoder layer {})", meta.layer_ids[i]);
+        if c.experts.is_empty() || c.experts.len() > meta.num_experts {
+            return Err(format!(
+                "{}: {} experts chosen; expected 1..={}",
+                at(),
+                c.experts.len(),
+                meta.num_experts
+            ));
+        }
+        if let Some(&e) = c.experts.iter().find(|&&e| e as usize >= meta.num_experts) {
+            return Err(format!("{}: expert {e} out of range (the model has {})", at(), meta.num_experts));
+        }
+        for (j, e) in c.experts.iter().enumerate() {
+            if c.experts[..j].contains(e) {
+                return Err(format!("{}: expert {e} chosen twice", at()));
+            }
+        }
+        if !c.weights.is_empty() && c.weights.len() != c.experts.len() {
+            return Err(format!("{}: {} weights for {} experts", at(), c.weights.len(), c.experts.len()));
+        }
+        if let Some(w) = c.weights.iter().find(|w| !w.is_finite()) {
+            return Err(format!("{}: weight {w} is not finite", at()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,295 @@
+//! The matmul driver, shared by every SIMD path.
+//!
+//! `out[t, r] = sum_c x[t, c] * w[r, c]` is cut three ways:
+//! - **threads**: output rows are split into chunks, one rayon task each (small problems stay on
+//!   the calling thread, where a fork-join would cost more than the work);
+//! - **panels**: a task walks its rows in panels of about [`PANEL_BYTES`] of weights, so that for
+//!   prefill a panel stays in L2 while every block of tokens passes over it;
+//! - **tiles**: a panel is covered by tiles of `rows x tokens`, each computed by an ISA's
+//!   micro-kernel ([`Micro`]) that loads and converts a block of each weight row once and uses it
+//!   for every token of the tile. Decode (one token) uses taller tiles, which gives the memory
+//!   system several independent rows to stream.
+//!
+//! Micro-kernels cover whole SIMD blocks of columns; the driver adds the few columns left over
+//! (`cols % block`) with scalar code.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::{read_f32, scalar, Isa, Weight};
+
+/// Weight bytes per panel: a quarter of Zen 4's 1 MiB L2, leaving room for the tokens' rows of
+/// x (a 4-token block of a 14336-wide x is 224 KiB) and for the hardware prefetcher.
+const PANEL_BYTES: usize = 256 * 1024;
+
+/// Below this many multiply-adds a matmul runs on the calling thread: about 30 us of one core,
+/// several times the cost of waking rayon's workers.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// Chunks per rayon thread: more than one so that a core slowed by other work gets fewer.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// How a matmul uses threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threading {
+    /// Split across rayon's pool when the matmul is large enough to gain from it.
+    Auto,
+    /// Stay on the calling thread (for callers that parallelise at a coarser grain).
+    Single,
+    /// Always split across rayon's pool, however small (tests and benchmarks).
+    Parallel,
+}
+
+/// How [`crate::matmul_with`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulOptions {
+    pub isa: Isa,
+    pub threading: Threading,
+}
+
+impl Default for MatmulOptions {
+    /// The best path the CPU has, on all cores when worth it.
+    fn default() -> Self {
+        MatmulOptions { isa: Isa::detect(), threading: Threading::Auto }
+    }
+}
+
+/// How a micro-kernel wants the activations laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum XLayout {
+    /// As given: token `t` is `x[t * cols..][..cols]`.
+    Plain,
+    /// Within each block of columns, the even-indexed elements first, then the odd ones. A bf16
+    /// kernel then widens a block of weights with one shift (even elements) and one mask (odd
+    /// elements) instead of lane-crossing shuffles; x is permuted once per call instead.
+    EvenOdd,
+}
+
+/// The operands of one tile: `rows` weight rows from `w` (row `i` starts at byte
+/// `i * w_stride`) against `tokens` rows of x (token `t` starts at `x[t * x_stride]`), over the
+/// first `blocks` blocks of columns. `sums[i * tokens + t]` receives row `i` . token `t`.
+pub(crate) struct TileArgs<'a> {
+    pub w: &'a [u8],
+    pub w_stride: usize,
+    pub x: &'a [f32],
+    pub x_stride: usize,
+    pub blocks: usize,
+    pub sums: &'a mut [f32],
+}
+
+/// One ISA's micro-kernels for one weight dtype.
+#[derive(Clone, Copy)]
+pub(crate) struct Micro {
+    /// Columns per SIMD block.
+    pub block: usize,
+    pub x_layout: XLayout,
+    /// Rows per tile when there is one token (decode).
+    pub gemv_rows: usize,
+    /// Rows and most tokens per tile when there are several tokens (prefill).
+    pub tile_rows: usize,
+    pub tile_tokens: usize,
+    /// Computes one tile of shape `(rows, tokens)`, which must be `(gemv_rows, 1)`,
+    /// `(tile_rows, 2..=tile_tokens)` or `(1, 1..=tile_tokens)`. Panics if `args` is too short for
+    /// the shape.
+    ///
+    /// # Safety
+    /// The CPU must support the ISA the kernel was compiled for.
+    pub tile: unsafe fn(rows: usize, tokens: usize, args: &mut TileArgs),
+}
+
+/// Checks the operand lengths and returns the number of tokens.
+fn tokens(x: &[f32], w: &Weight, out: &[f32]) -> usize {
+    assert!(w.cols > 0 || x.is_empty(), "matmul: weight has no columns but x has {} elements", x.len());
+    let n = x.len().checked_div(w.cols).unwrap_or(0);
+    assert_eq!(x.len(), n * w.cols, "matmul: x length {} is not a multiple of cols {}", x.len(), w.cols);
+    assert_eq!(out.len(), n * w.rows, "matmul: out length {} != {n} tokens x {} rows", out.len(), w.rows);
+    assert_eq!(
+        w.data.len(),
+        w.rows * w.cols * w.dtype.size(),
+        "matmul: {}x{} {} weight has {} bytes",
+        w.rows,
+        w.cols,
+        w.dtype.name(),
+        w.data.len()
+    );
+    n
+}
+
+/// See [`crate::matmul_with`].
+pub(crate) fn matmul_with(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut [f32]) {
+    let n = tokens(x, w, out);
+    opts.isa.assert_available();
+    let micro = match opts.isa {
+        Isa::Scalar => return scalar::matmul(x, w, out, n),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => crate::x86::avx2::micro(w.dtype),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => crate::x86::avx512::micro(w.dtype),
+        #[cfg(not(target_arch = "x86_64"))]
+        isa => unreachable!("{isa:?} passed assert_available on a CPU without it"),
+    };
+    if n == 0 || w.rows == 0 {
+        return;
+    }
+    let job = Job::new(micro, x, w, n);
+    let rows = w.rows;
+    let threads = rayon::current_num_threads();
+    let parallel = match opts.threading {
+        Threading::Single => false,
+        Threading::Parallel => true,
+        Threading::Auto => threads > 1 && rows * w.cols * n >= PARALLEL_MIN_MACS,
+    };
+    if !parallel {
+        job.rows(0..rows, &mut Out::Whole(out));
+        return;
+    }
+    // Chunks are whole tiles so that only the last chunk has leftover rows.
+    let align = micro.gemv_rows.max(micro.tile_rows);
+    let chunk = rows.div_ceil(threads * CHUNKS_PER_THREAD).next_multiple_of(align);
+    let shared = SharedOut::new(out);
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|i| {
+        let range = i * chunk..((i + 1) * chunk).min(rows);
+        job.rows(range, &mut Out::Shared(&shared));
+    });
+}
+
+/// One matmul call, prepared.
+struct Job<'a> {
+    micro: Micro,
+    w: &'a Weight<'a>,
+    /// Activations as given (for the scalar column tail).
+    x: &'a [f32],
+    /// Activations in the micro-kernel's layout, `x_stride` apart.
+    xk: Cow<'a, [f32]>,
+    x_stride: usize,
+    n: usize,
+    /// Whole SIMD blocks per row; columns from `blocks * block` on are the scalar tail.
+    blocks: usize,
+}
+
+impl<'a> Job<'a> {
+    fn new(micro: Micro, x: &'a [f32], w: &'a Weight<'a>, n: usize) -> Self {
+        let blocks = w.cols / micro.block;
+        let (xk, x_stride) = match micro.x_layout {
+            XLayout::Plain => (Cow::Borrowed(x), w.cols),
+            XLayout::EvenOdd => (Cow::Owned(even_odd(x, w.cols, micro.block)), blocks * micro.block),
+        };
+        Job { micro, w, x, xk, x_stride, n, blocks }
+    }
+
+    /// Computes rows `range` of every token.
+    fn rows(&self, range: Range<usize>, out: &mut Out) {
+        let m = &self.micro;
+        let row_bytes = self.w.cols * self.w.dtype.size();
+        let align = m.gemv_rows.max(m.tile_rows);
+        let panel = (PANEL_BYTES / row_bytes.max(1) / align * align).max(align);
+        for p0 in range.clone().step_by(panel) {
+            let p1 = (p0 + panel).min(range.end);
+            for t0 in (0..self.n).step_by(m.tile_tokens) {
+                let tokens = m.tile_tokens.min(self.n - t0);
+                let tall = if tokens == 1 { m.gemv_rows } else { m.tile_rows };
+                let mut r = p0;
+                while r < p1 {
+                    let rows = if p1 - r >= tall { tall } else { 1 };
+                    self.tile(r, rows, t0, tokens, out);
+                    r += rows;
+                }
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + rows` against tokens `t0..t0 + tokens`, written to `out`.
+    fn tile(&self, r0: usize, rows: usize, t0: usize, tokens: usize, out: &mut Out) {
+        let (cols, total_rows) = (self.w.cols, self.w.rows);
+        let row_bytes = cols * self.w.dtype.size();
+        let mut sums = [0.0f32; 64];
+        let sums = &mut sums[..rows * tokens];
+        if self.blocks > 0 {
+            let mut args = TileArgs {
+                w: &self.w.data[r0 * row_bytes..(r0 + rows) * row_bytes],
+                w_stride: row_bytes,
+                x: &self.xk[t0 * self.x_stride..(t0 + tokens) * self.x_stride],
+                x_stride: self.x_stride,
+                blocks: self.blocks,
+                sums,
+            };
+            // SAFETY: `matmul_with` checked that the CPU supports the micro-kernel's ISA, and
+            // `rows` picks one of the shapes `Micro::tile` accepts.
+            unsafe { (self.micro.tile)(rows, tokens, &mut args) };
+        }
+        let body = self.blocks * self.micro.block;
+        for i in 0..rows {
+            let r = r0 + i;
+            for t in 0..tokens {
+                let xt = &self.x[(t0 + t) * cols..(t0 + t + 1) * cols];
+                let tail: f32 =
+                    (body..cols).map(|c| xt[c] * read_f32(self.w.dtype, self.w.data, r * cols + c)).sum();
+                out.set((t0 + t) * total_rows + r, sums[i * tokens + t] + tail);
+            }
+        }
+    }
+}
+
+/// `x` (tokens of `cols`) with each whole block of `block` columns reordered even elements
+/// first, then odd; the column tail is dropped (the driver reads it from `x`).
+fn even_odd(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
+    let body = cols / block * block;
+    let mut out = Vec::with_capacity(x.len() / cols.max(1) * body);
+    for token in x.chunks_exact(cols) {
+        for b in token[..body].chunks_exact(block) {
+            out.extend(b.iter().step_by(2));
+            out.extend(b.iter().skip(1).step_by(2));
+        }
+    }
+    out
+}
+
+/// Where tiles write: the caller's slice, or the same slice shared by row-chunk tasks.
+enum Out<'a, 'b> {
+    Whole(&'a mut [f32]),
+    Shared(&'a SharedOut<'b>),
+}
+
+impl Out<'_, '_> {
+    #[inline]
+    fn set(&mut self, i: usize, v: f32) {
+        match self {
+            Out::Whole(out) => out[i] = v,
+            // SAFETY: a row-chunk task only writes elements of its own rows (`i % rows` is in its
+            // range), and the ranges are disjoint, so no element is written twice or read.
+            Out::Shared(out) => unsafe { out.write(i, v) },
+        }
+    }
+}
+
+/// The output slice shared by tasks that write disjoint elements of it. The elements of one
+/// output row are strided (`out[t * rows + r]`), so the slice cannot be split into chunks.
+struct SharedOut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: `SharedOut` is only written through `write`, whose contract makes the writes of
+// different threads disjoint; f32 has no drop or interior state.
+unsafe impl Send for SharedOut<'_> {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'a> SharedOut<'a> {
+    fn new(out: &'a mut [f32]) -> Self {
+        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), _out: std::marker::PhantomData }
+    }
+
+    /// # Safety
+    /// No other thread may access element `i` while the `SharedOut` lives.
+    #[inline]
+    unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len, "matmul output index {i} out of {}", self.len);
+        // SAFETY: `i` is in bounds of the borrowed slice, and the caller guarantees exclusive
+        // access to element `i`.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}

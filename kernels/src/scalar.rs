@@ -1,0 +1,62 @@
+//! The reference path: plain loops, written to be obviously right rather than fast. The SIMD
+//! paths must agree with these to f32 rounding (summation order is the only difference).
+
+use crate::{read_f32, DType, Weight};
+
+/// Converts `out.len()` little-endian elements of `dtype` to f32.
+pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = read_f32(dtype, data, i);
+    }
+}
+
+/// `out[t, r] = sum_c x[t, c] * w[r, c]`; each weight row is converted once and reused by every
+/// token.
+pub(crate) fn matmul(x: &[f32], w: &Weight, out: &mut [f32], n: usize) {
+    let mut row = vec![0.0f32; w.cols];
+    let row_bytes = w.cols * w.dtype.size();
+    for r in 0..w.rows {
+        to_f32(w.dtype, &w.data[r * row_bytes..(r + 1) * row_bytes], &mut row);
+        for t in 0..n {
+            out[t * w.rows + r] = dot(&x[t * w.cols..(t + 1) * w.cols], &row);
+        }
+    }
+}
+
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += alpha * xv;
+    }
+}
+
+pub(crate) fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_mut(w.len()) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = *v * inv * g;
+        }
+    }
+}
+
+pub(crate) fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}

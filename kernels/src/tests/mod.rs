@@ -1,0 +1,66 @@
+//! Every kernel on every path the CPU has, against plain loops in f64 on deterministic
+//! pseudo-random inputs: odd sizes (tails of every SIMD width) and weight bytes at odd addresses.
+
+mod elementwise;
+mod matmul;
+
+use half::{bf16, f16};
+
+use crate::DType;
+
+/// Unit roundoff of f32: every correctly rounded f32 operation has relative error <= U.
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+
+/// SplitMix64: tiny, deterministic, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+/// `vals` stored as little-endian `dtype` at byte 1 of the returned buffer, so that
+/// `&buf[1..]` is misaligned for every dtype; also the values as stored (rounded to `dtype`).
+fn encode_unaligned(dtype: DType, vals: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let mut buf = vec![0u8];
+    let mut stored = Vec::with_capacity(vals.len());
+    for &v in vals {
+        match dtype {
+            DType::F32 => {
+                buf.extend(v.to_le_bytes());
+                stored.push(v);
+            }
+            DType::F16 => {
+                let h = f16::from_f32(v);
+                buf.extend(h.to_bits().to_le_bytes());
+                stored.push(h.to_f32());
+            }
+            DType::BF16 => {
+                let h = bf16::from_f32(v);
+                buf.extend(h.to_bits().to_le_bytes());
+                stored.push(h.to_f32());
+            }
+        }
+    }
+    (buf, stored)
+}

@@ -1,0 +1,138 @@
+//! AVX-512F matmul micro-kernels. A block is 32 columns: one 64-byte cache line of a bf16/f16
+//! row (two of an f32 row), widened into two 16-lane f32 vectors.
+//!
+//! bf16 is widened exactly by integer ops: the low half of each 32-bit lane shifted up gives the
+//! even element, the high half masked gives the odd one (x comes permuted to match, see
+//! `XLayout::EvenOdd`). AVX512_BF16's `vdpbf16ps` is not used: it needs x rounded to bf16,
+//! which would lose f32 accuracy, and splitting x into two bf16 halves costs as many
+//! instructions as the shift-and-FMA path.
+//!
+//! Decode uses 8-row tiles (8 cache lines in flight per block, 8 independent accumulators);
+//! prefill uses 4 rows x up to 4 tokens: 16 accumulators + 8 widened weight vectors + 2 x vectors
+//! fit the 32 registers, and each weight block is loaded once for 4 tokens.
+
+use std::arch::x86_64::*;
+
+use crate::matmul::{Micro, TileArgs, XLayout};
+use crate::DType;
+
+const BLOCK: usize = 32;
+
+const BF16: u8 = 0;
+const F16: u8 = 1;
+const F32: u8 = 2;
+
+pub(crate) fn micro(dtype: DType) -> Micro {
+    let tile = match dtype {
+        DType::BF16 => tile_bf16 as unsafe fn(usize, usize, &mut TileArgs),
+        DType::F16 => tile_f16,
+        DType::F32 => tile_f32,
+    };
+    let x_layout = if dtype == DType::BF16 { XLayout::EvenOdd } else { XLayout::Plain };
+    Micro { block: BLOCK, x_layout, gemv_rows: 8, tile_rows: 4, tile_tokens: 4, tile }
+}
+
+/// Instantiates the tile shapes `micro` declares and picks one at run time.
+macro_rules! dispatch {
+    ($name:ident, $d:expr) => {
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn $name(rows: usize, tokens: usize, args: &mut TileArgs) {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe {
+                match (rows, tokens) {
+                    (8, 1) => tile::<$d, 8, 1>(args),
+                    (1, 1) => tile::<$d, 1, 1>(args),
+                    (4, 2) => tile::<$d, 4, 2>(args),
+                    (4, 3) => tile::<$d, 4, 3>(args),
+                    (4, 4) => tile::<$d, 4, 4>(args),
+                    (1, 2) => tile::<$d, 1, 2>(args),
+                    (1, 3) => tile::<$d, 1, 3>(args),
+                    (1, 4) => tile::<$d, 1, 4>(args),
+                    _ => unreachable!("avx512 matmul has no {rows}x{tokens} tile"),
+                }
+            }
+        }
+    };
+}
+
+dispatch!(tile_bf16, BF16);
+dispatch!(tile_f16, F16);
+dispatch!(tile_f32, F32);
+
+/// Bytes of one block of a weight row of dtype `D`.
+const fn block_bytes(d: u8) -> usize {
+    if d == F32 {
+        BLOCK * 4
+    } else {
+        BLOCK * 2
+    }
+}
+
+/// One block of a weight row as two f32 vectors: for bf16 (even, odd) elements, otherwise
+/// (first 16, last 16).
+///
+/// # Safety
+/// `p` must point to `block_bytes(D)` readable bytes (any alignment).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_block<const D: u8>(p: *const u8) -> (__m512, __m512) {
+    // SAFETY (all arms): the caller guarantees `block_bytes(D)` readable bytes at `p`; the loads
+    // are unaligned loads.
+    unsafe {
+        match D {
+            BF16 => {
+                let v = _mm512_loadu_si512(p as *const __m512i);
+                let even = _mm512_slli_epi32::<16>(v);
+                let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+                (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
+            }
+            F16 => {
+                let lo = _mm256_loadu_si256(p as *const __m256i);
+                let hi = _mm256_loadu_si256(p.add(32) as *const __m256i);
+                (_mm512_cvtph_ps(lo), _mm512_cvtph_ps(hi))
+            }
+            _ => (_mm512_loadu_ps(p as *const f32), _mm512_loadu_ps(p.add(64) as *const f32)),
+        }
+    }
+}
+
+/// `R` weight rows x `T` tokens over `args.blocks` blocks; see [`TileArgs`].
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // r and t index several arrays at once
+unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs) {
+    let (ws, xs, blocks) = (args.w_stride, args.x_stride, args.blocks);
+    assert!(blocks >= 1);
+    assert!(args.w.len() >= (R - 1) * ws + blocks * block_bytes(D), "avx512 tile: weight rows too short");
+    assert!(args.x.len() >= (T - 1) * xs + blocks * BLOCK, "avx512 tile: x rows too short");
+    assert!(args.sums.len() >= R * T);
+    let (w, x) = (args.w.as_ptr(), args.x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for b in 0..blocks {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
+            (lo[r], hi[r]) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
+        }
+        for t in 0..T {
+            // SAFETY: token t < T, block b < blocks: 32 floats in bounds by the assert above.
+            let (x_lo, x_hi) = unsafe {
+                let p = x.add(t * xs + b * BLOCK);
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+            };
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(lo[r], x_lo, acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(hi[r], x_hi, acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            args.sums[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+}

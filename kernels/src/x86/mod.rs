@@ -1,0 +1,18 @@
+//! x86-64 SIMD kernels. Every function here is compiled for a target feature set the build
+//! does not assume; callers check [`crate::Isa::is_available`] first.
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;
+pub(crate) mod elementwise;
+
+use std::arch::x86_64::*;
+
+/// Sum of the 8 lanes.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(crate) fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}

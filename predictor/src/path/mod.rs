@@ -1,0 +1,289 @@
+//! An ExpertFlow-style routing-path predictor: a small learned model that scores, for every
+//! later layer of the token (and the next token's first layers), which experts it will use,
+//! from what is known early: the token id and the routing of the layers observed so far.
+//!
+//! The model is, per target position, a softmax over experts whose logits add up
+//! - a bias (the layer's overall popularity),
+//! - a row for the token id (ids seen often enough in training),
+//! - one row per expert chosen at each of the last `context` observed layers, specific to the
+//!   (source layer, target) pair: the multi-layer generalisation of the ExFlow transition table.
+//!
+//! Targets are positions on an extended path: `0..L` are the current token's layers and
+//! `L..L + W` the next token's first `W` layers (predicted from the current token's routing
+//! only: its id is not known yet). Weights are shared by every origin that predicts a target,
+//! so one model serves any look-ahead up to the `max_depth` it was trained for.
+
+mod codec;
+mod train;
+
+use std::sync::Arc;
+
+pub use train::{train_path_model, TrainConfig};
+
+use crate::{sort_best_first, Cursor, Prediction, RoutePredictor, RoutingShape};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelError {
+    #[error("path model: {0}")]
+    BadConfig(String),
+    #[error("path model: no training token has any recorded routing")]
+    NoTrainingData,
+    #[error("path model bytes: not a stevedore path model (bad magic)")]
+    BadMagic,
+    #[error("path model bytes: format version {0} is not supported (expected 1)")]
+    UnsupportedVersion(u32),
+    #[error("path model bytes: field `{field}` = {value} is out of range")]
+    BadDimension { field: &'static str, value: u64 },
+    #[error("path model bytes: truncated: {needed} bytes needed, {have} present")]
+    Truncated { needed: u64, have: u64 },
+    #[error("path model bytes: {0} bytes left over after the model")]
+    TrailingBytes(u64),
+    #[error("path model bytes: token ids are not strictly increasing at entry {0}")]
+    UnsortedTokenIds(usize),
+    #[error("path model bytes: a weight in `{0}` is not finite")]
+    NonFinite(&'static str),
+}
+
+/// A trained routing-path model. Immutable; share it between predictors with an [`Arc`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PathModel {
+    shape: RoutingShape,
+    /// Longest distance (in layers) the model was trained to predict.
+    max_depth: usize,
+    /// How many of the latest observed layers feed a prediction.
+    context: usize,
+    /// Token ids with a learned row, strictly increasing; row `i` belongs to `token_ids[i]`.
+    token_ids: Vec<u32>,
+    /// `[position][expert]`.
+    bias: Vec<f32>,
+    /// `[token row][layer][expert]` (current-token positions only).
+    token_w: Vec<f32>,
+    /// `[position][back][source expert][expert]`, for the source layer `position - 1 - back`.
+    layer_w: Vec<f32>,
+}
+
+impl PathModel {
+    /// A model with every weight zero (it predicts uniform scores until trained).
+    fn zeros(shape: RoutingShape, max_depth: usize, context: usize, token_ids: Vec<u32>) -> Self {
+        let (l, e) = (shape.num_layers, shape.num_experts);
+        let positions = l + max_depth.min(l);
+        let span = max_depth + context - 1;
+        PathModel {
+            shape,
+            max_depth,
+            context,
+            bias: vec![0.0; positions * e],
+            token_w: vec![0.0; token_ids.len() * l * e],
+            layer_w: vec![0.0; positions * span * e * e],
+            token_ids,
+        }
+    }
+
+    pub fn shape(&self) -> RoutingShape {
+        self.shape
+    }
+
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
+    }
+
+    pub fn context_layers(&self) -> usize {
+        self.context
+    }
+
+    /// Number of token ids with a learned row.
+    pub fn num_token_rows(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Path positions with their own weights: the token's layers, then the next token's first
+    /// `min(max_depth, L)` layers.
+    fn positions(&self) -> usize {
+        self.shape.num_layers + self.max_depth.min(self.shape.num_layers)
+    }
+
+    /// Distances back from a target to the source layers that may feed it.
+    fn span(&self) -> usize {
+        self.max_depth + self.context - 1
+    }
+
+    fn token_row(&self, token_id: Option<u32>) -> Option<usize> {
+        self.token_ids.binary_search(&token_id?).ok()
+    }
+
+    fn bias_row(&self, position: usize) -> std::ops::Range<usize> {
+        let e = self.shape.num_experts;
+        position * e..(position + 1) * e
+    }
+
+    fn token_slice(&self, row: usize, layer: usize) -> std::ops::Range<usize> {
+        let e = self.shape.num_experts;
+        let start = (row * self.shape.num_layers + layer) * e;
+        start..start + e
+    }
+
+    fn layer_slice(&self, position: usize, back: usize, source_expert: u32) -> std::ops::Range<usize> {
+        let e = self.shape.num_experts;
+        let start = ((position * self.span() + back) * e + source_expert as usize) * e;
+        start..start + e
+    }
+
+    /// The source layers that feed a prediction made after observing layer `origin`: the last
+    /// `context` layers up to it (none at the token start).
+    fn window(&self, origin: Option<usize>) -> std::ops::Range<usize> {
+        match origin {
+            Some(o) => (o + 1).saturating_sub(self.context)..o + 1,
+            None => 0..0,
+        }
+    }
+
+    /// Logits of target `position` seen from `origin`, given the token row and the experts
+    /// chosen at each layer of the token the sources belong to (empty where not observed).
+    fn logits(
+        &self,
+        position: usize,
+        origin: Option<usize>,
+        row: Option<usize>,
+        seen: &[Vec<u32>],
+        out: &mut [f32],
+    ) {
+        out.copy_from_slice(&self.bias[self.bias_row(position)]);
+        if let (Some(r), true) = (row, position < self.shape.num_layers) {
+            add(out, &self.token_w[self.token_slice(r, position)]);
+        }
+        for j in self.window(origin) {
+            let back = position - 1 - j;
+            if back >= self.span() {
+                continue;
+            }
+            for &x in seen.get(j).map_or(&[][..], |v| v) {
+                add(out, &self.layer_w[self.layer_slice(position, back, x)]);
+            }
+        }
+    }
+}
+
+fn add(acc: &mut [f32], row: &[f32]) {
+    for (a, &w) in acc.iter_mut().zip(row) {
+        *a += w;
+    }
+}
+
+/// Turns logits into inclusion scores: softmax probability times `top_k`, capped at 1.
+fn scores_from_logits(logits: &[f32], top_k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&z| (z - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    let mut out: Vec<(u32, f32)> =
+        exps.iter().enumerate().map(|(e, &x)| (e as u32, (x / sum * top_k as f32).min(1.0))).collect();
+    sort_best_first(&mut out);
+    out
+}
+
+/// Runs a [`PathModel`] live: remembers the current and previous token's routing and scores
+/// targets on demand. `observe` only records the choice; `predict` costs, per predicted layer,
+/// `context * top_k` row additions of `num_experts` floats and a softmax.
+pub struct PathPredictor {
+    model: Arc<PathModel>,
+    row: Option<usize>,
+    /// Experts chosen at each layer by the current token (empty where not observed yet).
+    seen: Vec<Vec<u32>>,
+    /// The same for the previous token, and the last layer it observed.
+    prev: Vec<Vec<u32>>,
+    prev_last: Option<usize>,
+    cursor: Cursor,
+}
+
+impl PathPredictor {
+    pub fn new(model: Arc<PathModel>) -> Self {
+        let l = model.shape.num_layers;
+        PathPredictor {
+            model,
+            row: None,
+            seen: vec![Vec::new(); l],
+            prev: vec![Vec::new(); l],
+            prev_last: None,
+            cursor: Cursor::TokenStart,
+        }
+    }
+
+    pub fn model(&self) -> &Arc<PathModel> {
+        &self.model
+    }
+
+    fn target_logits(&self, distance: usize, layer: usize, next_token: bool, out: &mut [f32]) {
+        let m = &*self.model;
+        let l = m.shape.num_layers;
+        match self.cursor {
+            Cursor::After(o) => {
+                let position = if next_token { l + layer } else { layer };
+                if position < m.positions() && position - o <= m.max_depth {
+                    m.logits(position, Some(o), self.row, &self.seen, out);
+                } else {
+                    // Beyond what the model was trained for: the layer's popularity.
+                    m.logits(layer, None, None, &[], out);
+                }
+            }
+            Cursor::TokenStart if next_token => m.logits(layer, None, None, &[], out),
+            Cursor::TokenStart => {
+                if self.row.is_some() || distance > m.max_depth {
+                    m.logits(layer, None, self.row, &[], out);
+                } else if self.prev_last == Some(l - 1) {
+                    // Unknown token id: predict it as the previous token's next token.
+                    m.logits(l + layer, Some(l - 1), None, &self.prev, out);
+                } else {
+                    m.logits(layer, None, None, &[], out);
+                }
+            }
+        }
+    }
+}
+
+impl RoutePredictor for PathPredictor {
+    fn name(&self) -> &'static str {
+        "path"
+    }
+
+    fn begin_token(&mut self, token_id: Option<u32>) {
+        std::mem::swap(&mut self.seen, &mut self.prev);
+        self.prev_last = match self.cursor {
+            Cursor::After(l) => Some(l),
+            Cursor::TokenStart => None,
+        };
+        for s in &mut self.seen {
+            s.clear();
+        }
+        self.row = self.model.token_row(token_id);
+        self.cursor = Cursor::TokenStart;
+    }
+
+    fn observe(&mut self, layer: usize, experts: &[u32], _weights: &[f32]) {
+        let e = self.model.shape.num_experts as u32;
+        let Some(seen) = self.seen.get_mut(layer) else { return };
+        seen.clear();
+        seen.extend(experts.iter().copied().filter(|&x| x < e));
+        seen.sort_unstable();
+        seen.dedup();
+        self.cursor = Cursor::After(layer);
+    }
+
+    fn predict(&self, depth: usize) -> Vec<Prediction> {
+        let m = &*self.model;
+        let mut logits = vec![0.0; m.shape.num_experts];
+        self.cursor
+            .targets(m.shape.num_layers, depth)
+            .map(|(distance, layer, next_token)| {
+                self.target_logits(distance, layer, next_token, &mut logits);
+                Prediction {
+                    distance,
+                    layer,
+                    next_token,
+                    experts: scores_from_logits(&logits, m.shape.top_k),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
