@@ -124,8 +124,15 @@ impl WeightIndex {
 
     fn add_shard(&mut self, path: &Path) -> Result<usize, Error> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::Safetensors { path: path.to_owned(), msg };
+        if meta.is_dir() {
+            return Err(bad("is a directory, not a safetensors file".into()));
+        }
+        if !meta.is_file() {
+            return Err(bad("is not a regular file".into()));
+        }
+        let len = meta.len();
         if len < 8 {
             return Err(bad(format!("file is {len} bytes, too short for a safetensors header")));
         }

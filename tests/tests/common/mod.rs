@@ -87,6 +87,8 @@ impl Run {
     /// Asserts a user error: exit status 1, no panic, stderr starting `error: ` and containing
     /// every one of `needles`. Returns stderr.
     pub fn err(&self, needles: &[&str]) -> &str {
+        // Shown with `--nocapture`, to read the messages users would see.
+        eprintln!("{}\n  -> {}", self.cmdline, self.stderr.trim_end());
         self.assert_no_panic();
         assert_eq!(self.code, Some(1), "expected exit status 1:\n{}", self.describe());
         assert!(self.stderr.starts_with("error: "), "stderr must start with `error: `:\n{}", self.describe());
