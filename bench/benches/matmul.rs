@@ -67,8 +67,10 @@ fn mem_read(c: &mut Criterion) {
     g.bench_function(format!("1GiB/{threads}-threads"), |b| {
         b.iter(|| {
             std::thread::scope(|s| {
-                let handles: Vec<_> =
-                    buf.chunks(len.div_ceil(threads)).map(|part| s.spawn(|| sum_u64(black_box(part)))).collect();
+                let handles: Vec<_> = buf
+                    .chunks(len.div_ceil(threads))
+                    .map(|part| s.spawn(|| sum_u64(black_box(part))))
+                    .collect();
                 handles.into_iter().map(|h| h.join().unwrap()).fold(0u64, u64::wrapping_add)
             })
         })

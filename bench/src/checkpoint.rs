@@ -7,16 +7,17 @@
 //! reuse a kept directory and still know every expert's byte range without parsing anything.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
 use half::bf16;
+use serde::Serialize;
 use serde_json::json;
 
+use crate::direct::DirectWriter;
+
 /// Hyper-parameters of the random checkpoint (names follow config.json where one exists).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Shape {
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -76,13 +77,13 @@ impl Shape {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(format!("shape: `{name}` must be positive"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) || !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "shape: hidden size {} must split into {} heads of even size",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "shape: {} key/value heads must divide {} attention heads",
                 self.num_key_value_heads, self.num_attention_heads
@@ -149,7 +150,10 @@ pub enum Init {
 /// What a tensor is, as far as the benchmark's byte accounting cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    Expert { layer: usize, expert: usize },
+    Expert {
+        layer: usize,
+        expert: usize,
+    },
     /// `model.embed_tokens.weight`: a token reads one row of it, not the whole matrix.
     Embedding,
     /// Every other resident weight (attention, norms, routers, lm_head).
@@ -178,7 +182,7 @@ pub struct Shard {
     /// The 8-byte length prefix and the padded JSON header: exactly the file's first bytes.
     pub header: Vec<u8>,
     /// Absolute file offsets `[start, end)` of each tensor's data, parallel to `tensors`.
-    pub ranges: Vec<(u64, u64)>,
+    pub ranges: Vec<Range>,
 }
 
 impl Shard {
@@ -217,7 +221,12 @@ impl Plan {
         for i in 0..n_shards {
             let mut t = Vec::new();
             if i == 0 {
-                t.push(spec("model.embed_tokens.weight".into(), vec![s.vocab_size, h], weight, Role::Embedding));
+                t.push(spec(
+                    "model.embed_tokens.weight".into(),
+                    vec![s.vocab_size, h],
+                    weight,
+                    Role::Embedding,
+                ));
             }
             let first = i * s.layers_per_shard;
             for l in first..(first + s.layers_per_shard).min(s.num_hidden_layers) {
@@ -324,45 +333,52 @@ impl Plan {
     /// Whether `dir` already holds this exact checkpoint (same config and shard sizes), so a kept
     /// directory can be reused without writing gigabytes again.
     pub fn is_written_in(&self, dir: &Path) -> bool {
-        let same_config = std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c == self.shape.config_json());
+        let same_config =
+            std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c == self.shape.config_json());
         same_config
-            && self.shards.iter().all(|s| {
-                std::fs::metadata(dir.join(&s.file_name)).is_ok_and(|m| m.len() == s.file_len())
-            })
+            && self
+                .shards
+                .iter()
+                .all(|s| std::fs::metadata(dir.join(&s.file_name)).is_ok_and(|m| m.len() == s.file_len()))
     }
 
-    /// Writes the shards, the index and config.json (last, so a half-written directory is never
-    /// taken for a whole one), syncing each shard so later O_DIRECT reads find it on disk.
+    /// Writes the shards (with O_DIRECT where allowed, see [`crate::direct`]), the index and
+    /// config.json (last, so a half-written directory is never taken for a whole one).
     pub fn write(&self, dir: &Path, threads: usize, log: &mut dyn FnMut(&str)) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
         let _ = std::fs::remove_file(dir.join("config.json"));
         let mut chunk = vec![0u8; CHUNK_BYTES];
         for shard in &self.shards {
             let path = dir.join(&shard.file_name);
-            let err = |e: std::io::Error| format!("{}: write failed: {e}", path.display());
             let t0 = Instant::now();
-            let mut f = File::create(&path).map_err(err)?;
-            f.write_all(&shard.header).map_err(err)?;
+            let mut f = DirectWriter::create(&path, CHUNK_BYTES)?;
+            f.write(&shard.header)?;
             for t in &shard.tensors {
                 let seed = name_seed(&t.name);
                 let mut done = 0u64;
                 while done < t.bytes() {
                     let n = (t.bytes() - done).min(CHUNK_BYTES as u64) as usize;
                     fill(&mut chunk[..n], t.init, seed, done, threads);
-                    f.write_all(&chunk[..n]).map_err(err)?;
+                    f.write(&chunk[..n])?;
                     done += n as u64;
                 }
             }
-            f.sync_all().map_err(err)?;
+            let direct = f.direct;
+            let len = f.finish()?;
+            if len != shard.file_len() {
+                return Err(format!("{}: wrote {len} bytes, planned {}", path.display(), shard.file_len()));
+            }
             let secs = t0.elapsed().as_secs_f64();
             log(&format!(
-                "wrote {} ({:.2} GB, {:.2} GB/s)",
+                "wrote {} ({:.2} GB, {:.2} GB/s{})",
                 shard.file_name,
                 shard.file_len() as f64 / 1e9,
-                shard.file_len() as f64 / 1e9 / secs
+                shard.file_len() as f64 / 1e9 / secs,
+                if direct { ", O_DIRECT" } else { "" }
             ));
         }
-        for (name, text) in [("model.safetensors.index.json", self.index_json()), ("config.json", self.shape.config_json())]
+        for (name, text) in
+            [("model.safetensors.index.json", self.index_json()), ("config.json", self.shape.config_json())]
         {
             let path = dir.join(name);
             std::fs::write(&path, text).map_err(|e| format!("{}: write failed: {e}", path.display()))?;
@@ -371,17 +387,23 @@ impl Plan {
     }
 }
 
+/// A byte range `[start, end)`.
+pub type Range = (u64, u64);
+
 /// Builds a safetensors header for bf16 `tensors` stored back to back in the given order: the
 /// 8-byte little-endian length, then JSON padded with spaces to a multiple of 8 bytes (as the
 /// format asks). Returns it with each tensor's `[start, end)` relative to the data section.
-pub fn safetensors_header(tensors: &[TensorSpec]) -> Result<(Vec<u8>, Vec<(u64, u64)>), String> {
+pub fn safetensors_header(tensors: &[TensorSpec]) -> Result<(Vec<u8>, Vec<Range>), String> {
     let mut map = serde_json::Map::new();
     map.insert("__metadata__".into(), json!({ "format": "pt" }));
     let mut ranges = Vec::with_capacity(tensors.len());
     let mut offset = 0u64;
     for t in tensors {
         let end = offset + t.bytes();
-        let prev = map.insert(t.name.clone(), json!({ "dtype": "BF16", "shape": t.shape, "data_offsets": [offset, end] }));
+        let prev = map.insert(
+            t.name.clone(),
+            json!({ "dtype": "BF16", "shape": t.shape, "data_offsets": [offset, end] }),
+        );
         if prev.is_some() || t.name == "__metadata__" {
             return Err(format!("tensor name `{}` appears twice", t.name));
         }
@@ -402,7 +424,7 @@ const BLOCK_BYTES: usize = 1 << 20;
 
 /// Fills `buf` with the bf16 values at byte `offset` of a tensor made by `init` from `seed`.
 fn fill(buf: &mut [u8], init: Init, seed: u64, offset: u64, threads: usize) {
-    debug_assert!(offset % BLOCK_BYTES as u64 == 0);
+    debug_assert!(offset.is_multiple_of(BLOCK_BYTES as u64));
     match init {
         Init::Ones => {
             let one = bf16::ONE.to_le_bytes();
@@ -432,7 +454,7 @@ fn fill_uniform(buf: &mut [u8], std: f32, seed: u64) {
     let mut rng = SplitMix64(seed);
     let mut words = buf.chunks_exact_mut(8);
     for w in &mut words {
-        let r = rng.next();
+        let r = rng.next_u64();
         for (i, out) in w.chunks_exact_mut(2).enumerate() {
             let u = (r >> (16 * i)) as u16;
             let x = (u as i32 - 32768) as f32 * scale;
@@ -441,7 +463,7 @@ fn fill_uniform(buf: &mut [u8], std: f32, seed: u64) {
     }
     // Tensors hold whole bf16 values, so a tail is a multiple of 2 bytes.
     for out in words.into_remainder().chunks_exact_mut(2) {
-        let x = ((rng.next() >> 48) as i32 - 32768) as f32 * scale;
+        let x = ((rng.next_u64() >> 48) as i32 - 32768) as f32 * scale;
         out.copy_from_slice(&bf16::from_f32(x).to_le_bytes());
     }
 }
@@ -450,7 +472,7 @@ fn fill_uniform(buf: &mut [u8], std: f32, seed: u64) {
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -460,7 +482,7 @@ impl SplitMix64 {
 
     /// Uniform in `0..n` (n > 0); the modulo bias is irrelevant here.
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -496,7 +518,12 @@ mod tests {
     #[test]
     fn header_round_trips_through_the_safetensors_reader() {
         let weight = Init::Uniform { std: WEIGHT_STD };
-        let t = |name: &str, shape: Vec<usize>| TensorSpec { name: name.into(), shape, init: weight, role: Role::Dense };
+        let t = |name: &str, shape: Vec<usize>| TensorSpec {
+            name: name.into(),
+            shape,
+            init: weight,
+            role: Role::Dense,
+        };
         let tensors = vec![t("b.weight", vec![3, 5]), t("a.weight", vec![7]), t("c", vec![2, 1, 2])];
         let (header, ranges) = safetensors_header(&tensors).unwrap();
         assert_eq!((header.len() - 8) % 8, 0, "JSON must be padded to 8 bytes");
@@ -532,9 +559,10 @@ mod tests {
         plan.write(dir.path(), 3, &mut |_| {}).unwrap();
         assert!(plan.is_written_in(dir.path()));
 
-        let index: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap())
-                .unwrap();
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
         let map = index["weight_map"].as_object().unwrap();
         let mut seen = 0;
         let a = WEIGHT_STD * 3f32.sqrt() * 1.01;

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod checkpoint;
+pub mod direct;
 pub mod probe;
 pub mod report;
 pub mod runner;
@@ -21,7 +22,8 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(prefix: &str) -> Result<TempDir, String> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let path = std::env::temp_dir().join(format!("stevedore-{prefix}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&path).map_err(|e| format!("{}: cannot create: {e}", path.display()))?;
         Ok(TempDir { path, keep: false })

@@ -5,20 +5,14 @@
 //! in RAM cannot beat reading its weights at memory speed, and one that misses cannot beat
 //! reading the missed experts at disk speed.
 
-use std::alloc::{self, Layout};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::checkpoint::{ExpertSpan, Plan, SplitMix64};
-
-/// O_DIRECT wants the file offset, the length and the buffer aligned to the logical block size;
-/// 4096 covers every block size in use.
-pub const ALIGN: usize = 4096;
+use crate::direct::{open_read, read_aligned, AlignedBuf, ALIGN};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryBandwidth {
@@ -128,7 +122,7 @@ pub fn disk_bandwidth(dir: &Path, plan: &Plan, probe: DiskProbe) -> Result<DiskB
     let mut files = Vec::with_capacity(paths.len());
     let mut direct_io = true;
     for p in &paths {
-        let (f, direct) = open_direct(p)?;
+        let (f, direct) = open_read(p)?;
         direct_io &= direct;
         files.push(f);
     }
@@ -138,15 +132,16 @@ pub fn disk_bandwidth(dir: &Path, plan: &Plan, probe: DiskProbe) -> Result<DiskB
     let mut seq_layers = Vec::new();
     let mut seq_bytes = 0u64;
     let t0 = Instant::now();
-    let mut buf = AlignedBuf::new(probe.sequential_chunk_bytes);
+    let mut buf = AlignedBuf::new(probe.sequential_chunk_bytes + ALIGN);
     for layer in 0..layers {
         if seq_bytes >= probe.sequential_bytes {
             break;
         }
         let mine: Vec<&ExpertSpan> = spans.iter().filter(|s| s.layer == layer).collect();
-        let (start, end) = (mine.iter().map(|s| s.start).min().unwrap(), mine.iter().map(|s| s.end).max().unwrap());
+        let (start, end) =
+            (mine.iter().map(|s| s.start).min().unwrap(), mine.iter().map(|s| s.end).max().unwrap());
         let f = &files[mine[0].shard];
-        let mut at = start;
+        let mut at = start / ALIGN as u64 * ALIGN as u64;
         while at < end && seq_bytes < probe.sequential_bytes {
             let n = (end - at).min(probe.sequential_chunk_bytes as u64);
             seq_bytes += read_aligned(f, &paths[mine[0].shard], &mut buf, at, at + n)?;
@@ -176,8 +171,10 @@ pub fn disk_bandwidth(dir: &Path, plan: &Plan, probe: DiskProbe) -> Result<DiskB
     let threads = probe.threads.max(1);
     let read_all = &read_all;
     let bytes: u64 = std::thread::scope(|s| {
-        let handles: Vec<_> =
-            many.chunks(many.len().div_ceil(threads).max(1)).map(|part| s.spawn(move || read_all(part))).collect();
+        let handles: Vec<_> = many
+            .chunks(many.len().div_ceil(threads).max(1))
+            .map(|part| s.spawn(move || read_all(part)))
+            .collect();
         handles.into_iter().map(|h| h.join().expect("reading cannot panic")).sum::<Result<u64, String>>()
     })?;
     let random_parallel_gb_s = bytes as f64 / t0.elapsed().as_secs_f64() / 1e9;
@@ -200,21 +197,6 @@ fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
     }
 }
 
-/// Opens `path` for reading with O_DIRECT where the file system allows it; the flag says which.
-pub fn open_direct(path: &Path) -> Result<(File, bool), String> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => return Ok((f, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(format!("{}: cannot open: {e}", path.display())),
-        }
-    }
-    let f = OpenOptions::new().read(true).open(path).map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
-    Ok((f, false))
-}
-
 /// Asks the kernel to drop `paths` from the page cache, so that the next buffered read (or
 /// mmap) of them goes to the disk. Only clean pages go, hence the `sync_all` the writer does.
 pub fn evict_from_page_cache(paths: &[PathBuf]) -> Result<(), String> {
@@ -226,63 +208,15 @@ pub fn evict_from_page_cache(paths: &[PathBuf]) -> Result<(), String> {
             // SAFETY: the descriptor belongs to `f`, which is open for the whole call.
             let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             if rc != 0 {
-                return Err(format!("{}: posix_fadvise failed: {}", p.display(), std::io::Error::from_raw_os_error(rc)));
+                return Err(format!(
+                    "{}: posix_fadvise failed: {}",
+                    p.display(),
+                    std::io::Error::from_raw_os_error(rc)
+                ));
             }
         }
     }
     Ok(())
-}
-
-/// Reads bytes `[start, end)` of `f` widened to [`ALIGN`] boundaries (as O_DIRECT requires) into
-/// `buf`, and returns how many bytes came from the file.
-fn read_aligned(f: &File, path: &Path, buf: &mut AlignedBuf, start: u64, end: u64) -> Result<u64, String> {
-    let a = ALIGN as u64;
-    let (from, to) = (start / a * a, end.div_ceil(a) * a);
-    let want = (to - from) as usize;
-    let out = &mut buf.as_mut_slice()[..want];
-    let mut done = 0;
-    while done < want {
-        match f.read_at(&mut out[done..], from + done as u64) {
-            Ok(0) => break, // end of file inside the last aligned block
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("{}: read at {} failed: {e}", path.display(), from + done as u64)),
-        }
-    }
-    if (done as u64) < end - from {
-        return Err(format!("{}: file ends before byte {end}", path.display()));
-    }
-    Ok(done as u64)
-}
-
-/// A zeroed heap buffer aligned to [`ALIGN`], its length rounded up to a multiple of it.
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let len = len.max(1).next_multiple_of(ALIGN);
-        let layout = Layout::from_size_align(len, ALIGN).expect("a 4096-aligned size below isize::MAX");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed) bytes that this value owns uniquely.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, ALIGN).expect("the layout `new` used");
-        // SAFETY: allocated in `new` with exactly this layout, and freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
-    }
 }
 
 /// What the numbers were measured on.
@@ -301,7 +235,9 @@ pub fn machine() -> Machine {
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let memory_bytes = read("/proc/meminfo")
         .lines()
@@ -344,22 +280,6 @@ mod tests {
     }
 
     #[test]
-    fn aligned_reads_cover_unaligned_ranges() {
-        let dir = crate::TempDir::new("aligned-read").unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..3 * ALIGN + 100).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let (f, _) = open_direct(&path).unwrap();
-        let mut buf = AlignedBuf::new(4 * ALIGN);
-        // Ends in the file's last partial block: the short read is fine.
-        let n = read_aligned(&f, &path, &mut buf, 5000, data.len() as u64).unwrap();
-        assert_eq!(n, (data.len() - ALIGN) as u64);
-        assert_eq!(&buf.as_mut_slice()[..n as usize], &data[ALIGN..]);
-        let err = read_aligned(&f, &path, &mut buf, 10, data.len() as u64 + 5000).unwrap_err();
-        assert!(err.contains("file ends before byte"), "{err}");
-    }
-
-    #[test]
     fn disk_probe_reads_a_small_checkpoint() {
         let shape = Shape {
             hidden_size: 64,
@@ -375,9 +295,14 @@ mod tests {
         let plan = Plan::new(shape).unwrap();
         let dir = crate::TempDir::new("disk-probe").unwrap();
         plan.write(dir.path(), 2, &mut |_| {}).unwrap();
-        let probe = DiskProbe { sequential_bytes: 1 << 20, sequential_chunk_bytes: 16384, random_reads: 5, threads: 2 };
+        let probe = DiskProbe {
+            sequential_bytes: 4 << 20,
+            sequential_chunk_bytes: 16384,
+            random_reads: 5,
+            threads: 2,
+        };
         let d = disk_bandwidth(dir.path(), &plan, probe).unwrap();
-        // All four layers' experts (8 x 36 KiB each) fit under the 1 MiB sequential limit.
+        // All four layers' experts (4 x 8 x 36 KiB) fit under the 4 MiB sequential limit.
         assert!(d.sequential_bytes >= 4 * 8 * plan.shape.expert_bytes(), "{d:?}");
         assert!(d.sequential_gb_s > 0.0 && d.random_gb_s > 0.0 && d.random_parallel_gb_s > 0.0, "{d:?}");
         assert_eq!(d.random_read_bytes, plan.shape.expert_bytes());

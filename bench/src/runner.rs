@@ -94,7 +94,10 @@ pub fn generate(
     let wall_seconds = t0.elapsed().as_secs_f64();
     let parsed = parse_generate(&String::from_utf8_lossy(&out.stdout))?;
     if parsed.prompt_ids != prompt_ids {
-        return Err(format!("`stevedore generate` echoed prompt ids {:?}, not {:?}", parsed.prompt_ids, prompt_ids));
+        return Err(format!(
+            "`stevedore generate` echoed prompt ids {:?}, not {:?}",
+            parsed.prompt_ids, prompt_ids
+        ));
     }
     Ok(Run {
         host_cache: host_cache.to_string(),

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use crate::commands::{self, generate::GenerateArgs, inspect::InspectArgs};
+use crate::predictor_cli::{self, PredictorCommand};
 
 /// Run mixture-of-experts language models whose experts do not fit in fast memory.
 #[derive(Parser)]
@@ -19,6 +20,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
+    /// Train and evaluate routing predictors on traces.
+    #[command(subcommand)]
+    Predictor(PredictorCommand),
 }
 
 /// The whole program: parse `std::env::args`, run the subcommand, map errors to exit status 1.
@@ -31,6 +35,7 @@ pub fn main() -> ExitCode {
     let res = match &cli.command {
         Command::Generate(a) => commands::generate::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Predictor(c) => predictor_cli::run(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

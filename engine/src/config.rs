@@ -8,9 +8,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+
+use stevedore_cache::LookaheadParams;
+use stevedore_predictor::{OnlineKind, PathModel, PathPredictor, RoutePredictor, RoutingShape};
 
 use crate::size::Size;
 
@@ -115,6 +119,8 @@ pub struct PredictorConfig {
     /// MoE layers looked ahead: predictions for the next `depth` layers are protected and
     /// prefetched.
     pub depth: usize,
+    /// Only predictions at most this many MoE layers ahead are prefetched.
+    pub prefetch_depth: usize,
     /// Most bytes prefetched per step (a token start or one MoE layer's routing); a
     /// percentage is of the cache's budget.
     pub prefetch_budget: Size,
@@ -133,11 +139,75 @@ impl Default for PredictorConfig {
         PredictorConfig {
             kind: PredictorKind::Transition,
             depth: 2,
+            prefetch_depth: 2,
             prefetch_budget: Size::Percent(5.0),
             protect_min_score: 0.05,
             prefetch_min_score: 0.2,
             max_protected: Size::Percent(50.0),
             model: None,
+        }
+    }
+}
+
+impl PredictorConfig {
+    /// The protection and prefetch thresholds for [`stevedore_cache::Lookahead`].
+    pub fn lookahead_params(&self) -> LookaheadParams {
+        LookaheadParams {
+            protect_min_score: self.protect_min_score,
+            prefetch_min_score: self.prefetch_min_score,
+            prefetch_depth: self.prefetch_depth,
+            max_protected_fraction: self.max_protected.bytes(1_000_000) as f64 / 1e6,
+        }
+    }
+
+    /// Loads what building the predictor needs (the trained model for `kind = "path"`), once:
+    /// every cache or simulated run then builds its own predictor from it.
+    pub fn source(&self) -> Result<PredictorSource, ConfigError> {
+        let model = match (self.kind, &self.model) {
+            (PredictorKind::Path, Some(path)) => {
+                let err = |msg: String| ConfigError { path: path.clone(), msg };
+                let bytes = std::fs::read(path).map_err(|e| err(format!("predictor.model: {e}")))?;
+                Some(Arc::new(PathModel::from_bytes(&bytes).map_err(|e| err(e.to_string()))?))
+            }
+            _ => None,
+        };
+        Ok(PredictorSource { kind: self.kind, model, model_path: self.model.clone() })
+    }
+}
+
+/// A predictor kind with whatever it needs loaded; [`PredictorSource::build`] makes fresh
+/// predictors from it.
+pub struct PredictorSource {
+    kind: PredictorKind,
+    model: Option<Arc<PathModel>>,
+    model_path: Option<PathBuf>,
+}
+
+impl PredictorSource {
+    /// A predictor for a model of `shape`, with no history. The trained path model must have
+    /// been trained for the same shape.
+    pub fn build(&self, shape: RoutingShape) -> Result<Box<dyn RoutePredictor>, String> {
+        let online = |k: OnlineKind| Ok(k.build(shape));
+        match self.kind {
+            PredictorKind::Frequency => online(OnlineKind::Frequency),
+            PredictorKind::Recency => online(OnlineKind::Recency),
+            PredictorKind::Transition => online(OnlineKind::Transition),
+            PredictorKind::Path => {
+                let model =
+                    self.model.as_ref().ok_or("predictor.model: kind = \"path\" needs a model file")?;
+                let trained = model.shape();
+                if (trained.num_layers, trained.num_experts) != (shape.num_layers, shape.num_experts) {
+                    return Err(format!(
+                        "predictor.model {}: trained for {} MoE layers x {} experts, but this model has {} x {}",
+                        self.model_path.as_deref().unwrap_or(Path::new("?")).display(),
+                        trained.num_layers,
+                        trained.num_experts,
+                        shape.num_layers,
+                        shape.num_experts
+                    ));
+                }
+                Ok(Box::new(PathPredictor::new(model.clone())))
+            }
         }
     }
 }
@@ -242,6 +312,7 @@ split = "shared"
 kind = "transition"
 # MoE layers to look ahead.
 depth = 2
+prefetch_depth = 2
 # Most bytes prefetched per step (a step is a token's start or one MoE layer's routing).
 # A percentage is of the cache's budget.
 prefetch_budget = "5%"

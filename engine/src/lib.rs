@@ -11,3 +11,5 @@ pub mod commands;
 pub mod record;
 pub mod trace;
 pub mod config;
+pub mod sim;
+pub mod predictor_cli;

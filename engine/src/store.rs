@@ -10,8 +10,8 @@
 //!   exceeds its budget. An entry is evictable only when nobody holds it: a read in flight and
 //!   an expert being computed on are pinned, so no buffer is alive outside the budget.
 //! - Overlap: one I/O thread reads a `for_each` call's misses in routing order, ahead of the
-//!   expert being computed on, as far as the budget allows; with the minimum budget it degrades
-//!   to one expert at a time. `f` is called in routing order whatever the budget, so outputs
+//!   expert being computed on, as far as the budget allows (at the minimum budget, `top_k`
+//!   experts: one computed on while the next is read; with less room, one at a time). `f` is called in routing order whatever the budget, so outputs
 //!   never depend on it.
 
 mod layout;
@@ -48,6 +48,8 @@ pub enum StoreError {
     NotMoeLayer { layer: usize, num_layers: usize },
     #[error("layer {layer}: expert {expert} does not exist (the model has {num_experts} experts per layer)")]
     NoSuchExpert { layer: usize, expert: usize, num_experts: usize },
+    #[error("reading {key}: {source}")]
+    Read { key: ExpertKey, source: IoError },
     #[error("expert cache: {0}")]
     Cache(#[from] CacheError),
     #[error("the expert I/O thread has stopped")]
@@ -432,7 +434,7 @@ impl Experts for ExpertStore {
             let buf = run.acquire(i)?;
             match buf.data.get() {
                 Some(Ok(data)) => f(buf.key.expert, layout.weights(data.as_slice()))?,
-                Some(Err(e)) => return Err(e.clone().into()),
+                Some(Err(e)) => return Err(StoreError::Read { key: buf.key, source: e.clone() }.into()),
                 None => unreachable!("acquire returns only filled buffers"),
             }
             run.release_front();

@@ -55,13 +55,7 @@ impl DType {
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("weight of {rows}x{cols} {dtype:?} needs {expected} bytes, got {got}")]
-    WeightSize {
-        rows: usize,
-        cols: usize,
-        dtype: DType,
-        expected: usize,
-        got: usize,
-    },
+    WeightSize { rows: usize, cols: usize, dtype: DType, expected: usize, got: usize },
     #[error("weight of {rows}x{cols} {dtype:?} is larger than the address space")]
     WeightTooLarge { rows: usize, cols: usize, dtype: DType },
 }
@@ -97,7 +91,11 @@ impl<'a> Weight<'a> {
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols);
         let start = r * self.cols;
-        to_f32(self.dtype, &self.data[start * self.dtype.size()..(start + self.cols) * self.dtype.size()], out);
+        to_f32(
+            self.dtype,
+            &self.data[start * self.dtype.size()..(start + self.cols) * self.dtype.size()],
+            out,
+        );
     }
 }
 

@@ -3,12 +3,14 @@
 //! `out[t, r] = sum_c x[t, c] * w[r, c]` is cut three ways:
 //! - **threads**: output rows are split into chunks, one rayon task each (small problems stay on
 //!   the calling thread, where a fork-join would cost more than the work);
-//! - **panels**: a task walks its rows in panels of about [`PANEL_BYTES`] of weights, so that for
-//!   prefill a panel stays in L2 while every block of tokens passes over it;
+//! - **cache blocks**: with more tokens than one tile holds (prefill), columns are cut into
+//!   chunks whose x for one tile's tokens fits in L1 ([`X_TILE_BYTES`]), and rows into panels
+//!   whose weights for one chunk fit in L2 ([`PANEL_BYTES`]); every token block then passes over
+//!   a panel read once from memory. Decode streams whole rows instead;
 //! - **tiles**: a panel is covered by tiles of `rows x tokens`, each computed by an ISA's
 //!   micro-kernel ([`Micro`]) that loads and converts a block of each weight row once and uses it
-//!   for every token of the tile. Decode (one token) uses taller tiles, which gives the memory
-//!   system several independent rows to stream.
+//!   for every token of the tile. Decode (one token) uses tall tiles: more rows in flight keep
+//!   more memory reads outstanding (8 rows measured faster than 4 or 16 on Zen 4).
 //!
 //! Micro-kernels cover whole SIMD blocks of columns; the driver adds the few columns left over
 //! (`cols % block`) with scalar code.
@@ -20,9 +22,16 @@ use rayon::prelude::*;
 
 use crate::{read_f32, scalar, Isa, Weight};
 
-/// Weight bytes per panel: a quarter of Zen 4's 1 MiB L2, leaving room for the tokens' rows of
-/// x (a 4-token block of a 14336-wide x is 224 KiB) and for the hardware prefetcher.
+/// Weight bytes per panel (rows x column chunk): a quarter of Zen 4's 1 MiB L2, so that a panel
+/// read once from memory serves every token block from L2.
 const PANEL_BYTES: usize = 256 * 1024;
+
+/// Bytes of x one tile's tokens may occupy within a column chunk: half of Zen 4's 32 KiB L1D,
+/// leaving the rest to the weight rows streaming through.
+const X_TILE_BYTES: usize = 16 * 1024;
+
+/// Most `rows * tokens` of any tile shape.
+const MAX_TILE: usize = 32;
 
 /// Below this many multiply-adds a matmul runs on the calling thread: about 30 us of one core,
 /// several times the cost of waking rayon's workers.
@@ -85,18 +94,23 @@ pub(crate) struct Micro {
     /// Columns per SIMD block.
     pub block: usize,
     pub x_layout: XLayout,
-    /// Rows per tile when there is one token (decode).
-    pub gemv_rows: usize,
-    /// Rows and most tokens per tile when there are several tokens (prefill).
-    pub tile_rows: usize,
-    pub tile_tokens: usize,
-    /// Computes one tile of shape `(rows, tokens)`, which must be `(gemv_rows, 1)`,
-    /// `(tile_rows, 2..=tile_tokens)` or `(1, 1..=tile_tokens)`. Panics if `args` is too short for
-    /// the shape.
+    /// Rows per tile by token count: a tile of `t` tokens has `tall[t - 1]` rows (or 1, for
+    /// the rows left over at the end of a panel). `tall.len()` is the most tokens per tile.
+    pub tall: &'static [usize],
+    /// Computes one tile of shape `(rows, tokens)`, which must be `(tall[tokens - 1], tokens)` or
+    /// `(1, tokens)`. Panics if `args` is too short for the shape.
     ///
     /// # Safety
     /// The CPU must support the ISA the kernel was compiled for.
     pub tile: unsafe fn(rows: usize, tokens: usize, args: &mut TileArgs),
+}
+
+impl Micro {
+    /// Row chunks and panels are multiples of this, so that only the last one has rows left
+    /// over for 1-row tiles.
+    fn row_align(&self) -> usize {
+        self.tall.iter().copied().max().unwrap_or(1)
+    }
 }
 
 /// Checks the operand lengths and returns the number of tokens.
@@ -145,8 +159,7 @@ pub(crate) fn matmul_with(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut 
         job.rows(0..rows, &mut Out::Whole(out));
         return;
     }
-    // Chunks are whole tiles so that only the last chunk has leftover rows.
-    let align = micro.gemv_rows.max(micro.tile_rows);
+    let align = micro.row_align();
     let chunk = rows.div_ceil(threads * CHUNKS_PER_THREAD).next_multiple_of(align);
     let shared = SharedOut::new(out);
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|i| {
@@ -182,44 +195,67 @@ impl<'a> Job<'a> {
     /// Computes rows `range` of every token.
     fn rows(&self, range: Range<usize>, out: &mut Out) {
         let m = &self.micro;
-        let row_bytes = self.w.cols * self.w.dtype.size();
-        let align = m.gemv_rows.max(m.tile_rows);
-        let panel = (PANEL_BYTES / row_bytes.max(1) / align * align).max(align);
+        let max_tokens = m.tall.len();
+        // Column chunk, in blocks. When all tokens fit one tile, each weight is used once:
+        // stream whole rows (long sequential reads suit the prefetcher). Otherwise cut the
+        // columns so that a tile's tokens of x stay in L1 while the panel's rows pass over them.
+        let chunk = if self.n <= max_tokens {
+            self.blocks.max(1)
+        } else {
+            (X_TILE_BYTES / (max_tokens * m.block * size_of::<f32>())).max(1)
+        };
+        let align = m.row_align();
+        let chunk_bytes = chunk * m.block * self.w.dtype.size();
+        let panel = (PANEL_BYTES / chunk_bytes / align * align).max(align);
         for p0 in range.clone().step_by(panel) {
             let p1 = (p0 + panel).min(range.end);
-            for t0 in (0..self.n).step_by(m.tile_tokens) {
-                let tokens = m.tile_tokens.min(self.n - t0);
-                let tall = if tokens == 1 { m.gemv_rows } else { m.tile_rows };
-                let mut r = p0;
-                while r < p1 {
-                    let rows = if p1 - r >= tall { tall } else { 1 };
-                    self.tile(r, rows, t0, tokens, out);
-                    r += rows;
+            // With no whole block (cols < block) this is one empty chunk, for the column tail.
+            for k0 in (0..self.blocks.max(1)).step_by(chunk) {
+                let ks = k0..(k0 + chunk).min(self.blocks);
+                for t0 in (0..self.n).step_by(max_tokens) {
+                    let tokens = max_tokens.min(self.n - t0);
+                    let tall = m.tall[tokens - 1];
+                    let mut r = p0;
+                    while r < p1 {
+                        let rows = if p1 - r >= tall { tall } else { 1 };
+                        self.tile(r, rows, t0, tokens, ks.clone(), out);
+                        r += rows;
+                    }
                 }
             }
         }
     }
 
-    /// Rows `r0..r0 + rows` against tokens `t0..t0 + tokens`, written to `out`.
-    fn tile(&self, r0: usize, rows: usize, t0: usize, tokens: usize, out: &mut Out) {
-        let (cols, total_rows) = (self.w.cols, self.w.rows);
+    /// Rows `r0..r0 + rows` against tokens `t0..t0 + tokens` over column blocks `ks`: the first
+    /// chunk (with the scalar column tail) is stored to `out`, later ones are added.
+    fn tile(&self, r0: usize, rows: usize, t0: usize, tokens: usize, ks: Range<usize>, out: &mut Out) {
+        let (cols, total_rows, block) = (self.w.cols, self.w.rows, self.micro.block);
         let row_bytes = cols * self.w.dtype.size();
-        let mut sums = [0.0f32; 64];
+        let mut sums = [0.0f32; MAX_TILE];
         let sums = &mut sums[..rows * tokens];
-        if self.blocks > 0 {
+        if !ks.is_empty() {
             let mut args = TileArgs {
-                w: &self.w.data[r0 * row_bytes..(r0 + rows) * row_bytes],
+                w: &self.w.data
+                    [r0 * row_bytes + ks.start * block * self.w.dtype.size()..(r0 + rows) * row_bytes],
                 w_stride: row_bytes,
-                x: &self.xk[t0 * self.x_stride..(t0 + tokens) * self.x_stride],
+                x: &self.xk[t0 * self.x_stride + ks.start * block..(t0 + tokens) * self.x_stride],
                 x_stride: self.x_stride,
-                blocks: self.blocks,
+                blocks: ks.len(),
                 sums,
             };
             // SAFETY: `matmul_with` checked that the CPU supports the micro-kernel's ISA, and
-            // `rows` picks one of the shapes `Micro::tile` accepts.
+            // `(rows, tokens)` is one of the shapes `Micro::tile` accepts.
             unsafe { (self.micro.tile)(rows, tokens, &mut args) };
         }
-        let body = self.blocks * self.micro.block;
+        if ks.start > 0 {
+            for i in 0..rows {
+                for t in 0..tokens {
+                    out.add((t0 + t) * total_rows + r0 + i, sums[i * tokens + t]);
+                }
+            }
+            return;
+        }
+        let body = self.blocks * block;
         for i in 0..rows {
             let r = r0 + i;
             for t in 0..tokens {
@@ -257,9 +293,18 @@ impl Out<'_, '_> {
     fn set(&mut self, i: usize, v: f32) {
         match self {
             Out::Whole(out) => out[i] = v,
-            // SAFETY: a row-chunk task only writes elements of its own rows (`i % rows` is in its
-            // range), and the ranges are disjoint, so no element is written twice or read.
+            // SAFETY: a row-chunk task only touches elements of its own rows (`i % rows` is in its
+            // range), and the ranges are disjoint.
             Out::Shared(out) => unsafe { out.write(i, v) },
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, i: usize, v: f32) {
+        match self {
+            Out::Whole(out) => out[i] += v,
+            // SAFETY: as for `set`.
+            Out::Shared(out) => unsafe { out.write(i, out.read(i) + v) },
         }
     }
 }
@@ -281,6 +326,16 @@ unsafe impl Sync for SharedOut<'_> {}
 impl<'a> SharedOut<'a> {
     fn new(out: &'a mut [f32]) -> Self {
         SharedOut { ptr: out.as_mut_ptr(), len: out.len(), _out: std::marker::PhantomData }
+    }
+
+    /// # Safety
+    /// No other thread may access element `i` while the `SharedOut` lives.
+    #[inline]
+    unsafe fn read(&self, i: usize) -> f32 {
+        assert!(i < self.len, "matmul output index {i} out of {}", self.len);
+        // SAFETY: `i` is in bounds of the borrowed slice, and the caller guarantees exclusive
+        // access to element `i`.
+        unsafe { self.ptr.add(i).read() }
     }
 
     /// # Safety

@@ -1,7 +1,7 @@
 //! The two baselines every smarter predictor has to beat: per-layer popularity and per-layer
 //! recency. Both learn online from what they observe and need no training.
 
-use crate::{sort_best_first, Cursor, Prediction, RoutePredictor, RoutingShape};
+use crate::{best_candidates, sort_best_first, Cursor, Prediction, RoutePredictor, RoutingShape};
 
 /// Predicts, for each layer, the experts used most often there so far. Scores are the fraction
 /// of observed tokens that used the expert at that layer.
@@ -50,11 +50,8 @@ impl RoutePredictor for FrequencyPredictor {
             .targets(self.shape.num_layers, depth)
             .map(|(distance, layer, next_token)| {
                 let seen = self.tokens[layer].max(1) as f32;
-                let mut experts: Vec<(u32, f32)> = (self.counts[layer].iter().enumerate())
-                    .filter(|(_, &c)| c > 0)
-                    .map(|(e, &c)| (e as u32, c as f32 / seen))
-                    .collect();
-                sort_best_first(&mut experts);
+                let scores: Vec<f32> = self.counts[layer].iter().map(|&c| c as f32 / seen).collect();
+                let experts = best_candidates(&scores, self.shape.max_candidates());
                 Prediction { distance, layer, next_token, experts }
             })
             .collect()

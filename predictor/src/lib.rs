@@ -25,7 +25,8 @@ pub use path::{train_path_model, ModelError, PathModel, PathPredictor, TrainConf
 pub use trace::{LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
 pub use transition::TransitionPredictor;
 
-/// One predicted future MoE layer: the experts expected there, best first, with scores in [0, 1].
+/// One predicted future MoE layer: the experts expected there, best first, with scores in [0, 1]
+/// (at most [`RoutingShape::max_candidates`] of them).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
     /// How many MoE layers ahead of the last observed one (1 = the next MoE layer).
@@ -121,10 +122,39 @@ impl OnlineKind {
     }
 }
 
-/// Orders `(expert, score)` pairs best first; ties go to the lower expert index so results are
-/// deterministic.
+impl RoutingShape {
+    /// How many experts a prediction lists per layer at most: `4 * top_k`. Enough for recall at
+    /// `2 * top_k` and for a prefetch budget of a few layers' worth, and cutting there keeps
+    /// `predict` cheap when a model has hundreds of experts.
+    pub fn max_candidates(&self) -> usize {
+        (4 * self.top_k).clamp(1, self.num_experts.max(1))
+    }
+}
+
+/// Best first; ties go to the lower expert index so results are deterministic.
+fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Orders `(expert, score)` pairs best first.
 pub(crate) fn sort_best_first(experts: &mut [(u32, f32)]) {
-    experts.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    experts.sort_unstable_by(best_first);
+}
+
+/// The `limit` best experts with a positive score, best first, from per-expert scores.
+pub(crate) fn best_candidates(scores: &[f32], limit: usize) -> Vec<(u32, f32)> {
+    // Positive finite floats order like their bit patterns, so one u64 key per expert (score
+    // bits high, inverted index low: ties go to the lower index) sorts without a comparator.
+    let mut keys: Vec<u64> = (scores.iter().enumerate())
+        .filter(|(_, &s)| s > 0.0)
+        .map(|(e, &s)| ((s.min(1.0).to_bits() as u64) << 32) | (u32::MAX - e as u32) as u64)
+        .collect();
+    if keys.len() > limit && limit > 0 {
+        keys.select_nth_unstable_by(limit - 1, |a, b| b.cmp(a));
+    }
+    keys.truncate(limit);
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    keys.iter().map(|&k| (u32::MAX - k as u32, f32::from_bits((k >> 32) as u32))).collect()
 }
 
 /// Where the cursor of a predictor stands: which layer was observed last, of which token.

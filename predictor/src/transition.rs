@@ -3,7 +3,7 @@
 //! layer pairs (feed it a trace with [`crate::replay`] to learn from traces), and chained as a
 //! Markov process for distances beyond 1.
 
-use crate::{sort_best_first, Cursor, Prediction, RoutePredictor, RoutingShape};
+use crate::{best_candidates, Cursor, Prediction, RoutePredictor, RoutingShape};
 
 /// Weight, in pseudo-observations, of the layer's overall popularity when a transition row has
 /// few counts: a row seen once is mostly its own evidence, an unseen row falls back entirely.
@@ -50,20 +50,17 @@ impl TransitionPredictor {
         }
     }
 
-    /// One Markov step: from a distribution `from` over the experts of `layer` (summing to 1) to
-    /// inclusion probabilities at the layer after it.
-    fn step(&self, layer: usize, from: &[f32], out: &mut [f32]) {
+    /// One Markov step: from a sparse distribution `from` over the experts of `layer` (summing
+    /// to 1) to inclusion probabilities at the layer after it. `prior` is scratch space.
+    fn step(&self, layer: usize, from: &[(u32, f32)], prior: &mut [f32], out: &mut [f32]) {
         let e = self.shape.num_experts;
-        let mut prior = vec![0.0; e];
-        self.popularity((layer + 1) % self.shape.num_layers, &mut prior);
+        self.popularity((layer + 1) % self.shape.num_layers, prior);
         out.fill(0.0);
-        for (src, &p) in from.iter().enumerate() {
-            if p == 0.0 {
-                continue;
-            }
+        for &(src, p) in from {
+            let src = src as usize;
             let row = &self.pairs[(layer * e + src) * e..(layer * e + src + 1) * e];
             let scale = p / (self.sources[layer * e + src] as f32 + SMOOTHING);
-            for ((o, &c), &q) in out.iter_mut().zip(row).zip(&prior) {
+            for ((o, &c), &q) in out.iter_mut().zip(row).zip(prior.iter()) {
                 *o += scale * (c as f32 + SMOOTHING * q);
             }
         }
@@ -112,40 +109,29 @@ impl RoutePredictor for TransitionPredictor {
         let (num_layers, e) = (self.shape.num_layers, self.shape.num_experts);
         // The chain starts from the last observation when the first target directly follows it;
         // otherwise (nothing observed yet, or a gap before this token) from layer popularity.
-        let mut from = vec![0.0; e];
-        let mut scores = vec![0.0; e];
-        let mut have_origin = false;
+        // Later steps continue from the previous step's candidates only, which keeps a step at
+        // `max_candidates * num_experts` operations.
+        let mut from: Vec<(u32, f32)> = Vec::new();
         if let Some((prev, chosen)) = &self.last {
             let follows = match self.cursor {
                 Cursor::After(_) => true,
                 Cursor::TokenStart => *prev == num_layers - 1,
             };
-            if follows && !chosen.is_empty() {
-                for &x in chosen {
-                    from[x as usize] += 1.0 / chosen.len() as f32;
-                }
-                have_origin = true;
+            if follows {
+                from = chosen.iter().map(|&x| (x, 1.0 / chosen.len() as f32)).collect();
             }
         }
+        let (mut scores, mut prior) = (vec![0.0; e], vec![0.0; e]);
         let mut out = Vec::new();
         for (distance, layer, next_token) in self.cursor.targets(num_layers, depth) {
-            if have_origin {
-                self.step((layer + num_layers - 1) % num_layers, &from, &mut scores);
-            } else {
+            if from.is_empty() {
                 self.popularity(layer, &mut scores);
-                have_origin = true;
+            } else {
+                self.step((layer + num_layers - 1) % num_layers, &from, &mut prior, &mut scores);
             }
-            let total: f32 = scores.iter().sum();
-            if total > 0.0 {
-                for (f, &s) in from.iter_mut().zip(&scores) {
-                    *f = s / total;
-                }
-            }
-            let mut experts: Vec<(u32, f32)> = (scores.iter().enumerate())
-                .filter(|(_, &s)| s > 0.0)
-                .map(|(x, &s)| (x as u32, s.min(1.0)))
-                .collect();
-            sort_best_first(&mut experts);
+            let experts = best_candidates(&scores, self.shape.max_candidates());
+            let total: f32 = experts.iter().map(|&(_, s)| s).sum();
+            from = experts.iter().map(|&(x, s)| (x, s / total)).collect();
             out.push(Prediction { distance, layer, next_token, experts });
         }
         out

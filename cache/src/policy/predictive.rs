@@ -73,6 +73,9 @@ pub struct LookaheadParams {
     pub protect_min_score: f32,
     /// Candidates scoring below this are protected (if resident) but not prefetched.
     pub prefetch_min_score: f32,
+    /// Only candidates at most this many MoE layers ahead are prefetched; farther ones are
+    /// protected when resident.
+    pub prefetch_depth: usize,
     /// Most bytes of the cache that protection may hold, as a fraction of its budget, so that
     /// demand misses always find unprotected room to evict.
     pub max_protected_fraction: f64,
@@ -80,14 +83,22 @@ pub struct LookaheadParams {
 
 /// Prediction-driven protection and prefetch for one [`Cache`]: the part of the `predictive`
 /// policy that lives outside the replacement order.
+///
+/// Per step: [`Lookahead::update`] with the predictions as soon as the new routing is known
+/// (before loading the layer's misses, so that they evict around the protected experts), then
+/// [`Lookahead::plan_prefetch`] once the misses are in.
 pub struct Lookahead {
     params: LookaheadParams,
+    /// This step's candidates above `protect_min_score`: nearest layer first, then best score,
+    /// each key once.
+    candidates: Vec<Candidate>,
     protected: HashSet<ExpertKey>,
+    protected_bytes: u64,
 }
 
 impl Lookahead {
     pub fn new(params: LookaheadParams) -> Self {
-        Lookahead { params, protected: HashSet::new() }
+        Lookahead { params, candidates: Vec::new(), protected: HashSet::new(), protected_bytes: 0 }
     }
 
     pub fn params(&self) -> &LookaheadParams {
@@ -95,59 +106,68 @@ impl Lookahead {
     }
 
     /// Whether `key` is protected from eviction now: pass `&|k| lookahead.protects(k)` as the
-    /// `protect` argument of [`Cache::insert`].
+    /// `protect` argument of [`Cache::insert`], or insert through [`Lookahead::insert`].
     pub fn protects(&self, key: &ExpertKey) -> bool {
         self.protected.contains(key)
     }
 
-    /// Takes a step's predictions: replaces the protected set with them and returns the
-    /// candidates to prefetch now, in order, at most `prefetch_budget` bytes of them (the
-    /// transfer one step can hide behind compute). The caller loads each and inserts it with
-    /// [`Lookahead::insert`]; every planned insert finds room without evicting a protected or
-    /// pinned entry.
-    ///
-    /// Candidates are taken nearest layer first, then by score; a key listed twice keeps its
-    /// first (nearest) entry.
-    pub fn plan<V>(
-        &mut self,
-        cache: &Cache<V>,
-        candidates: &[Candidate],
-        prefetch_budget: u64,
-    ) -> Vec<Candidate> {
+    /// Takes a step's predictions and protects the resident ones, replacing the previous
+    /// step's protection. Predictions for a layer whose routing is now known are stale: the
+    /// caller passes only those for layers still ahead.
+    pub fn update<V>(&mut self, cache: &Cache<V>, candidates: &[Candidate]) {
         let p = self.params;
-        let mut ordered: Vec<&Candidate> =
-            candidates.iter().filter(|c| c.score >= p.protect_min_score).collect();
-        ordered.sort_by(|a, b| a.distance.cmp(&b.distance).then(b.score.total_cmp(&a.score)));
+        self.candidates.clear();
+        self.candidates.extend(candidates.iter().filter(|c| c.score >= p.protect_min_score));
+        self.candidates.sort_by(|a, b| a.distance.cmp(&b.distance).then(b.score.total_cmp(&a.score)));
+        let mut seen = HashSet::new();
+        self.candidates.retain(|c| seen.insert(c.key));
 
         self.protected.clear();
-        let protect_cap = (cache.budget() as f64 * p.max_protected_fraction) as u64;
-        let mut protected_bytes = 0u64;
+        self.protected_bytes = 0;
+        let cap = self.protect_cap(cache);
+        for c in &self.candidates {
+            if cache.contains(&c.key) && self.protected_bytes + c.bytes <= cap {
+                self.protected.insert(c.key);
+                self.protected_bytes += c.bytes;
+            }
+        }
+    }
+
+    /// The candidates of the last [`Lookahead::update`] to prefetch now, in order: not
+    /// resident, scoring at least `prefetch_min_score`, at most `budget` bytes of them (the
+    /// transfer one step can hide behind compute), and only as many as fit without evicting a
+    /// protected or pinned entry. Planned keys become protected. The caller loads each and
+    /// inserts it with [`Lookahead::insert`], which then never needs to break protection.
+    pub fn plan_prefetch<V>(&mut self, cache: &Cache<V>, budget: u64) -> Vec<Candidate> {
+        let cap = self.protect_cap(cache);
         let mut planned = Vec::new();
         let mut planned_bytes = 0u64;
-        for c in ordered {
-            if self.protected.contains(&c.key) || protected_bytes + c.bytes > protect_cap {
-                continue;
-            }
-            if cache.contains(&c.key) {
-                self.protected.insert(c.key);
-                protected_bytes += c.bytes;
-                continue;
-            }
-            if c.score < p.prefetch_min_score || planned_bytes + c.bytes > prefetch_budget {
+        for c in &self.candidates {
+            if c.score < self.params.prefetch_min_score
+                || c.distance > self.params.prefetch_depth
+                || cache.contains(&c.key)
+                || self.protected.contains(&c.key)
+                || planned_bytes + c.bytes > budget
+                || self.protected_bytes + c.bytes > cap
+            {
                 continue;
             }
             // Room for everything planned so far plus this one, evicting neither protected nor
-            // pinned entries (planned keys are protected once chosen, so they count as locked).
+            // pinned entries (planned keys are protected, so they count as locked once in).
             let protected = &self.protected;
             if !cache.can_make_room(planned_bytes + c.bytes, &|k| protected.contains(k)) {
                 continue;
             }
             self.protected.insert(c.key);
-            protected_bytes += c.bytes;
+            self.protected_bytes += c.bytes;
             planned_bytes += c.bytes;
             planned.push(*c);
         }
         planned
+    }
+
+    fn protect_cap<V>(&self, cache: &Cache<V>) -> u64 {
+        (cache.budget() as f64 * self.params.max_protected_fraction) as u64
     }
 
     /// Inserts `key` into `cache` without evicting protected entries when that is possible;
@@ -181,7 +201,7 @@ mod tests {
     }
 
     fn params() -> LookaheadParams {
-        LookaheadParams { protect_min_score: 0.1, prefetch_min_score: 0.5, max_protected_fraction: 1.0 }
+        LookaheadParams { protect_min_score: 0.1, prefetch_min_score: 0.5, prefetch_depth: 2, max_protected_fraction: 1.0 }
     }
 
     /// A cache of four 10-byte slots holding experts 0..4, 0 least recent.
@@ -198,10 +218,17 @@ mod tests {
         let mut c = full_cache();
         let mut la = Lookahead::new(params());
         // Expert 0 (the LRU victim) and 1 are predicted; nothing is prefetched (no budget).
-        assert!(la.plan(&c, &[cand(0, 1, 0.9), cand(1, 2, 0.3), cand(2, 1, 0.05)], 0).is_empty());
+        la.update(&c, &[cand(0, 1, 0.9), cand(1, 2, 0.3), cand(2, 1, 0.05)]);
+        assert!(la.plan_prefetch(&c, 0).is_empty());
         assert!(la.protects(&k(0)) && la.protects(&k(1)) && !la.protects(&k(2)));
         let evicted = la.insert(&mut c, k(9), (), 10).unwrap();
         assert_eq!(evicted.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [k(2)]);
+    }
+
+    /// `update` then `plan_prefetch`, as a caller does at each step.
+    fn step(la: &mut Lookahead, c: &Cache<()>, cands: &[Candidate], budget: u64) -> Vec<ExpertKey> {
+        la.update(c, cands);
+        la.plan_prefetch(c, budget).iter().map(|c| c.key).collect()
     }
 
     #[test]
@@ -211,40 +238,39 @@ mod tests {
         // Nearest layer first, then score: 7 (d1) before 5 (d1, lower), 6 (d2) is over budget;
         // 8 scores too low to prefetch; 3 is resident and becomes protected. Only resident or
         // planned experts are protected: protecting an absent one would guard nothing.
-        let plan = la.plan(
-            &c,
-            &[cand(6, 2, 0.9), cand(5, 1, 0.6), cand(7, 1, 0.8), cand(8, 1, 0.2), cand(3, 1, 0.9)],
-            20,
-        );
-        assert_eq!(plan.iter().map(|c| c.key).collect::<Vec<_>>(), [k(7), k(5)]);
+        let cands = [cand(6, 2, 0.9), cand(5, 1, 0.6), cand(7, 1, 0.8), cand(8, 1, 0.2), cand(3, 1, 0.9)];
+        assert_eq!(step(&mut la, &c, &cands, 20), [k(7), k(5)]);
         assert!(la.protects(&k(3)) && la.protects(&k(7)) && !la.protects(&k(8)) && !la.protects(&k(6)));
 
         // With three of four slots protected, only one prefetch can be made room for.
-        let mut la = Lookahead::new(params());
-        let plan = la.plan(
-            &c,
-            &[cand(0, 1, 0.9), cand(1, 1, 0.9), cand(2, 1, 0.9), cand(5, 2, 0.9), cand(6, 2, 0.8)],
-            100,
-        );
-        assert_eq!(plan.iter().map(|c| c.key).collect::<Vec<_>>(), [k(5)]);
+        let cands = [cand(0, 1, 0.9), cand(1, 1, 0.9), cand(2, 1, 0.9), cand(5, 2, 0.9), cand(6, 2, 0.8)];
+        assert_eq!(step(&mut la, &c, &cands, 100), [k(5)]);
         let mut c = c;
-        for p in &plan {
-            la.insert(&mut c, p.key, (), p.bytes).unwrap();
-        }
+        la.insert(&mut c, k(5), (), 10).unwrap();
         assert!((0..3).all(|e| c.contains(&k(e))) && c.contains(&k(5)) && !c.contains(&k(3)));
+
+        // A new step replaces the protection: 3 and 7 are no longer predicted.
+        step(&mut la, &c, &[cand(1, 1, 0.9)], 0);
+        assert!(la.protects(&k(1)) && !la.protects(&k(0)) && !la.protects(&k(5)));
     }
 
     #[test]
     fn protection_is_capped_and_yields_to_demand() {
         let mut c = full_cache();
         let mut la = Lookahead::new(LookaheadParams { max_protected_fraction: 0.5, ..params() });
-        la.plan(&c, &[cand(0, 1, 0.9), cand(1, 1, 0.8), cand(2, 1, 0.7)], 0);
-        // Only two slots' worth (20 of 40 bytes) may be protected.
+        // Only two slots' worth (20 of 40 bytes) may be protected, by prefetch neither.
+        assert!(step(
+            &mut la,
+            &c,
+            &[cand(0, 1, 0.9), cand(1, 1, 0.8), cand(2, 1, 0.7), cand(7, 1, 0.9)],
+            100
+        )
+        .is_empty());
         assert!(la.protects(&k(0)) && la.protects(&k(1)) && !la.protects(&k(2)));
 
         // Everything protected or pinned: a demand insert still succeeds by evicting the LRU.
         let mut la = Lookahead::new(params());
-        la.plan(&c, &[cand(0, 1, 0.9), cand(1, 1, 0.9), cand(2, 1, 0.9), cand(3, 1, 0.9)], 0);
+        step(&mut la, &c, &[cand(0, 1, 0.9), cand(1, 1, 0.9), cand(2, 1, 0.9), cand(3, 1, 0.9)], 0);
         let evicted = la.insert(&mut c, k(9), (), 10).unwrap();
         assert_eq!(evicted.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [k(0)]);
     }

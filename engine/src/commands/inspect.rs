@@ -30,7 +30,7 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     let moe_layers: Vec<usize> = cfg.moe_layers().collect();
     let fit = args.host_cache.map(|s| {
         let budget = s.bytes(fp.total_bytes);
-        let experts = if fp.max_expert_bytes > 0 { (budget / fp.max_expert_bytes).min(fp.experts) } else { 0 };
+        let experts = budget.checked_div(fp.max_expert_bytes).unwrap_or(0).min(fp.experts);
         (budget, experts)
     });
     if args.json {

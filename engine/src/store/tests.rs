@@ -344,7 +344,10 @@ fn truncated_file_is_a_clear_error_and_the_store_goes_on() {
     let path = fx.dir.path().join(SHARDS[1]);
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(last.offset + 10).unwrap();
     let err = route(&fx, &store, 2, &[1, 7]).unwrap_err().to_string();
-    assert!(err.contains(SHARDS[1]) && err.contains("truncated"), "{err}");
+    assert!(
+        err.starts_with("reading layer 2 expert 7: ") && err.contains(SHARDS[1]) && err.contains("truncated"),
+        "{err}"
+    );
     assert!(!store.contains(&ExpertKey::new(2, 7)));
     // The failed read released its room; intact experts still load, the broken one fails again.
     route(&fx, &store, 2, &[0, 1, 2, 3]).unwrap();

@@ -120,7 +120,9 @@ fn vector_exp_matches_f64() {
     let exp8 = |x: [f32; 8]| {
         let mut out = [0.0f32; 8];
         // SAFETY: the CPU has AVX2 and FMA (checked above); both arrays hold 8 floats.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), crate::x86::elementwise::exp(_mm256_loadu_ps(x.as_ptr()))) };
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), crate::x86::elementwise::exp(_mm256_loadu_ps(x.as_ptr())))
+        };
         out
     };
     let mut xs: Vec<f32> = (0..200_000).map(|i| -104.5 + i as f32 * (194.0 / 200_000.0)).collect();

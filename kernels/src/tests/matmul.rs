@@ -28,7 +28,14 @@ const SHAPES: [(usize, usize, usize); 12] = [
 
 /// Builds a `rows x cols` weight of `dtype` from seeded data, runs `run` on it, and checks the
 /// result against the f64 loop with the bound in the module doc.
-fn check(dtype: DType, rows: usize, cols: usize, n: usize, seed: u64, run: impl Fn(&[f32], &Weight, &mut [f32])) {
+fn check(
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    seed: u64,
+    run: impl Fn(&[f32], &Weight, &mut [f32]),
+) {
     let mut rng = Rng::new(seed);
     let (buf, wv) = encode_unaligned(dtype, &rng.vec(rows * cols));
     let w = Weight::new(dtype, &buf[1..], rows, cols).unwrap();

@@ -2,13 +2,16 @@
 //! (one 32-byte half line of a bf16/f16 row) widened into two 8-lane f32 vectors.
 //!
 //! With 16 vector registers, decode uses 4-row tiles (4 accumulators, 8 widened weight vectors,
-//! 2 x vectors) and prefill 2 rows x up to 4 tokens (8 accumulators, 4 + 2).
+//! 2 x vectors), 2 tokens 4 rows, and 3-4 tokens 2 rows (8 accumulators, 4 + 2).
 
 use std::arch::x86_64::*;
 
 use super::hsum256;
 use crate::matmul::{Micro, TileArgs, XLayout};
 use crate::DType;
+
+/// Rows per tile by token count (see `Micro::tall`).
+const TALL: [usize; 4] = [4, 4, 2, 2];
 
 const BLOCK: usize = 16;
 
@@ -23,7 +26,7 @@ pub(crate) fn micro(dtype: DType) -> Micro {
         DType::F32 => tile_f32,
     };
     let x_layout = if dtype == DType::BF16 { XLayout::EvenOdd } else { XLayout::Plain };
-    Micro { block: BLOCK, x_layout, gemv_rows: 4, tile_rows: 2, tile_tokens: 4, tile }
+    Micro { block: BLOCK, x_layout, tall: &TALL, tile }
 }
 
 /// Instantiates the tile shapes `micro` declares and picks one at run time.
@@ -36,10 +39,10 @@ macro_rules! dispatch {
             unsafe {
                 match (rows, tokens) {
                     (4, 1) => tile::<$d, 4, 1>(args),
-                    (1, 1) => tile::<$d, 1, 1>(args),
-                    (2, 2) => tile::<$d, 2, 2>(args),
+                    (4, 2) => tile::<$d, 4, 2>(args),
                     (2, 3) => tile::<$d, 2, 3>(args),
                     (2, 4) => tile::<$d, 2, 4>(args),
+                    (1, 1) => tile::<$d, 1, 1>(args),
                     (1, 2) => tile::<$d, 1, 2>(args),
                     (1, 3) => tile::<$d, 1, 3>(args),
                     (1, 4) => tile::<$d, 1, 4>(args),

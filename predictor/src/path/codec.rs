@@ -8,10 +8,11 @@
 //! token_ids    u32 x num_token_rows, strictly increasing
 //! bias         f32 x positions * num_experts
 //! token_w      f32 x num_token_rows * num_layers * num_experts
-//! layer_w      f32 x positions * span * num_experts^2
+//! layer_w      f32 x blocks * num_experts^2
+//! recent_w     f32 x positions * num_experts
 //! ```
-//! where `positions = num_layers + min(max_depth, num_layers)` and
-//! `span = max_depth + context_layers - 1`.
+//! where `positions = num_layers + min(max_depth, num_layers)` and `blocks` counts the (target
+//! position, source layer) pairs a prediction can use (see `backs` in the parent module).
 
 use super::{ModelError, PathModel};
 use crate::RoutingShape;
@@ -27,7 +28,7 @@ const MAX_WEIGHTS: u64 = 1 << 30;
 impl PathModel {
     /// Serialises the model (see the module docs for the layout).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let n = self.bias.len() + self.token_w.len() + self.layer_w.len();
+        let n = self.bias.len() + self.token_w.len() + self.layer_w.len() + self.recent_w.len();
         let mut out = Vec::with_capacity(8 + 4 * (7 + self.token_ids.len() + n));
         out.extend_from_slice(MAGIC);
         let s = self.shape;
@@ -40,7 +41,7 @@ impl PathModel {
         for id in &self.token_ids {
             out.extend_from_slice(&id.to_le_bytes());
         }
-        for w in self.bias.iter().chain(&self.token_w).chain(&self.layer_w) {
+        for w in self.bias.iter().chain(&self.token_w).chain(&self.layer_w).chain(&self.recent_w) {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out
@@ -65,11 +66,13 @@ impl PathModel {
         let rows = r.dim("num_token_rows", 0, u32::MAX as u64)?;
 
         let positions = num_layers + max_depth.min(num_layers);
-        let span = max_depth + context - 1;
+        let offsets = super::layer_offsets(num_layers as usize, max_depth as usize, context as usize);
+        let blocks = offsets[offsets.len() - 1] as u64;
         let counts = [
             positions * num_experts,
             rows * num_layers * num_experts,
-            positions * span * num_experts * num_experts,
+            blocks * num_experts * num_experts,
+            positions * num_experts,
         ];
         let weights: u64 = counts.iter().sum();
         if weights > MAX_WEIGHTS {
@@ -104,6 +107,8 @@ impl PathModel {
             bias: r.floats("bias", counts[0])?,
             token_w: r.floats("token_w", counts[1])?,
             layer_w: r.floats("layer_w", counts[2])?,
+            layer_offsets: offsets,
+            recent_w: r.floats("recent_w", counts[3])?,
         })
     }
 }

@@ -6,7 +6,11 @@
 //! - a bias (the layer's overall popularity),
 //! - a row for the token id (ids seen often enough in training),
 //! - one row per expert chosen at each of the last `context` observed layers, specific to the
-//!   (source layer, target) pair: the multi-layer generalisation of the ExFlow transition table.
+//!   (source layer, target) pair: the multi-layer generalisation of the ExFlow transition table;
+//! - a per-expert boost for the experts in the latest routing of the target layer itself (the
+//!   previous token's, for the current token's layers): the recency signal, weighted by what
+//!   training found it worth (much on Mixtral, where consecutive tokens share experts; little
+//!   on FLAME). Only the diagonal: a full expert-to-expert table overfits small traces.
 //!
 //! Targets are positions on an extended path: `0..L` are the current token's layers and
 //! `L..L + W` the next token's first `W` layers (predicted from the current token's routing
@@ -20,7 +24,7 @@ use std::sync::Arc;
 
 pub use train::{train_path_model, TrainConfig};
 
-use crate::{sort_best_first, Cursor, Prediction, RoutePredictor, RoutingShape};
+use crate::{best_candidates, Cursor, Prediction, RoutePredictor, RoutingShape};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
@@ -58,24 +62,43 @@ pub struct PathModel {
     bias: Vec<f32>,
     /// `[token row][layer][expert]` (current-token positions only).
     token_w: Vec<f32>,
-    /// `[position][back][source expert][expert]`, for the source layer `position - 1 - back`.
+    /// `[position][back][source expert][expert]`, for the source layer `position - 1 - back`;
+    /// only the `back`s in [`PathModel::backs`] are stored.
     layer_w: Vec<f32>,
+    /// Where each position's blocks start in `layer_w`, in `num_experts^2` blocks (derived from
+    /// the dimensions, one entry per position plus the end).
+    layer_offsets: Vec<usize>,
+    /// `[position][expert]`: added for the experts in the latest routing of the target's layer.
+    recent_w: Vec<f32>,
+}
+
+/// What a prediction is made from.
+struct Evidence<'a> {
+    /// The last observed layer; `None` at the token start.
+    origin: Option<usize>,
+    row: Option<usize>,
+    /// Experts chosen at each layer of the current token (empty where not observed).
+    seen: &'a [Vec<u32>],
+    /// The latest routing of the target's layer: the previous token's for a current-token
+    /// target, the current token's for a next-token target.
+    recent: &'a [u32],
 }
 
 impl PathModel {
     /// A model with every weight zero (it predicts uniform scores until trained).
     fn zeros(shape: RoutingShape, max_depth: usize, context: usize, token_ids: Vec<u32>) -> Self {
         let (l, e) = (shape.num_layers, shape.num_experts);
-        let positions = l + max_depth.min(l);
-        let span = max_depth + context - 1;
+        let layer_offsets = layer_offsets(l, max_depth, context);
         PathModel {
             shape,
             max_depth,
             context,
-            bias: vec![0.0; positions * e],
+            bias: vec![0.0; (l + max_depth.min(l)) * e],
             token_w: vec![0.0; token_ids.len() * l * e],
-            layer_w: vec![0.0; positions * span * e * e],
+            layer_w: vec![0.0; layer_offsets[layer_offsets.len() - 1] * e * e],
+            recent_w: vec![0.0; (l + max_depth.min(l)) * e],
             token_ids,
+            layer_offsets,
         }
     }
 
@@ -102,9 +125,9 @@ impl PathModel {
         self.shape.num_layers + self.max_depth.min(self.shape.num_layers)
     }
 
-    /// Distances back from a target to the source layers that may feed it.
-    fn span(&self) -> usize {
-        self.max_depth + self.context - 1
+    /// The `back`s (source layer = `position - 1 - back`) with weights for `position`.
+    fn backs(&self, position: usize) -> std::ops::Range<usize> {
+        backs(self.shape.num_layers, self.max_depth + self.context - 1, position)
     }
 
     fn token_row(&self, token_id: Option<u32>) -> Option<usize> {
@@ -122,9 +145,12 @@ impl PathModel {
         start..start + e
     }
 
+    /// The weights from `source_expert` at `back` layers before `position` (`back` must be in
+    /// [`PathModel::backs`]).
     fn layer_slice(&self, position: usize, back: usize, source_expert: u32) -> std::ops::Range<usize> {
         let e = self.shape.num_experts;
-        let start = ((position * self.span() + back) * e + source_expert as usize) * e;
+        let block = self.layer_offsets[position] + back - self.backs(position).start;
+        let start = (block * e + source_expert as usize) * e;
         start..start + e
     }
 
@@ -137,30 +163,52 @@ impl PathModel {
         }
     }
 
-    /// Logits of target `position` seen from `origin`, given the token row and the experts
-    /// chosen at each layer of the token the sources belong to (empty where not observed).
-    fn logits(
-        &self,
-        position: usize,
-        origin: Option<usize>,
-        row: Option<usize>,
-        seen: &[Vec<u32>],
-        out: &mut [f32],
-    ) {
+    /// The layers of the current token that `position`'s latest routing comes from, if any:
+    /// a next-token position reads the current token's same layer once it is observed.
+    fn recent_layer(&self, position: usize, origin: Option<usize>) -> Option<usize> {
+        let m = position.checked_sub(self.shape.num_layers)?;
+        origin.filter(|&o| m <= o).map(|_| m)
+    }
+
+    /// Logits of target `position` given `ev`.
+    fn logits(&self, position: usize, ev: &Evidence, out: &mut [f32]) {
         out.copy_from_slice(&self.bias[self.bias_row(position)]);
-        if let (Some(r), true) = (row, position < self.shape.num_layers) {
+        if let (Some(r), true) = (ev.row, position < self.shape.num_layers) {
             add(out, &self.token_w[self.token_slice(r, position)]);
         }
-        for j in self.window(origin) {
+        let backs = self.backs(position);
+        for j in self.window(ev.origin) {
             let back = position - 1 - j;
-            if back >= self.span() {
+            if !backs.contains(&back) {
                 continue;
             }
-            for &x in seen.get(j).map_or(&[][..], |v| v) {
+            for &x in ev.seen.get(j).map_or(&[][..], |v| v) {
                 add(out, &self.layer_w[self.layer_slice(position, back, x)]);
             }
         }
+        let boost = &self.recent_w[self.bias_row(position)];
+        for &x in ev.recent {
+            out[x as usize] += boost[x as usize];
+        }
     }
+}
+
+/// Source layers that can feed `position` are within `span` layers before it (a prediction
+/// looks at most `max_depth` ahead from a window of `context` layers) and belong to the current
+/// token (`position - 1 - back < num_layers`).
+fn backs(num_layers: usize, span: usize, position: usize) -> std::ops::Range<usize> {
+    let lo = position.saturating_sub(num_layers);
+    lo..span.min(position).max(lo)
+}
+
+/// Prefix sums of `backs(..).len()` over positions.
+fn layer_offsets(num_layers: usize, max_depth: usize, context: usize) -> Vec<usize> {
+    let positions = num_layers + max_depth.min(num_layers);
+    let mut out = vec![0];
+    for p in 0..positions {
+        out.push(out[p] + backs(num_layers, max_depth + context - 1, p).len());
+    }
+    out
 }
 
 fn add(acc: &mut [f32], row: &[f32]) {
@@ -169,15 +217,20 @@ fn add(acc: &mut [f32], row: &[f32]) {
     }
 }
 
-/// Turns logits into inclusion scores: softmax probability times `top_k`, capped at 1.
-fn scores_from_logits(logits: &[f32], top_k: usize) -> Vec<(u32, f32)> {
+/// Turns logits into inclusion scores: softmax probability times `top_k` (capped at 1 by
+/// [`best_candidates`]).
+fn scores_from_logits(logits: &mut [f32], shape: RoutingShape) -> Vec<(u32, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = logits.iter().map(|&z| (z - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    let mut out: Vec<(u32, f32)> =
-        exps.iter().enumerate().map(|(e, &x)| (e as u32, (x / sum * top_k as f32).min(1.0))).collect();
-    sort_best_first(&mut out);
-    out
+    let mut sum = 0.0;
+    for z in logits.iter_mut() {
+        *z = (*z - max).exp();
+        sum += *z;
+    }
+    let scale = shape.top_k as f32 / sum;
+    for z in logits.iter_mut() {
+        *z *= scale;
+    }
+    best_candidates(logits, shape.max_candidates())
 }
 
 /// Runs a [`PathModel`] live: remembers the current and previous token's routing and scores
@@ -188,9 +241,10 @@ pub struct PathPredictor {
     row: Option<usize>,
     /// Experts chosen at each layer by the current token (empty where not observed yet).
     seen: Vec<Vec<u32>>,
-    /// The same for the previous token, and the last layer it observed.
+    /// The same for the previous token.
     prev: Vec<Vec<u32>>,
-    prev_last: Option<usize>,
+    /// Whether the previous token's last layer was observed (its routing can predict this one).
+    prev_complete: bool,
     cursor: Cursor,
 }
 
@@ -202,7 +256,7 @@ impl PathPredictor {
             row: None,
             seen: vec![Vec::new(); l],
             prev: vec![Vec::new(); l],
-            prev_last: None,
+            prev_complete: false,
             cursor: Cursor::TokenStart,
         }
     }
@@ -214,25 +268,28 @@ impl PathPredictor {
     fn target_logits(&self, distance: usize, layer: usize, next_token: bool, out: &mut [f32]) {
         let m = &*self.model;
         let l = m.shape.num_layers;
+        let none = Evidence { origin: None, row: None, seen: &[], recent: &[] };
         match self.cursor {
             Cursor::After(o) => {
                 let position = if next_token { l + layer } else { layer };
                 if position < m.positions() && position - o <= m.max_depth {
-                    m.logits(position, Some(o), self.row, &self.seen, out);
+                    let recent = if next_token { &self.seen[layer] } else { &self.prev[layer] };
+                    let ev = Evidence { origin: Some(o), row: self.row, seen: &self.seen, recent };
+                    m.logits(position, &ev, out);
                 } else {
                     // Beyond what the model was trained for: the layer's popularity.
-                    m.logits(layer, None, None, &[], out);
+                    m.logits(layer, &none, out);
                 }
             }
-            Cursor::TokenStart if next_token => m.logits(layer, None, None, &[], out),
+            Cursor::TokenStart if next_token => m.logits(layer, &none, out),
             Cursor::TokenStart => {
-                if self.row.is_some() || distance > m.max_depth {
-                    m.logits(layer, None, self.row, &[], out);
-                } else if self.prev_last == Some(l - 1) {
+                let recent = if distance <= m.max_depth { &self.prev[layer][..] } else { &[] };
+                if self.row.is_none() && self.prev_complete && l + layer < m.positions() {
                     // Unknown token id: predict it as the previous token's next token.
-                    m.logits(l + layer, Some(l - 1), None, &self.prev, out);
+                    let ev = Evidence { origin: Some(l - 1), row: None, seen: &self.prev, recent };
+                    m.logits(l + layer, &ev, out);
                 } else {
-                    m.logits(layer, None, None, &[], out);
+                    m.logits(layer, &Evidence { row: self.row, recent, ..none }, out);
                 }
             }
         }
@@ -246,10 +303,7 @@ impl RoutePredictor for PathPredictor {
 
     fn begin_token(&mut self, token_id: Option<u32>) {
         std::mem::swap(&mut self.seen, &mut self.prev);
-        self.prev_last = match self.cursor {
-            Cursor::After(l) => Some(l),
-            Cursor::TokenStart => None,
-        };
+        self.prev_complete = self.cursor == Cursor::After(self.model.shape.num_layers - 1);
         for s in &mut self.seen {
             s.clear();
         }
@@ -274,12 +328,7 @@ impl RoutePredictor for PathPredictor {
             .targets(m.shape.num_layers, depth)
             .map(|(distance, layer, next_token)| {
                 self.target_logits(distance, layer, next_token, &mut logits);
-                Prediction {
-                    distance,
-                    layer,
-                    next_token,
-                    experts: scores_from_logits(&logits, m.shape.top_k),
-                }
+                Prediction { distance, layer, next_token, experts: scores_from_logits(&mut logits, m.shape) }
             })
             .collect()
     }

@@ -122,7 +122,7 @@ fn corrupt_bytes_are_clear_errors() {
     let mut v = bytes.clone();
     let n = v.len();
     v[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
-    assert_eq!(PathModel::from_bytes(&v), Err(ModelError::NonFinite("layer_w")));
+    assert_eq!(PathModel::from_bytes(&v), Err(ModelError::NonFinite("recent_w")));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{ModelError, PathModel};
+use super::{Evidence, ModelError, PathModel};
 use crate::rng::SplitMix64;
 use crate::{RoutingShape, TokenRouting};
 
@@ -33,9 +33,9 @@ impl Default for TrainConfig {
         TrainConfig {
             max_depth: 4,
             context_layers: 3,
-            epochs: 8,
-            learning_rate: 0.1,
-            l2: 1e-4,
+            epochs: 6,
+            learning_rate: 0.03,
+            l2: 1e-3,
             min_token_count: 2,
             seed: 0,
         }
@@ -114,7 +114,8 @@ pub fn train_path_model(
     for _ in 0..config.epochs {
         rng.shuffle(&mut order);
         for &i in &order {
-            trainer.step(&mut model, &examples[i], examples.get(i + 1));
+            let prev = i.checked_sub(1).map(|p| &examples[p]);
+            trainer.step(&mut model, prev, &examples[i], examples.get(i + 1));
         }
     }
     Ok(model)
@@ -127,11 +128,13 @@ struct Trainer {
     g_bias: Vec<f32>,
     g_token: Vec<f32>,
     g_layer: Vec<f32>,
+    g_recent: Vec<f32>,
     logits: Vec<f32>,
     /// Gradient summed over origins: for the bias, the token row, and each source layer.
     grad_bias: Vec<f32>,
     grad_token: Vec<f32>,
     grad_source: Vec<Vec<f32>>,
+    grad_recent: Vec<f32>,
 }
 
 impl Trainer {
@@ -143,18 +146,22 @@ impl Trainer {
             g_bias: vec![0.0; model.bias.len()],
             g_token: vec![0.0; model.token_w.len()],
             g_layer: vec![0.0; model.layer_w.len()],
+            g_recent: vec![0.0; model.recent_w.len()],
             logits: vec![0.0; e],
             grad_bias: vec![0.0; e],
             grad_token: vec![0.0; e],
             grad_source: vec![vec![0.0; e]; model.shape.num_layers],
+            grad_recent: vec![0.0; e],
         }
     }
 
     /// One mini-batch: every target position of `cur` (and of `next`, for the wrapped
-    /// positions) from every origin within `max_depth` of it.
-    fn step(&mut self, model: &mut PathModel, cur: &Example, next: Option<&Example>) {
+    /// positions) from every origin within `max_depth` of it. `prev` is the token before.
+    fn step(&mut self, model: &mut PathModel, prev: Option<&Example>, cur: &Example, next: Option<&Example>) {
         let l = model.shape.num_layers;
         let seen: Vec<Vec<u32>> = cur.layers.iter().map(|x| x.clone().unwrap_or_default()).collect();
+        let prev_seen: Vec<&[u32]> =
+            (0..l).map(|j| prev.and_then(|p| p.layers[j].as_deref()).unwrap_or_default()).collect();
         for position in 0..model.positions() {
             let target = if position < l {
                 cur.layers[position].as_ref()
@@ -168,22 +175,33 @@ impl Trainer {
             let last = (position as isize - 1).min(l as isize - 1);
             self.grad_bias.fill(0.0);
             self.grad_token.fill(0.0);
+            self.grad_recent.fill(0.0);
             for g in &mut self.grad_source {
                 g.fill(0.0);
             }
+            let mut recent_used: &[u32] = &[];
             let mut any = false;
             for o in first..=last {
                 let origin = (o >= 0).then_some(o as usize);
                 if origin.is_some_and(|o| cur.layers[o].is_none()) {
                     continue; // live predictors only predict right after an observed layer
                 }
+                let recent: &[u32] = match model.recent_layer(position, origin) {
+                    Some(m) => &seen[m],
+                    None => prev_seen.get(position).copied().unwrap_or_default(),
+                };
                 let row = if position < l { cur.row } else { None };
-                model.logits(position, origin, row, &seen, &mut self.logits);
+                let ev = Evidence { origin, row, seen: &seen, recent };
+                model.logits(position, &ev, &mut self.logits);
                 softmax_minus_target(&mut self.logits, target);
                 let g = &self.logits;
                 add_to(&mut self.grad_bias, g);
                 if row.is_some() {
                     add_to(&mut self.grad_token, g);
+                }
+                if !recent.is_empty() {
+                    add_to(&mut self.grad_recent, g);
+                    recent_used = recent;
                 }
                 for j in model.window(origin) {
                     if !seen[j].is_empty() {
@@ -195,26 +213,33 @@ impl Trainer {
             if !any {
                 continue;
             }
+            let (lr, l2) = (self.lr, self.l2);
             let r = model.bias_row(position);
-            adagrad(&mut model.bias[r.clone()], &mut self.g_bias[r], &self.grad_bias, self.lr, 0.0);
+            adagrad(&mut model.bias[r.clone()], &mut self.g_bias[r], &self.grad_bias, lr, 0.0);
             if let (Some(row), true) = (cur.row, position < l) {
                 let r = model.token_slice(row, position);
-                adagrad(
-                    &mut model.token_w[r.clone()],
-                    &mut self.g_token[r],
-                    &self.grad_token,
-                    self.lr,
-                    self.l2,
-                );
+                adagrad(&mut model.token_w[r.clone()], &mut self.g_token[r], &self.grad_token, lr, l2);
             }
-            for j in 0..position.min(l) {
-                if position - 1 - j >= model.span() || self.grad_source[j].iter().all(|&g| g == 0.0) {
+            let r = model.bias_row(position);
+            for &x in recent_used {
+                let i = r.start + x as usize;
+                let g = &self.grad_recent[x as usize..x as usize + 1];
+                adagrad(&mut model.recent_w[i..i + 1], &mut self.g_recent[i..i + 1], g, lr, l2);
+            }
+            let backs = model.backs(position);
+            for (j, chosen) in seen.iter().enumerate().take(position) {
+                if !backs.contains(&(position - 1 - j)) || self.grad_source[j].iter().all(|&g| g == 0.0) {
                     continue;
                 }
-                for &x in &seen[j] {
+                for &x in chosen {
                     let r = model.layer_slice(position, position - 1 - j, x);
-                    let (w, acc) = (&mut model.layer_w[r.clone()], &mut self.g_layer[r]);
-                    adagrad(w, acc, &self.grad_source[j], self.lr, self.l2);
+                    adagrad(
+                        &mut model.layer_w[r.clone()],
+                        &mut self.g_layer[r],
+                        &self.grad_source[j],
+                        lr,
+                        l2,
+                    );
                 }
             }
         }

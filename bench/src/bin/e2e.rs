@@ -1,0 +1,278 @@
+//! End-to-end expert-streaming benchmark: writes a random OLMoE-shaped checkpoint of a few GB,
+//! measures memory and O_DIRECT disk bandwidth, runs `stevedore generate` at several host-cache
+//! budgets and reports decode speed against the floor those bandwidths set. See bench/README.md.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use stevedore_bench::checkpoint::{Plan, Shape};
+use stevedore_bench::probe::{self, DiskProbe};
+use stevedore_bench::report::{self, BudgetRuns, Report, Traffic};
+use stevedore_bench::runner;
+use stevedore_bench::TempDir;
+
+const USAGE: &str = "\
+usage: e2e [options]
+  --dir DIR              write the checkpoint here (default: a new temporary directory); a DIR that
+                         already holds the same checkpoint is reused without writing
+  --keep                 keep the checkpoint afterwards (default: its files are deleted)
+  --bin PATH             the stevedore binary (default: `stevedore` next to this executable)
+  --max-new-tokens N     tokens of the shorter run per budget; the longer run makes 2N (default 32)
+  --budgets LIST         host-cache budgets, must include 100% (default 100%,50%,25%)
+  --json-out FILE        also write every number as JSON
+  --no-engine            only write the checkpoint and measure memory and disk
+  --threads N            threads for writing and the all-core probes (default: all cores)
+  --memory-buffer-mib N  buffer summed by the memory probe (default 1024)
+  --disk-sequential-mib N  expert bytes read sequentially by the disk probe (default 2048)
+  --disk-random-reads N  whole-expert reads per random-read pass (default 64)
+  shape: --hidden N --layers N --heads N --kv-heads N --experts N --top-k N --intermediate N
+         --vocab N --layers-per-shard N (defaults: 2048 16 16 4 32 8 768 32000 4)
+Exit status: 0 when every bar passes, 1 when one fails, 2 on an error.";
+
+struct Args {
+    dir: Option<PathBuf>,
+    keep: bool,
+    bin: Option<PathBuf>,
+    max_new_tokens: usize,
+    budgets: Vec<String>,
+    json_out: Option<PathBuf>,
+    no_engine: bool,
+    threads: usize,
+    memory_buffer_mib: usize,
+    disk: DiskProbe,
+    shape: Shape,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut a = Args {
+        dir: None,
+        keep: false,
+        bin: None,
+        max_new_tokens: 32,
+        budgets: vec!["100%".into(), "50%".into(), "25%".into()],
+        json_out: None,
+        no_engine: false,
+        threads,
+        memory_buffer_mib: 1024,
+        disk: DiskProbe {
+            sequential_bytes: 2048 << 20,
+            sequential_chunk_bytes: 4 << 20,
+            random_reads: 64,
+            threads,
+        },
+        shape: Shape::default(),
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let mut num = || -> Result<usize, String> {
+            let v = value()?;
+            v.parse::<usize>().map_err(|_| format!("{flag}: `{v}` is not a whole number"))
+        };
+        let s = &mut a.shape;
+        match flag.as_str() {
+            "--dir" => a.dir = Some(value()?.into()),
+            "--keep" => a.keep = true,
+            "--bin" => a.bin = Some(value()?.into()),
+            "--max-new-tokens" => a.max_new_tokens = num()?,
+            "--budgets" => a.budgets = value()?.split(',').map(|b| b.trim().to_string()).collect(),
+            "--json-out" => a.json_out = Some(value()?.into()),
+            "--no-engine" => a.no_engine = true,
+            "--threads" => a.threads = num()?,
+            "--memory-buffer-mib" => a.memory_buffer_mib = num()?,
+            "--disk-sequential-mib" => a.disk.sequential_bytes = num()? as u64 * (1 << 20),
+            "--disk-random-reads" => a.disk.random_reads = num()?,
+            "--hidden" => s.hidden_size = num()?,
+            "--layers" => s.num_hidden_layers = num()?,
+            "--heads" => s.num_attention_heads = num()?,
+            "--kv-heads" => s.num_key_value_heads = num()?,
+            "--experts" => s.num_experts = num()?,
+            "--top-k" => s.num_experts_per_tok = num()?,
+            "--intermediate" => s.intermediate_size = num()?,
+            "--vocab" => s.vocab_size = num()?,
+            "--layers-per-shard" => s.layers_per_shard = num()?,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    if a.max_new_tokens < 2 {
+        return Err("--max-new-tokens must be at least 2".into());
+    }
+    if a.threads == 0 || a.memory_buffer_mib == 0 || a.disk.random_reads == 0 {
+        return Err("--threads, --memory-buffer-mib and --disk-random-reads must be positive".into());
+    }
+    if !a.no_engine && !a.budgets.iter().any(|b| b == report::FULL) {
+        return Err(format!("--budgets must include {} (it defines the compute time)", report::FULL));
+    }
+    a.disk.threads = a.threads;
+    Ok(a)
+}
+
+/// Deletes the checkpoint's files (never anything else) and then the directory if it is empty.
+struct Cleanup<'a> {
+    dir: PathBuf,
+    plan: &'a Plan,
+    keep: bool,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("keeping the checkpoint in {}", self.dir.display());
+            return;
+        }
+        let names = ["config.json", "model.safetensors.index.json"];
+        for name in self.plan.shards.iter().map(|s| s.file_name.as_str()).chain(names) {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn default_bin() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this executable: {e}"))?;
+    Ok(exe.with_file_name("stevedore"))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<bool, String> {
+    let command =
+        std::iter::once("e2e".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+    let machine = probe::machine();
+    let plan = Plan::new(args.shape.clone())?;
+    let bin = match &args.bin {
+        Some(b) => b.clone(),
+        None => default_bin()?,
+    };
+    if !args.no_engine && !bin.is_file() {
+        return Err(format!(
+            "{}: no such binary; build it with `cargo build --release -p stevedore-engine` or pass --bin",
+            bin.display()
+        ));
+    }
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            let mut t = TempDir::new("e2e")?;
+            t.keep(); // `Cleanup` below removes exactly what was written
+            t.path().to_owned()
+        }
+    };
+    let _cleanup = Cleanup { dir: dir.clone(), plan: &plan, keep: args.keep };
+    let log = |m: &str| eprintln!("[e2e] {m}");
+    if plan.is_written_in(&dir) {
+        log(&format!("reusing the checkpoint in {}", dir.display()));
+    } else {
+        log(&format!("writing {:.2} GB of checkpoint to {}", plan.total_bytes() as f64 / 1e9, dir.display()));
+        let t0 = Instant::now();
+        plan.write(&dir, args.threads, &mut |m| log(m))?;
+        log(&format!("checkpoint written in {:.1} s", t0.elapsed().as_secs_f64()));
+    }
+    if !args.no_engine {
+        log("stevedore inspect:");
+        eprint!("{}", runner::inspect(&bin, &dir)?);
+    }
+
+    log("measuring memory bandwidth");
+    let memory = probe::memory_bandwidth(args.memory_buffer_mib << 20, args.threads, 5);
+    log(&format!(
+        "memory: {:.1} GB/s one core, {:.1} GB/s all cores",
+        memory.one_core_gb_s, memory.all_cores_gb_s
+    ));
+    log("measuring disk bandwidth");
+    let disk = probe::disk_bandwidth(&dir, &plan, args.disk)?;
+    log(&format!(
+        "disk (direct {}): sequential {:.2} GB/s, random {:.2} GB/s, random x{} {:.2} GB/s",
+        disk.direct_io, disk.sequential_gb_s, disk.random_gb_s, disk.threads, disk.random_parallel_gb_s
+    ));
+
+    let prompt: Vec<u32> = (0..16u32).map(|i| (1 + i * 997) % args.shape.vocab_size as u32).collect();
+    let runs = if args.no_engine { Vec::new() } else { run_budgets(&bin, &dir, &plan, &prompt, &args)? };
+    let traffic = Traffic {
+        expert_bytes_touched_per_token: plan.shape.expert_bytes_touched_per_token(),
+        dense_bytes_touched_per_token: plan.dense_bytes_touched_per_token(),
+    };
+    let budgets =
+        if runs.is_empty() { Vec::new() } else { report::evaluate(&runs, traffic, disk.best_gb_s())? };
+    let same_tokens = runs.windows(2).all(|w| w[0].long.generated_ids == w[1].long.generated_ids);
+    let bars = report::bars(&budgets, &memory);
+    let report = Report {
+        command,
+        machine,
+        load_1min_at_end: probe::load_1min(),
+        shape: plan.shape.clone(),
+        checkpoint_bytes: plan.total_bytes(),
+        expert_bytes_total: plan.expert_bytes_total(),
+        expert_bytes: plan.shape.expert_bytes(),
+        prompt_tokens: prompt.len(),
+        max_new_tokens: args.max_new_tokens,
+        memory,
+        disk,
+        traffic,
+        budgets,
+        same_tokens_at_every_budget: same_tokens,
+        bars,
+    };
+    print!("{}", report.markdown());
+    if let Some(path) = &args.json_out {
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| format!("cannot encode the report: {e}"))?;
+        std::fs::write(path, text).map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    }
+    Ok(same_tokens && report.bars.iter().all(|b| b.pass))
+}
+
+/// Two greedy runs (N and 2N new tokens) per budget, each starting with the checkpoint evicted
+/// from the page cache so that no budget inherits another's warm pages.
+fn run_budgets(
+    bin: &Path,
+    dir: &Path,
+    plan: &Plan,
+    prompt: &[u32],
+    args: &Args,
+) -> Result<Vec<BudgetRuns>, String> {
+    let shards: Vec<PathBuf> = plan.shards.iter().map(|s| dir.join(&s.file_name)).collect();
+    let mut out = Vec::new();
+    for budget in &args.budgets {
+        let one = |n: usize| -> Result<runner::Run, String> {
+            probe::evict_from_page_cache(&shards)?;
+            let r = runner::generate(bin, dir, prompt, n, budget)?;
+            let c = &r.stats.expert_cache;
+            eprintln!(
+                "[e2e] {budget:>5} x{n:<4} decode {:.2} tok/s, prefill {:.1} tok/s, misses {}, read {:.2} GB, \
+                 budget {:.2} GB, peak {:.2} GB, direct {}, wall {:.1} s",
+                r.stats.decode_tokens_per_s,
+                r.stats.prefill_tokens_per_s,
+                c.misses,
+                c.bytes_read as f64 / 1e9,
+                c.budget_bytes as f64 / 1e9,
+                c.peak_bytes as f64 / 1e9,
+                c.direct_io,
+                r.wall_seconds
+            );
+            Ok(r)
+        };
+        let short = one(args.max_new_tokens)?;
+        let long = one(2 * args.max_new_tokens)?;
+        out.push(BudgetRuns { host_cache: budget.clone(), short, long });
+    }
+    Ok(out)
+}
