@@ -55,6 +55,11 @@ impl Default for Shape {
 pub const WEIGHT_STD: f32 = 0.02;
 /// Router weights are larger so that different tokens pick different experts with clear margins.
 pub const ROUTER_STD: f32 = 0.1;
+/// Embeddings are large next to what the layers add, so the current token dominates the residual
+/// stream: routing differs from token to token, and greedy decoding walks a random map over the
+/// vocabulary instead of settling on one token that every context maps to (which would make
+/// every step route alike and flatter the cache).
+pub const EMBED_STD: f32 = 1.0;
 const BF16_BYTES: u64 = 2;
 
 impl Shape {
@@ -216,6 +221,10 @@ impl Plan {
         let (q_dim, kv_dim) = (s.num_attention_heads * hd, s.num_key_value_heads * hd);
         let spec = |name: String, shape: Vec<usize>, init, role| TensorSpec { name, shape, init, role };
         let weight = Init::Uniform { std: WEIGHT_STD };
+        // Projections back into the residual stream get GPT-2's scaled initialisation,
+        // 0.02 / sqrt(2 x layers), so sixteen layers' additions stay small next to the embedding.
+        let out_proj = Init::Uniform { std: WEIGHT_STD / (2.0 * s.num_hidden_layers as f32).sqrt() };
+        let embed = Init::Uniform { std: EMBED_STD };
         let n_shards = s.num_hidden_layers.div_ceil(s.layers_per_shard);
         let mut shards = Vec::with_capacity(n_shards);
         for i in 0..n_shards {
@@ -224,7 +233,7 @@ impl Plan {
                 t.push(spec(
                     "model.embed_tokens.weight".into(),
                     vec![s.vocab_size, h],
-                    weight,
+                    embed,
                     Role::Embedding,
                 ));
             }
@@ -238,7 +247,7 @@ impl Plan {
                 t.push(spec(format!("{a}.q_proj.weight"), vec![q_dim, h], weight, Role::Dense));
                 t.push(spec(format!("{a}.k_proj.weight"), vec![kv_dim, h], weight, Role::Dense));
                 t.push(spec(format!("{a}.v_proj.weight"), vec![kv_dim, h], weight, Role::Dense));
-                t.push(spec(format!("{a}.o_proj.weight"), vec![h, q_dim], weight, Role::Dense));
+                t.push(spec(format!("{a}.o_proj.weight"), vec![h, q_dim], out_proj, Role::Dense));
                 // OLMoE normalises q and k over the whole projection, not per head.
                 t.push(spec(format!("{a}.q_norm.weight"), vec![q_dim], Init::Ones, Role::Dense));
                 t.push(spec(format!("{a}.k_norm.weight"), vec![kv_dim], Init::Ones, Role::Dense));
@@ -250,7 +259,7 @@ impl Plan {
                     let i = s.intermediate_size;
                     t.push(spec(format!("{x}.gate_proj.weight"), vec![i, h], weight, role));
                     t.push(spec(format!("{x}.up_proj.weight"), vec![i, h], weight, role));
-                    t.push(spec(format!("{x}.down_proj.weight"), vec![h, i], weight, role));
+                    t.push(spec(format!("{x}.down_proj.weight"), vec![h, i], out_proj, role));
                 }
             }
             if i + 1 == n_shards {

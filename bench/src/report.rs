@@ -33,6 +33,9 @@ pub struct Steady {
     pub hits: u64,
     pub misses: u64,
     pub bytes_read: u64,
+    /// The engine's own I/O and stall time over these steps, when it reports them.
+    pub read_seconds: Option<f64>,
+    pub stall_seconds: Option<f64>,
 }
 
 pub fn steady(short: &Run, long: &Run) -> Result<Steady, String> {
@@ -68,6 +71,8 @@ pub fn steady(short: &Run, long: &Run) -> Result<Steady, String> {
         hits: b.hits.saturating_sub(a.hits),
         misses: b.misses.saturating_sub(a.misses),
         bytes_read: b.bytes_read.saturating_sub(a.bytes_read),
+        read_seconds: b.read_seconds.zip(a.read_seconds).map(|(b, a)| b - a),
+        stall_seconds: b.stall_seconds.zip(a.stall_seconds).map(|(b, a)| b - a),
     })
 }
 
@@ -92,6 +97,10 @@ pub struct BudgetResult {
     /// Compute time per token (from 100%) plus this budget's missed bytes at disk speed.
     pub floor_seconds_per_token: f64,
     pub ratio_to_floor: f64,
+    /// Bytes read over the engine's own read time: how fast its I/O path pulls from the disk.
+    pub engine_read_gb_s: Option<f64>,
+    /// Seconds per token that compute waited for expert reads.
+    pub stall_seconds_per_token: Option<f64>,
     /// The engine's own decode rate for the longer run (start-up tokens included).
     pub engine_decode_tokens_per_s: f64,
 }
@@ -139,6 +148,11 @@ pub fn evaluate(runs: &[BudgetRuns], traffic: Traffic, disk_gb_s: f64) -> Result
                 floor_seconds_per_token: floor,
                 ratio_to_floor: seconds_per_token / floor,
                 engine_decode_tokens_per_s: r.long.stats.decode_tokens_per_s,
+                engine_read_gb_s: st
+                    .read_seconds
+                    .filter(|&s| s > 0.0)
+                    .map(|s| st.bytes_read as f64 / s / 1e9),
+                stall_seconds_per_token: st.stall_seconds.map(|s| s / n),
                 steady: st,
             })
         })
@@ -200,6 +214,10 @@ pub struct Report {
 
 fn gb(bytes: f64) -> String {
     format!("{:.2} GB", bytes / 1e9)
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
 }
 
 fn mib(bytes: f64) -> String {
@@ -272,13 +290,13 @@ impl Report {
             line(String::new());
             line(
                 "| host cache | budget | decode tok/s | misses/token | read/token | weight GB/s (experts only) | floor tok/s \
-                 | time / floor | cache peak | peak RSS | O_DIRECT |"
+                 | time / floor | engine read GB/s | stall s/token | cache peak | peak RSS | O_DIRECT |"
                     .into(),
             );
-            line("|---|---|---|---|---|---|---|---|---|---|---|".into());
+            line("|---|---|---|---|---|---|---|---|---|---|---|---|---|".into());
             for r in &self.budgets {
                 line(format!(
-                    "| {} | {} | {:.2} | {:.1} | {} | {:.1} ({:.1}) | {:.2} | {:.2} | {} | {} | {} |",
+                    "| {} | {} | {:.2} | {:.1} | {} | {:.1} ({:.1}) | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
                     r.host_cache,
                     gb(r.budget_bytes as f64),
                     r.tokens_per_s,
@@ -288,6 +306,8 @@ impl Report {
                     r.expert_gb_s,
                     1.0 / r.floor_seconds_per_token,
                     r.ratio_to_floor,
+                    opt(r.engine_read_gb_s),
+                    opt(r.stall_seconds_per_token),
                     gb(r.peak_cache_bytes as f64),
                     gb(r.peak_rss_bytes as f64),
                     if r.direct_io { "yes" } else { "no" }
@@ -334,6 +354,8 @@ mod tests {
                     misses,
                     bytes_read,
                     direct_io: true,
+                    read_seconds: Some(decode_seconds / 2.0),
+                    stall_seconds: None,
                 },
                 decode_seconds: None,
             },
@@ -388,6 +410,9 @@ mod tests {
         assert!((res[1].floor_seconds_per_token - 0.6).abs() < 1e-9);
         assert!((res[1].ratio_to_floor - 1.0).abs() < 1e-9);
         assert!((res[1].misses_per_token - 10.0).abs() < 1e-9);
+        // Read time 1.7 - 0.5 s for 4 GB.
+        assert!((res[1].engine_read_gb_s.unwrap() - 4.0 / 1.2).abs() < 1e-9);
+        assert_eq!(res[1].stall_seconds_per_token, None);
 
         let memory =
             MemoryBandwidth { buffer_bytes: 1, threads: 2, one_core_gb_s: 5.0, all_cores_gb_s: 10.0 };

@@ -18,6 +18,12 @@ pub struct ExpertCacheStats {
     pub misses: u64,
     pub bytes_read: u64,
     pub direct_io: bool,
+    /// Time the engine's I/O spent reading, when it reports it.
+    #[serde(default)]
+    pub read_seconds: Option<f64>,
+    /// Time compute waited for reads, when the engine reports it.
+    #[serde(default)]
+    pub stall_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -131,7 +137,7 @@ mod tests {
     const SAMPLE: &str = r#"{"prompt_ids":[1,2,3],"generated_ids":[7,8,9,10],"text":"","stats":{
         "prefill_tokens_per_s":120.5,"decode_tokens_per_s":6.0,"peak_rss_bytes":1000,"load_seconds":0.1,
         "expert_cache":{"budget_bytes":500,"peak_bytes":400,"hits":10,"misses":5,"bytes_read":4096,
-        "direct_io":true,"evictions":2}}}"#;
+        "direct_io":true,"evictions":2,"read_seconds":0.25}}}"#;
 
     #[test]
     fn parses_generate_output_and_ignores_extra_fields() {
@@ -141,6 +147,8 @@ mod tests {
         assert_eq!(g.stats.expert_cache.misses, 5);
         assert!(g.stats.expert_cache.direct_io);
         assert_eq!(g.stats.decode_seconds, None);
+        assert_eq!(g.stats.expert_cache.read_seconds, Some(0.25));
+        assert_eq!(g.stats.expert_cache.stall_seconds, None);
     }
 
     #[test]

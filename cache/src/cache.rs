@@ -105,9 +105,12 @@ impl<V> Cache<V> {
 
     /// Would `bytes` more fit after evicting unpinned entries not protected by `protect`?
     pub fn can_make_room(&self, bytes: u64, protect: &dyn Fn(&ExpertKey) -> bool) -> bool {
-        let locked: u64 =
-            self.entries.iter().filter(|(k, e)| e.pins > 0 || protect(k)).map(|(_, e)| e.bytes).sum();
-        locked + bytes <= self.budget
+        self.locked_bytes(protect) + bytes <= self.budget
+    }
+
+    /// Bytes no insert may evict: pinned entries and those `protect` names.
+    pub fn locked_bytes(&self, protect: &dyn Fn(&ExpertKey) -> bool) -> u64 {
+        self.entries.iter().filter(|(k, e)| e.pins > 0 || protect(k)).map(|(_, e)| e.bytes).sum()
     }
 
     /// Inserts `value` (occupying `bytes`), evicting policy victims that are neither pinned nor

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use crate::commands::{self, generate::GenerateArgs, inspect::InspectArgs};
 use crate::predictor_cli::{self, PredictorCommand};
+use crate::sim::{self, SimulateArgs};
 
 /// Run mixture-of-experts language models whose experts do not fit in fast memory.
 #[derive(Parser)]
@@ -20,9 +21,18 @@ enum Command {
     Generate(GenerateArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
+    /// Replay a routing trace through the configured cache tiers and policies, beside Belady's
+    /// optimum.
+    Simulate(SimulateArgs),
     /// Train and evaluate routing predictors on traces.
     #[command(subcommand)]
     Predictor(PredictorCommand),
+    /// The TOML config file that drives the engine and the simulator.
+    Config {
+        /// Print the default config, commented.
+        #[arg(long, required = true)]
+        print_default: bool,
+    },
 }
 
 /// The whole program: parse `std::env::args`, run the subcommand, map errors to exit status 1.
@@ -36,6 +46,11 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Predictor(c) => predictor_cli::run(c),
+        Command::Simulate(a) => sim::run(a).map_err(Into::into),
+        Command::Config { .. } => {
+            crate::config::print_default();
+            Ok(())
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -116,18 +116,22 @@ impl PredictorKind {
 #[serde(default, deny_unknown_fields)]
 pub struct PredictorConfig {
     pub kind: PredictorKind,
-    /// MoE layers looked ahead: predictions for the next `depth` layers are protected and
-    /// prefetched.
-    pub depth: usize,
+    /// MoE layers looked ahead: experts predicted for them are protected from eviction.
+    pub depth: Layers,
     /// Only predictions at most this many MoE layers ahead are prefetched.
     pub prefetch_depth: usize,
-    /// Most bytes prefetched per step (a token start or one MoE layer's routing); a
-    /// percentage is of the cache's budget.
+    /// A predicted layer's best `prefetch_top` experts may be prefetched; `None`: the model's
+    /// top-k.
+    pub prefetch_top: Option<usize>,
+    /// Prefetch only experts whose score is at least this multiple of `top_k / num_experts`,
+    /// the chance that an expert picked at random is routed to. A lift, not a raw score, so
+    /// that one value suits models with 8 experts and with 64.
+    pub prefetch_min_lift: f32,
+    /// Protect only experts scoring at least this multiple of `top_k / num_experts`.
+    pub protect_min_lift: f32,
+    /// Most bytes prefetched per step (a token start or one MoE layer's routing): the
+    /// transfer one step of compute can hide. A percentage is of the tier's budget.
     pub prefetch_budget: Size,
-    /// Candidates scoring below this are ignored.
-    pub protect_min_score: f32,
-    /// Candidates scoring below this are protected when resident but not prefetched.
-    pub prefetch_min_score: f32,
     /// Most of the cache that protection may hold, as a percentage of its budget.
     pub max_protected: Size,
     /// Trained model for `kind = "path"`; relative paths are from the config file's directory.
@@ -138,25 +142,87 @@ impl Default for PredictorConfig {
     fn default() -> Self {
         PredictorConfig {
             kind: PredictorKind::Transition,
-            depth: 2,
-            prefetch_depth: 2,
+            depth: Layers::Percent(60.0),
+            prefetch_depth: 1,
+            prefetch_top: None,
+            prefetch_min_lift: 1.8,
+            protect_min_lift: 0.0,
             prefetch_budget: Size::Percent(5.0),
-            protect_min_score: 0.05,
-            prefetch_min_score: 0.2,
-            max_protected: Size::Percent(50.0),
+            max_protected: Size::Percent(75.0),
             model: None,
         }
     }
 }
 
+/// A number of MoE layers, absolute (`4`) or a percentage of the model's (`"60%"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Layers {
+    Count(usize),
+    Percent(f64),
+}
+
+impl Layers {
+    /// Resolves against a model with `num_layers` MoE layers; at least 1.
+    pub fn of(self, num_layers: usize) -> usize {
+        match self {
+            Layers::Count(n) => n.max(1),
+            Layers::Percent(p) => ((num_layers as f64 * p / 100.0).ceil() as usize).max(1),
+        }
+    }
+}
+
+impl fmt::Display for Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Layers::Count(n) => write!(f, "{n}"),
+            Layers::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Layers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LayersVisitor;
+        impl Visitor<'_> for LayersVisitor {
+            type Value = Layers;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of MoE layers (4) or a percentage of them (\"60%\")")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Layers, E> {
+                match Size::parse(v) {
+                    Ok(Size::Percent(p)) => Ok(Layers::Percent(p)),
+                    _ => Err(E::custom(format!(
+                        "`{v}` is neither a number of layers nor a percentage like \"60%\""
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Layers, E> {
+                usize::try_from(v)
+                    .map(Layers::Count)
+                    .map_err(|_| E::custom(format!("{v} layers is negative")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Layers, E> {
+                Ok(Layers::Count(v as usize))
+            }
+        }
+        d.deserialize_any(LayersVisitor)
+    }
+}
+
 impl PredictorConfig {
-    /// The protection and prefetch thresholds for [`stevedore_cache::Lookahead`].
-    pub fn lookahead_params(&self) -> LookaheadParams {
+    /// Protection and prefetch settings for a model of `shape`, for
+    /// [`stevedore_cache::Lookahead`]: lifts become score thresholds.
+    pub fn lookahead_params(&self, shape: RoutingShape) -> LookaheadParams {
+        let chance = shape.top_k as f32 / shape.num_experts.max(1) as f32;
         LookaheadParams {
-            protect_min_score: self.protect_min_score,
-            prefetch_min_score: self.prefetch_min_score,
+            protect_min_score: (self.protect_min_lift * chance).min(1.0),
+            prefetch_min_score: (self.prefetch_min_lift * chance).min(1.0),
             prefetch_depth: self.prefetch_depth,
-            max_protected_fraction: self.max_protected.bytes(1_000_000) as f64 / 1e6,
+            prefetch_top: self.prefetch_top.unwrap_or(shape.top_k),
+            max_protected_fraction: match self.max_protected {
+                Size::Percent(p) => p / 100.0,
+                Size::Bytes(_) => 1.0,
+            },
         }
     }
 
@@ -256,15 +322,27 @@ impl Config {
             return Err("tiers.host.budget: must be more than 0 bytes".into());
         }
         let p = &self.predictor;
-        if p.depth == 0 || p.depth > MAX_DEPTH {
-            return Err(format!("predictor.depth: {} is not between 1 and {MAX_DEPTH}", p.depth));
+        match p.depth {
+            Layers::Count(n) if n == 0 || n > MAX_DEPTH => {
+                return Err(format!("predictor.depth: {n} is not between 1 and {MAX_DEPTH}"))
+            }
+            _ => {}
+        }
+        if p.prefetch_depth > MAX_DEPTH {
+            return Err(format!("predictor.prefetch_depth: {} is more than {MAX_DEPTH}", p.prefetch_depth));
+        }
+        if p.prefetch_top == Some(0) {
+            return Err(
+                "predictor.prefetch_top: must be at least 1 (to turn prefetch off, set prefetch_depth = 0)"
+                    .into(),
+            );
         }
         for (key, v) in [
-            ("predictor.protect_min_score", p.protect_min_score),
-            ("predictor.prefetch_min_score", p.prefetch_min_score),
+            ("predictor.protect_min_lift", p.protect_min_lift),
+            ("predictor.prefetch_min_lift", p.prefetch_min_lift),
         ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(format!("{key}: {v} is not between 0 and 1"));
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{key}: {v} must be zero or more"));
             }
         }
         if !matches!(p.max_protected, Size::Percent(_)) {
@@ -310,18 +388,23 @@ split = "shared"
 # What steers the predictive policy: "frequency", "recency", "transition" (inter-layer
 # statistics, learned online) or "path" (a model trained by `stevedore predictor train`).
 kind = "transition"
-# MoE layers to look ahead.
-depth = 2
-prefetch_depth = 2
-# Most bytes prefetched per step (a step is a token's start or one MoE layer's routing).
-# A percentage is of the cache's budget.
+# MoE layers looked ahead: experts predicted for them are protected from eviction. A number of
+# layers (4) or a percentage of the model's MoE layers ("60%").
+depth = "60%"
+# Of those, the nearest layers whose predicted experts are prefetched.
+prefetch_depth = 1
+# Prefetch at most this many of a layer's predicted experts (default: the model's top-k).
+# prefetch_top = 2
+# Prefetch only experts predicted at least this many times as likely as chance
+# (top_k / num_experts, the chance that an expert picked at random is routed to)...
+prefetch_min_lift = 1.8
+# ...and protect only those at least this many times as likely.
+protect_min_lift = 0.0
+# Most bytes prefetched per step (a token's start, or one MoE layer's routing): the transfer
+# one step of compute can hide. A percentage is of the tier's budget.
 prefetch_budget = "5%"
-# Predicted experts scoring below this (scores are in [0, 1]) are ignored...
-protect_min_score = 0.05
-# ...and those below this are protected when resident, but not prefetched.
-prefetch_min_score = 0.2
 # Most of the cache that protection may hold, so that misses always find room.
-max_protected = "50%"
+max_protected = "75%"
 # Trained model file for kind = "path", relative to this file.
 # model = "path-model.bin"
 
@@ -373,16 +456,20 @@ mod tests {
         let cfg = Config::parse(
             "[tiers.host]\nbudget = \"2GiB\"\n[cache]\npolicy = \"lfu\"\nsplit = \"per-layer\"\n\
              [predictor]\nkind = \"path\"\nmodel = \"m.bin\"\ndepth = 3\nprefetch_budget = 1048576\n\
+             prefetch_top = 4\n\
              [simulator]\nexpert_bytes = \"336MiB\"\n",
         )
         .unwrap();
         assert_eq!(cfg.tiers.host.budget, Size::Bytes(2 << 30));
         assert_eq!((cfg.cache.policy, cfg.cache.split), (PolicyName::Lfu, Split::PerLayer));
-        assert_eq!((cfg.predictor.kind, cfg.predictor.depth), (PredictorKind::Path, 3));
+        assert_eq!((cfg.predictor.kind, cfg.predictor.depth), (PredictorKind::Path, Layers::Count(3)));
+        assert_eq!(cfg.predictor.prefetch_top, Some(4));
+        let depth = Config::parse("[predictor]\ndepth = \"50%\"\n").unwrap().predictor.depth;
+        assert_eq!((depth, depth.of(32), depth.of(5)), (Layers::Percent(50.0), 16, 3));
         assert_eq!(cfg.predictor.prefetch_budget, Size::Bytes(1 << 20));
         assert_eq!(cfg.simulator.expert_bytes, Some(Size::Bytes(336 << 20)));
         // Untouched keys keep their defaults.
-        assert_eq!(cfg.predictor.max_protected, Size::Percent(50.0));
+        assert_eq!(cfg.predictor.max_protected, Size::Percent(75.0));
     }
 
     #[test]
@@ -396,11 +483,14 @@ mod tests {
             ("[tiers.host]\nbudget = \"150%\"\n", "a percentage must be in (0, 100]"),
             ("[tiers.host]\nbudget = 0\n", "tiers.host.budget: must be more than 0"),
             ("[predictor]\ndepth = 0\n", "predictor.depth: 0 is not between 1 and 64"),
-            ("[predictor]\ndepth = -1\n", "depth"),
+            ("[predictor]\ndepth = -1\n", "-1 layers is negative"),
+            ("[predictor]\ndepth = \"4MiB\"\n", "`4MiB` is neither a number of layers nor a percentage"),
+            ("[predictor]\nprefetch_top = 0\n", "predictor.prefetch_top: must be at least 1"),
             (
-                "[predictor]\nprefetch_min_score = 1.5\n",
-                "predictor.prefetch_min_score: 1.5 is not between 0 and 1",
+                "[predictor]\nprefetch_min_lift = -1.5\n",
+                "predictor.prefetch_min_lift: -1.5 must be zero or more",
             ),
+            ("[predictor]\nprefetch_min_score = 0.5\n", "unknown field `prefetch_min_score`"),
             (
                 "[predictor]\nmax_protected = \"1GiB\"\n",
                 "predictor.max_protected: `1.0 GiB` must be a percentage",

@@ -62,9 +62,9 @@ pub fn generate(
         Some(r) => r,
         None => experts,
     };
-    let after = |tokens: &[u32], phase| -> Result<(), GenerateError> {
+    let after = |phase| -> Result<(), GenerateError> {
         match recorder {
-            Some(r) => Ok(r.end_forward(tokens, phase)?),
+            Some(r) => Ok(r.end_forward(phase)?),
             None => Ok(()),
         }
     };
@@ -83,7 +83,7 @@ pub fn generate(
         let _span = tracing::info_span!("prefill", tokens = req.prompt_ids.len()).entered();
         model.forward(&req.prompt_ids, &mut kv, experts)?
     };
-    after(&req.prompt_ids, Phase::Prefill)?;
+    after(Phase::Prefill)?;
     let mut next = sampler.sample(&logits);
     out.prefill_seconds = t0.elapsed().as_secs_f64();
     out.generated_ids.push(next);
@@ -92,7 +92,7 @@ pub fn generate(
     while out.generated_ids.len() < req.max_new_tokens && !eos.contains(&next) {
         let _span = tracing::debug_span!("decode", pos = kv.len()).entered();
         let logits = model.forward(&[next], &mut kv, experts)?;
-        after(&[next], Phase::Decode)?;
+        after(Phase::Decode)?;
         next = sampler.sample(&logits);
         out.generated_ids.push(next);
         out.decode_tokens += 1;

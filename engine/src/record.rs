@@ -39,13 +39,12 @@ impl<'a> RoutingRecorder<'a> {
         })
     }
 
-    /// Ends a forward pass over `tokens`: writes their routing to the trace.
-    pub fn end_forward(&self, tokens: &[u32], phase: Phase) -> Result<(), TraceError> {
+    /// Ends a forward pass: writes its tokens' routing to the trace.
+    pub fn end_forward(&self, phase: Phase) -> Result<(), TraceError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let pending = std::mem::take(&mut st.pending);
         let writer = st.writer.as_mut().expect("writer present until finish");
-        for (mut t, &id) in pending.into_iter().zip(tokens) {
-            t.token_id = Some(id);
+        for mut t in pending {
             t.phase = phase;
             writer.write_token(&t)?;
         }
@@ -76,7 +75,7 @@ impl Experts for RoutingRecorder<'_> {
                     .map(|t| TokenRouting {
                         seq: 0,
                         pos: (routing.first_pos + t) as u32,
-                        token_id: None,
+                        token_id: routing.tokens.get(t).copied(),
                         phase: Phase::Prefill,
                         layers: vec![None; self.layer_ids.len()],
                     })

@@ -14,8 +14,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C (x86-64, 256-bit vectors).
     Avx2,
-    /// AVX-512F for the matmul micro-kernels; element-wise kernels use the AVX2 code (on Zen 4
-    /// a 512-bit op is two 256-bit halves, and those kernels are bound by L1 or memory anyway).
+    /// AVX-512F + VL for the matmul micro-kernels; element-wise kernels use the AVX2 code (on
+    /// Zen 4 a 512-bit op is two 256-bit halves, and those kernels are bound by L1 or memory).
     Avx512,
 }
 
@@ -53,9 +53,12 @@ impl Isa {
     }
 
     /// Panics with a clear message when the CPU cannot run `self`; every SIMD entry point calls
-    /// this before executing instructions the CPU may not have.
+    /// this before executing instructions the CPU may not have. Cheap enough for per-call use
+    /// (a cached load and a compare): each path needs everything the paths before it need, so
+    /// `self` runs exactly when it is not above [`Isa::detect`].
+    #[inline]
     pub(crate) fn assert_available(self) {
-        assert!(self.is_available(), "kernel path {} is not supported by this CPU", self.name());
+        assert!(self <= Isa::detect(), "kernel path {} is not supported by this CPU", self.name());
     }
 }
 
@@ -66,7 +69,7 @@ fn has_avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f")
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

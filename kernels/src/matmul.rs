@@ -1,8 +1,9 @@
 //! The matmul driver, shared by every SIMD path.
 //!
 //! `out[t, r] = sum_c x[t, c] * w[r, c]` is cut three ways:
-//! - **threads**: output rows are split into chunks, one rayon task each (small problems stay on
-//!   the calling thread, where a fork-join would cost more than the work);
+//! - **threads**: output rows are split into chunks, one rayon task each, and tokens too when
+//!   there are too few rows to go round (small problems stay on the calling thread, where a
+//!   fork-join would cost more than the work);
 //! - **cache blocks**: with more tokens than one tile holds (prefill), columns are cut into
 //!   chunks whose x for one tile's tokens fits in L1 ([`X_TILE_BYTES`]), and rows into panels
 //!   whose weights for one chunk fit in L2 ([`PANEL_BYTES`]); every token block then passes over
@@ -147,7 +148,7 @@ pub(crate) fn matmul_with(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut 
     if n == 0 || w.rows == 0 {
         return;
     }
-    let job = Job::new(micro, x, w, n);
+    let job = Job::new(micro, x, w);
     let rows = w.rows;
     let threads = rayon::current_num_threads();
     let parallel = match opts.threading {
@@ -156,15 +157,23 @@ pub(crate) fn matmul_with(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut 
         Threading::Auto => threads > 1 && rows * w.cols * n >= PARALLEL_MIN_MACS,
     };
     if !parallel {
-        job.rows(0..rows, &mut Out::Whole(out));
+        job.compute(0..rows, 0..n, &mut Out::Whole(out));
         return;
     }
-    let align = micro.row_align();
-    let chunk = rows.div_ceil(threads * CHUNKS_PER_THREAD).next_multiple_of(align);
+    let tasks = threads * CHUNKS_PER_THREAD;
+    let row_chunk = rows.div_ceil(tasks).next_multiple_of(micro.row_align());
+    let row_chunks = rows.div_ceil(row_chunk);
+    // Few rows (a router, a small expert) and many tokens: split the tokens as well.
+    let max_tokens = micro.tall.len();
+    let token_chunks = tasks.div_ceil(row_chunks).min(n.div_ceil(max_tokens));
+    let token_chunk = n.div_ceil(token_chunks).next_multiple_of(max_tokens);
+    let token_chunks = n.div_ceil(token_chunk);
     let shared = SharedOut::new(out);
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|i| {
-        let range = i * chunk..((i + 1) * chunk).min(rows);
-        job.rows(range, &mut Out::Shared(&shared));
+    (0..row_chunks * token_chunks).into_par_iter().for_each(|i| {
+        let (rc, tc) = (i / token_chunks, i % token_chunks);
+        let rows = rc * row_chunk..((rc + 1) * row_chunk).min(rows);
+        let tokens = tc * token_chunk..((tc + 1) * token_chunk).min(n);
+        job.compute(rows, tokens, &mut Out::Shared(&shared));
     });
 }
 
@@ -177,29 +186,28 @@ struct Job<'a> {
     /// Activations in the micro-kernel's layout, `x_stride` apart.
     xk: Cow<'a, [f32]>,
     x_stride: usize,
-    n: usize,
     /// Whole SIMD blocks per row; columns from `blocks * block` on are the scalar tail.
     blocks: usize,
 }
 
 impl<'a> Job<'a> {
-    fn new(micro: Micro, x: &'a [f32], w: &'a Weight<'a>, n: usize) -> Self {
+    fn new(micro: Micro, x: &'a [f32], w: &'a Weight<'a>) -> Self {
         let blocks = w.cols / micro.block;
         let (xk, x_stride) = match micro.x_layout {
             XLayout::Plain => (Cow::Borrowed(x), w.cols),
             XLayout::EvenOdd => (Cow::Owned(even_odd(x, w.cols, micro.block)), blocks * micro.block),
         };
-        Job { micro, w, x, xk, x_stride, n, blocks }
+        Job { micro, w, x, xk, x_stride, blocks }
     }
 
-    /// Computes rows `range` of every token.
-    fn rows(&self, range: Range<usize>, out: &mut Out) {
+    /// Computes `out[t, r]` for rows `range` and tokens `tokens`.
+    fn compute(&self, range: Range<usize>, tokens: Range<usize>, out: &mut Out) {
         let m = &self.micro;
         let max_tokens = m.tall.len();
         // Column chunk, in blocks. When all tokens fit one tile, each weight is used once:
         // stream whole rows (long sequential reads suit the prefetcher). Otherwise cut the
         // columns so that a tile's tokens of x stay in L1 while the panel's rows pass over them.
-        let chunk = if self.n <= max_tokens {
+        let chunk = if tokens.len() <= max_tokens {
             self.blocks.max(1)
         } else {
             (X_TILE_BYTES / (max_tokens * m.block * size_of::<f32>())).max(1)
@@ -212,13 +220,13 @@ impl<'a> Job<'a> {
             // With no whole block (cols < block) this is one empty chunk, for the column tail.
             for k0 in (0..self.blocks.max(1)).step_by(chunk) {
                 let ks = k0..(k0 + chunk).min(self.blocks);
-                for t0 in (0..self.n).step_by(max_tokens) {
-                    let tokens = max_tokens.min(self.n - t0);
-                    let tall = m.tall[tokens - 1];
+                for t0 in tokens.clone().step_by(max_tokens) {
+                    let count = max_tokens.min(tokens.end - t0);
+                    let tall = m.tall[count - 1];
                     let mut r = p0;
                     while r < p1 {
                         let rows = if p1 - r >= tall { tall } else { 1 };
-                        self.tile(r, rows, t0, tokens, ks.clone(), out);
+                        self.tile(r, rows, t0, count, ks.clone(), out);
                         r += rows;
                     }
                 }
@@ -282,7 +290,7 @@ fn even_odd(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
     out
 }
 
-/// Where tiles write: the caller's slice, or the same slice shared by row-chunk tasks.
+/// Where tiles write: the caller's slice, or the same slice shared by parallel tasks.
 enum Out<'a, 'b> {
     Whole(&'a mut [f32]),
     Shared(&'a SharedOut<'b>),
@@ -293,8 +301,8 @@ impl Out<'_, '_> {
     fn set(&mut self, i: usize, v: f32) {
         match self {
             Out::Whole(out) => out[i] = v,
-            // SAFETY: a row-chunk task only touches elements of its own rows (`i % rows` is in its
-            // range), and the ranges are disjoint.
+            // SAFETY: a task only touches `out[t, r]` for its own rows and tokens, and the tasks'
+            // (rows x tokens) blocks are disjoint.
             Out::Shared(out) => unsafe { out.write(i, v) },
         }
     }
@@ -309,8 +317,8 @@ impl Out<'_, '_> {
     }
 }
 
-/// The output slice shared by tasks that write disjoint elements of it. The elements of one
-/// output row are strided (`out[t * rows + r]`), so the slice cannot be split into chunks.
+/// The output slice shared by tasks that write disjoint elements of it. A task's rows are
+/// strided in `out` (`out[t * rows + r]`), so the slice cannot be split into chunks.
 struct SharedOut<'a> {
     ptr: *mut f32,
     len: usize,

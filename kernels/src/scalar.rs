@@ -5,8 +5,9 @@ use crate::{read_f32, DType, Weight};
 
 /// Converts `out.len()` little-endian elements of `dtype` to f32.
 pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = read_f32(dtype, data, i);
+    let size = dtype.size();
+    for (o, bytes) in out.iter_mut().zip(data.chunks_exact(size)) {
+        *o = read_f32(dtype, bytes, 0);
     }
 }
 

@@ -22,6 +22,8 @@ pub struct LayerRouting<'a> {
     pub layer: usize,
     /// Position (in the sequence) of the first token of the batch.
     pub first_pos: usize,
+    /// The batch's token ids (what routing predictors key on).
+    pub tokens: &'a [u32],
     /// Experts chosen per token: `n_tokens * top_k` entries, token-major, in router order.
     pub topk_ids: &'a [u32],
     /// Gate weight of each chosen expert, same layout as `topk_ids` (after any renormalisation).

@@ -175,7 +175,7 @@ impl Model {
             rms_norm(&mut hs, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let ff = match &layer.ffn {
                 FeedForward::Dense(mlp) => mlp.forward(&self.index, &hs),
-                FeedForward::Sparse(moe) => moe.forward(&self.index, &hs, first_pos, experts)?,
+                FeedForward::Sparse(moe) => moe.forward(&self.index, &hs, tokens, first_pos, experts)?,
             };
             add(&mut x, &ff);
         }

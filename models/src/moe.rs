@@ -116,6 +116,7 @@ impl SparseMoe {
         &self,
         index: &WeightIndex,
         x: &[f32],
+        tokens: &[u32],
         first_pos: usize,
         experts: &dyn Experts,
     ) -> Result<Vec<f32>, Error> {
@@ -125,6 +126,7 @@ impl SparseMoe {
         let routing = LayerRouting {
             layer: self.layer,
             first_pos,
+            tokens,
             topk_ids: &r.ids,
             topk_weights: &r.weights,
             top_k: self.top_k,

@@ -192,7 +192,7 @@ fn run(args: Args) -> Result<bool, String> {
     }
 
     log("measuring memory bandwidth");
-    let memory = probe::memory_bandwidth(args.memory_buffer_mib << 20, args.threads, 5);
+    let memory = probe::memory_bandwidth(args.memory_buffer_mib << 20, args.threads, 10);
     log(&format!(
         "memory: {:.1} GB/s one core, {:.1} GB/s all cores",
         memory.one_core_gb_s, memory.all_cores_gb_s

@@ -42,3 +42,16 @@ pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_config_name_builds_its_policy() {
+        for name in POLICY_NAMES {
+            assert_eq!(by_name(name).map(|p| p.name()), Some(name));
+        }
+        assert!(by_name("belady").is_none() && by_name("mru").is_none());
+    }
+}

@@ -5,14 +5,21 @@
 //! simulator) drives it the same way with the cache's own API:
 //! - protection: experts predicted for the next `d` MoE layers are passed to
 //!   [`Cache::insert`] through its `protect` predicate, so no insert evicts them;
-//! - prefetch: the best predicted experts that are not resident are loaded ahead of need, within
-//!   a byte budget per step, and only where room can be made without evicting a protected or
-//!   pinned entry (a prefetch must never push out what the current layer or a likelier
-//!   prediction needs).
+//! - prefetch: the best predicted experts of the nearest layers that are not resident are
+//!   loaded ahead of need, within a byte budget per step, and only where room can be made
+//!   without evicting a protected or pinned entry (a prefetch must never push out what the
+//!   current layer or a likelier prediction needs).
 //!
-//! A step is one point where new routing becomes known: the start of a token (its id) and the
-//! end of each MoE layer's routing. The caller asks the predictor, turns its predictions into
-//! [`Candidate`]s and calls [`Lookahead::plan`] once per step.
+//! Why protection matters: a layer's experts are used only when that layer runs, so expert
+//! accesses loop over the layers, token after token. When the cache holds about one token's
+//! worth of experts, LRU's victim is exactly what the next layers are about to reuse, and every
+//! extra insert (a prefetch) sets off a chain of such misses. Protecting what is predicted for
+//! a deep window of coming layers moves the victim to experts whose layer has just run, the
+//! ones needed furthest in the future, as Belady's policy would choose.
+//!
+//! A step is one point where new routing becomes known: the start of a token (its id) and each
+//! MoE layer's routing. At each step the caller asks the predictor, turns its predictions into
+//! [`Candidate`]s and calls [`Lookahead::update`] and then [`Lookahead::plan_prefetch`].
 
 use std::collections::HashSet;
 
@@ -74,8 +81,11 @@ pub struct LookaheadParams {
     /// Candidates scoring below this are protected (if resident) but not prefetched.
     pub prefetch_min_score: f32,
     /// Only candidates at most this many MoE layers ahead are prefetched; farther ones are
-    /// protected when resident.
+    /// protected when resident. Near predictions are the accurate ones.
     pub prefetch_depth: usize,
+    /// Only a predicted layer's `prefetch_top` best candidates (resident or not) are
+    /// prefetched: about the router's top-k, beyond which precision falls off.
+    pub prefetch_top: usize,
     /// Most bytes of the cache that protection may hold, as a fraction of its budget, so that
     /// demand misses always find unprotected room to evict.
     pub max_protected_fraction: f64,
@@ -94,11 +104,19 @@ pub struct Lookahead {
     candidates: Vec<Candidate>,
     protected: HashSet<ExpertKey>,
     protected_bytes: u64,
+    /// Scratch for `update`, kept to reuse its allocation.
+    seen: HashSet<ExpertKey>,
 }
 
 impl Lookahead {
     pub fn new(params: LookaheadParams) -> Self {
-        Lookahead { params, candidates: Vec::new(), protected: HashSet::new(), protected_bytes: 0 }
+        Lookahead {
+            params,
+            candidates: Vec::new(),
+            protected: HashSet::new(),
+            protected_bytes: 0,
+            seen: HashSet::new(),
+        }
     }
 
     pub fn params(&self) -> &LookaheadParams {
@@ -119,7 +137,9 @@ impl Lookahead {
         self.candidates.clear();
         self.candidates.extend(candidates.iter().filter(|c| c.score >= p.protect_min_score));
         self.candidates.sort_by(|a, b| a.distance.cmp(&b.distance).then(b.score.total_cmp(&a.score)));
-        let mut seen = HashSet::new();
+        // A key can repeat only when the look-ahead wraps past a whole token; keep the nearest.
+        self.seen.clear();
+        let seen = &mut self.seen;
         self.candidates.retain(|c| seen.insert(c.key));
 
         self.protected.clear();
@@ -140,26 +160,29 @@ impl Lookahead {
     /// inserts it with [`Lookahead::insert`], which then never needs to break protection.
     pub fn plan_prefetch<V>(&mut self, cache: &Cache<V>, budget: u64) -> Vec<Candidate> {
         let cap = self.protect_cap(cache);
+        // Bytes no prefetch may evict. Planned keys are protected once in, so each one planned
+        // adds its bytes; nothing else changes while planning.
+        let mut locked = cache.locked_bytes(&|k| self.protected.contains(k));
         let mut planned = Vec::new();
         let mut planned_bytes = 0u64;
+        let mut rank = 0;
+        let mut last_distance = 0;
         for c in &self.candidates {
-            if c.score < self.params.prefetch_min_score
+            rank = if c.distance == last_distance { rank + 1 } else { 0 };
+            last_distance = c.distance;
+            if rank >= self.params.prefetch_top
                 || c.distance > self.params.prefetch_depth
-                || cache.contains(&c.key)
-                || self.protected.contains(&c.key)
+                || c.score < self.params.prefetch_min_score
                 || planned_bytes + c.bytes > budget
                 || self.protected_bytes + c.bytes > cap
+                || locked + c.bytes > cache.budget()
+                || cache.contains(&c.key)
             {
-                continue;
-            }
-            // Room for everything planned so far plus this one, evicting neither protected nor
-            // pinned entries (planned keys are protected, so they count as locked once in).
-            let protected = &self.protected;
-            if !cache.can_make_room(planned_bytes + c.bytes, &|k| protected.contains(k)) {
                 continue;
             }
             self.protected.insert(c.key);
             self.protected_bytes += c.bytes;
+            locked += c.bytes;
             planned_bytes += c.bytes;
             planned.push(*c);
         }
@@ -201,7 +224,13 @@ mod tests {
     }
 
     fn params() -> LookaheadParams {
-        LookaheadParams { protect_min_score: 0.1, prefetch_min_score: 0.5, prefetch_depth: 2, max_protected_fraction: 1.0 }
+        LookaheadParams {
+            protect_min_score: 0.1,
+            prefetch_min_score: 0.5,
+            prefetch_depth: 2,
+            prefetch_top: 8,
+            max_protected_fraction: 1.0,
+        }
     }
 
     /// A cache of four 10-byte slots holding experts 0..4, 0 least recent.

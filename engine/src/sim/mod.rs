@@ -6,10 +6,11 @@
 mod replay;
 mod sizes;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use serde::Serialize;
-use stevedore_predictor::RoutingShape;
+use stevedore_predictor::{split_holdout, RoutingShape};
 
 pub use replay::{demand_sequence, replay, Contender, RunStats, Steering};
 pub use sizes::ExpertSizes;
@@ -36,6 +37,11 @@ pub struct SimulateArgs {
     /// config's `simulator.expert_bytes`.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Count only the last FRAC of the trace (split as `stevedore predictor train --holdout`
+    /// splits it); the rest is replayed first to warm caches and predictors. Use it to measure
+    /// a path model on tokens it was not trained on.
+    #[arg(long, value_name = "FRAC", default_value_t = 0.0)]
+    pub holdout: f64,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -117,7 +123,7 @@ pub struct CapacityReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct PredictorSummary {
     pub kind: &'static str,
-    pub depth: usize,
+    pub depth: String,
     pub prefetch_budget: String,
 }
 
@@ -125,7 +131,10 @@ pub struct PredictorSummary {
 pub struct Report {
     pub trace: String,
     pub model: String,
+    /// Tokens counted (the held-out part with `--holdout`).
     pub tokens: usize,
+    /// Tokens replayed before counting began.
+    pub warmup_tokens: usize,
     pub moe_layers: usize,
     pub num_experts: usize,
     pub top_k: usize,
@@ -138,14 +147,28 @@ pub struct Report {
     pub capacities: Vec<CapacityReport>,
 }
 
-/// Replays `trace` under every policy at each capacity.
+/// Replays `trace` under every policy at each capacity, counting only the held-out fraction
+/// `holdout` of it when that is not 0.
 pub fn simulate(
     trace: &Trace,
     trace_name: &str,
     cfg: &Config,
     sizes: &ExpertSizes,
     capacities: &[Size],
+    holdout: f64,
 ) -> Result<Report, SimError> {
+    if !(0.0..1.0).contains(&holdout) {
+        return Err(SimError::Invalid(format!("--holdout {holdout}: must be at least 0 and less than 1")));
+    }
+    let (trace, warmup) = if holdout > 0.0 {
+        let split = split_holdout(&trace.tokens, holdout);
+        let warmup = split.train.len();
+        let tokens = split.train.into_iter().chain(split.test).collect();
+        (std::borrow::Cow::Owned(Trace { meta: trace.meta.clone(), tokens }), warmup)
+    } else {
+        (std::borrow::Cow::Borrowed(trace), 0)
+    };
+    let trace = trace.as_ref();
     let source = cfg.predictor.source()?;
     let total = sizes.total();
     let mut reports = Vec::new();
@@ -155,13 +178,13 @@ pub fn simulate(
             let steering = match c {
                 Contender::Predictive => Some(Steering {
                     predictor: source.build(RoutingShape::from(&trace.meta)).map_err(SimError::Invalid)?,
-                    params: cfg.predictor.lookahead_params(),
-                    depth: cfg.predictor.depth,
+                    params: cfg.predictor.lookahead_params(RoutingShape::from(&trace.meta)),
+                    depth: cfg.predictor.depth.of(trace.num_layers()),
                     prefetch_budget: cfg.predictor.prefetch_budget.bytes(budget),
                 }),
                 _ => None,
             };
-            Ok(replay(trace, sizes, budget, cfg.cache.split, c, steering)?.into())
+            Ok(replay(trace, sizes, budget, cfg.cache.split, c, steering, warmup)?.into())
         };
         let policies = Policies {
             lru: run(Contender::Lru)?,
@@ -178,7 +201,8 @@ pub fn simulate(
     Ok(Report {
         trace: trace_name.to_owned(),
         model: trace.meta.model.clone(),
-        tokens: trace.tokens.len(),
+        tokens: trace.tokens.len() - warmup,
+        warmup_tokens: warmup,
         moe_layers: trace.num_layers(),
         num_experts: trace.meta.num_experts,
         top_k: trace.meta.top_k,
@@ -190,7 +214,7 @@ pub fn simulate(
         },
         predictor: PredictorSummary {
             kind: cfg.predictor.kind.as_str(),
-            depth: cfg.predictor.depth,
+            depth: cfg.predictor.depth.to_string(),
             prefetch_budget: cfg.predictor.prefetch_budget.to_string(),
         },
         capacities: reports,
@@ -219,25 +243,36 @@ pub fn run(args: &SimulateArgs) -> Result<(), SimError> {
         .trace
         .file_name()
         .map_or_else(|| args.trace.display().to_string(), |n| n.to_string_lossy().into());
-    let report = simulate(&trace, &name, &cfg, &sizes, &capacities)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report).expect("a report serialises"));
+    let report = simulate(&trace, &name, &cfg, &sizes, &capacities, args.holdout)?;
+    let text = if args.json {
+        serde_json::to_string(&report).expect("a report serialises") + "\n"
     } else {
-        print!("{}", render(&report));
+        render(&report)
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(SimError::Invalid(format!("stdout: {e}")))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The report as text tables, one per capacity.
 pub fn render(r: &Report) -> String {
     let experts = (r.moe_layers * r.num_experts) as u64;
     let mut out = format!(
-        "trace      {}: {}, {} tokens, {} MoE layers x {} experts, top-{}\n\
+        "trace      {}: {}, {} tokens{}, {} MoE layers x {} experts, top-{}\n\
          experts    {} in all ({} x {})\n\
          configured {} ({} cache; predictor {}, depth {}, prefetch {} per step)\n",
         r.trace,
         r.model,
         r.tokens,
+        if r.warmup_tokens > 0 {
+            format!(" counted after {} warm-up tokens", r.warmup_tokens)
+        } else {
+            String::new()
+        },
         r.moe_layers,
         r.num_experts,
         r.top_k,

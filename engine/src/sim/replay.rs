@@ -1,14 +1,15 @@
 //! Replays a trace through one tier of expert caches under one policy, counting what a live
 //! engine would see: demand hits and misses, bytes loaded, prefetches issued and used.
 //!
-//! Timing model (`docs/traces.md`, "Simulating"): tokens are replayed one at a time, as decode
-//! runs them. A token is a sequence of steps: its start (its id becomes known), then each MoE
-//! layer in order. At a layer step the layer's experts are needed (demand: hit if resident,
-//! else loaded and counted as moved bytes), pinned while the layer runs, and then the layer's
-//! routing is shown to the predictor. After every step the predictive policy plans with the new
-//! predictions: what it prefetches there is resident from the next step on, so a prefetch
-//! counts as in time for a layer only if it was issued at an earlier step. Each step may
-//! prefetch at most the prefetch budget: the transfer one step of compute can hide.
+//! Timing model (`docs/traces.md`, "Simulating a trace"): tokens are replayed one at a time, as
+//! decode runs them. A token is a sequence of steps: its start (its id becomes known), then each
+//! recorded MoE layer in order. At a layer step the router's choice is known: the predictor
+//! observes it and the protection moves on to the layers ahead; then the layer's experts are
+//! needed (a hit if resident, else loaded and counted as moved bytes) and stay pinned until the
+//! step ends. Last, the predictive policy prefetches: what it loads at a step is resident from
+//! the next step on, so a prefetch is in time for a layer only if it was issued at an earlier
+//! step. Each step prefetches at most the prefetch budget, the transfer one step of compute can
+//! hide.
 
 use std::collections::HashSet;
 
@@ -89,7 +90,8 @@ impl RunStats {
 }
 
 /// Replays `trace` through a tier of `budget` bytes (split as `split` says) under `contender`.
-/// `steering` is required for [`Contender::Predictive`] and ignored otherwise.
+/// `steering` is required for [`Contender::Predictive`] and ignored otherwise. The first
+/// `warmup` tokens warm the caches and the predictor but are not counted.
 pub fn replay(
     trace: &Trace,
     sizes: &ExpertSizes,
@@ -97,6 +99,7 @@ pub fn replay(
     split: Split,
     contender: Contender,
     steering: Option<Steering>,
+    warmup: usize,
 ) -> Result<RunStats, SimError> {
     let steering = match (contender, steering) {
         (Contender::Predictive, None) => {
@@ -106,12 +109,17 @@ pub fn replay(
         _ => None,
     };
     let mut r = Replayer::new(trace, sizes, budget, split, contender, steering)?;
-    for token in &trace.tokens {
+    for (i, token) in trace.tokens.iter().enumerate() {
+        if i == warmup {
+            // Count from here; a prefetch issued while warming up is not this part's to claim.
+            r.stats = RunStats::default();
+            r.unused_prefetch.clear();
+        }
         r.stats.tokens += 1;
         if let Some(s) = r.steering.as_mut() {
             s.predictor.begin_token(token.token_id);
         }
-        r.protect()?;
+        r.protect();
         r.prefetch()?;
         for (l, choice) in token.layers.iter().enumerate() {
             let Some(choice) = choice else { continue };
@@ -121,7 +129,7 @@ pub fn replay(
             if let Some(s) = r.steering.as_mut() {
                 s.predictor.observe(l, &choice.experts, &choice.weights);
             }
-            r.protect()?;
+            r.protect();
             r.demand(l, &choice.experts)?;
             // Prefetch while the layer computes; its experts stay pinned until it is done.
             r.prefetch()?;
@@ -206,8 +214,8 @@ impl<'a> Replayer<'a> {
     }
 
     /// Asks the predictor and hands each cache its candidates, protecting the resident ones.
-    fn protect(&mut self) -> Result<(), SimError> {
-        let Some(s) = &self.steering else { return Ok(()) };
+    fn protect(&mut self) {
+        let Some(s) = &self.steering else { return };
         let mut candidates: Vec<Vec<Candidate>> = vec![Vec::new(); self.caches.len()];
         self.order.clear();
         for p in s.predictor.predict(s.depth) {
@@ -235,7 +243,6 @@ impl<'a> Replayer<'a> {
         for (c, (la, cands)) in self.lookaheads.iter_mut().zip(&candidates).enumerate() {
             la.update(&self.caches[c], cands);
         }
-        Ok(())
     }
 
     /// Plans and loads this step's prefetches.

@@ -162,8 +162,16 @@ impl Fixture {
 /// order. Returns the experts in the order `f` saw them.
 fn route(fx: &Fixture, store: &ExpertStore, layer: usize, experts: &[u32]) -> Result<Vec<u32>, ExpertsError> {
     let weights = vec![1.0; experts.len()];
-    let routing =
-        LayerRouting { layer, first_pos: 0, topk_ids: experts, topk_weights: &weights, top_k: 1, experts };
+    let tokens = vec![0; experts.len()];
+    let routing = LayerRouting {
+        layer,
+        first_pos: 0,
+        tokens: &tokens,
+        topk_ids: experts,
+        topk_weights: &weights,
+        top_k: 1,
+        experts,
+    };
     let mut seen = Vec::new();
     store.for_each(&routing, &mut |e, w| {
         fx.check(layer, e, &w);
@@ -381,6 +389,7 @@ fn prefetch_never_evicts_pinned_experts() {
     let routing = LayerRouting {
         layer: 0,
         first_pos: 0,
+        tokens: &[0],
         topk_ids: &[3, 4],
         topk_weights: &[0.5, 0.5],
         top_k: 2,
@@ -416,6 +425,7 @@ fn callback_errors_release_pins() {
     let routing = LayerRouting {
         layer: 0,
         first_pos: 0,
+        tokens: &[0],
         topk_ids: &[1, 2],
         topk_weights: &[1.0, 1.0],
         top_k: 2,
@@ -508,6 +518,7 @@ fn read_throughput() {
         let routing = LayerRouting {
             layer: 0,
             first_pos: 0,
+            tokens: &[0; 16],
             topk_ids: &all,
             topk_weights: &[1.0; 16],
             top_k: 1,

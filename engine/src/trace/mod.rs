@@ -99,4 +99,4 @@ pub fn validate_token(meta: &TraceMeta, token: &TokenRouting) -> Result<(), Stri
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -22,7 +22,7 @@ fn token(seq: u32, pos: u32, phase: Phase, layers: Vec<Option<(Vec<u32>, Vec<f32
     TokenRouting {
         seq,
         pos,
-        token_id: if pos % 2 == 0 { Some(pos * 10) } else { None },
+        token_id: if pos < 4 { Some(pos * 10) } else { None },
         phase,
         layers: layers
             .into_iter()
@@ -73,7 +73,7 @@ fn writer_rejects_tokens_that_do_not_match_the_header() {
     ];
     for (layers, want) in cases {
         let err = w.write_token(&token(0, 2, Phase::Decode, layers)).unwrap_err().to_string();
-        assert!(err.contains("t.jsonl:2:") && err.contains(want), "{err}");
+        assert!(err.contains("t.jsonl:3:") && err.contains(want), "{err}");
     }
     let bad_meta = TraceMeta { layer_ids: vec![1, 1], ..meta() };
     let err = TraceWriter::create(&path, &bad_meta).err().unwrap().to_string();
@@ -139,7 +139,7 @@ fn importers_handle_small_hand_made_files() {
     // Errors name the line.
     std::fs::write(&path, text.replace("decode,0,1,0,1", "decode,0,1,0,x")).unwrap();
     let err = load(&path).unwrap_err().to_string();
-    assert!(err.contains("t.csv:9: column `e1`: `x` is not a valid number"), "{err}");
+    assert!(err.contains("t.csv:8: column `e1`: `x` is not a valid number"), "{err}");
     std::fs::write(&path, text.replace("prefill,1,1,3,4", "prefill,1,0,3,4")).unwrap();
     let err = load(&path).unwrap_err().to_string();
     assert!(err.contains("t.csv:6: second record for layer 0"), "{err}");

@@ -9,9 +9,10 @@
 use super::{encode_unaligned, Rng, DTYPES, U};
 use crate::{matmul, matmul_with, DType, Isa, KernelError, MatmulOptions, Threading, Weight};
 
-/// `(rows, cols, tokens)`: odd sizes hit every row, token and column remainder; 64x64 is the
-/// smallest expert in the model tests; cols below 16 are all tail.
-const SHAPES: [(usize, usize, usize); 12] = [
+/// `(rows, cols, tokens)`: odd sizes hit every tile shape (1 to 4 tokens, full and 1-row) and
+/// every row, token and column remainder; 64x64 is the smallest expert in the model tests; cols
+/// below 16 are all tail; 5 rows x 37 tokens makes the parallel split cut the tokens too.
+const SHAPES: [(usize, usize, usize); 15] = [
     (1, 1, 1),
     (9, 5, 2),
     (3, 15, 4),
@@ -24,6 +25,9 @@ const SHAPES: [(usize, usize, usize); 12] = [
     (17, 32, 1),
     (33, 16, 8),
     (11, 96, 7),
+    (19, 100, 6),
+    (8, 64, 2),
+    (5, 67, 37),
 ];
 
 /// Builds a `rows x cols` weight of `dtype` from seeded data, runs `run` on it, and checks the
@@ -93,7 +97,7 @@ fn long_rows_cross_panels() {
 fn public_matmul_on_a_large_matrix() {
     for dtype in DTYPES {
         for n in [1, 3] {
-            check(dtype, 1031, 1029, n, 11, |x, w, out| matmul(x, w, out));
+            check(dtype, 1031, 1029, n, 11, matmul);
         }
     }
 }

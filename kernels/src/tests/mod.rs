@@ -64,3 +64,13 @@ fn encode_unaligned(dtype: DType, vals: &[f32]) -> (Vec<u8>, Vec<f32>) {
     }
     (buf, stored)
 }
+
+/// `Isa::assert_available` relies on each path needing everything the paths before it need.
+#[test]
+fn isa_availability_is_ordered() {
+    let available = crate::Isa::available();
+    assert_eq!(available.last(), Some(&crate::Isa::detect()));
+    for isa in crate::Isa::ALL {
+        assert_eq!(isa.is_available(), isa <= crate::Isa::detect(), "{isa:?}");
+    }
+}

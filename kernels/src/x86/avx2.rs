@@ -109,21 +109,24 @@ unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs)
     let (w, x) = (args.w.as_ptr(), args.x.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..blocks {
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
+        // x for every token first, then one weight row at a time: each widened row is used as
+        // soon as it is loaded, which keeps register pressure to R*T + 2*T + 2 vectors.
+        let mut x_lo = [_mm256_setzero_ps(); T];
+        let mut x_hi = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: token t < T, block b < blocks: in bounds by the length assert above.
+            unsafe {
+                let p = x.add(t * xs + b * BLOCK);
+                x_lo[t] = _mm256_loadu_ps(p);
+                x_hi[t] = _mm256_loadu_ps(p.add(8));
+            }
+        }
         for r in 0..R {
             // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
-            (lo[r], hi[r]) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
-        }
-        for t in 0..T {
-            // SAFETY: token t < T, block b < blocks: 16 floats in bounds by the assert above.
-            let (x_lo, x_hi) = unsafe {
-                let p = x.add(t * xs + b * BLOCK);
-                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-            };
-            for r in 0..R {
-                acc[r][t] = _mm256_fmadd_ps(lo[r], x_lo, acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(hi[r], x_hi, acc[r][t]);
+            let (lo, hi) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(lo, x_lo[t], acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(hi, x_hi[t], acc[r][t]);
             }
         }
     }

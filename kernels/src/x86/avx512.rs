@@ -3,14 +3,20 @@
 //!
 //! bf16 is widened exactly by integer ops: the low half of each 32-bit lane shifted up gives the
 //! even element, the high half masked gives the odd one (x comes permuted to match, see
-//! `XLayout::EvenOdd`). AVX512_BF16's `vdpbf16ps` is not used: it needs x rounded to bf16,
-//! which would lose f32 accuracy, and splitting x into two bf16 halves costs as many
-//! instructions as the shift-and-FMA path.
+//! `XLayout::EvenOdd`). AVX512_BF16's `vdpbf16ps` is not used: it needs x as bf16, so keeping
+//! f32 accuracy means splitting x into three bf16 terms (three dot-products per weight vector),
+//! and on Zen 4 that decode GEMV ran no faster than this path (both about 20 GB/s on a
+//! 14336x4096 matrix, bound by memory, not instructions).
 //!
-//! Tile shapes (rows x tokens): 8x1 for decode (8 cache lines in flight per block), 8x2, and
-//! 4x3 / 4x4 for prefill, where 16 accumulators + 8 widened weight vectors + 2 x vectors fit the
-//! 32 registers and each weight block is loaded once for 4 tokens. 4x4 reaches about 45 GMAC/s
-//! on one Zen 4 core (near its 16 f32 FMA lanes per cycle); 4x6, 3x8 and 2x8 measured slower.
+//! Tile shapes (rows x tokens): 8x1 for decode (8 rows of cache lines in flight; 4 and 16
+//! measured slower), 8x2, and 4x3 / 4x4 for prefill. A 4x4 tile keeps 16 accumulators, 8 x
+//! vectors, a widened weight pair and the bf16 mask in registers and reaches about 47 GMAC/s on
+//! one Zen 4 core, 80% of its measured FMA peak of 58 GMAC/s (5x4 was no faster; 6x4, 3x8 and
+//! 2x8 were slower).
+//!
+//! The kernels also enable AVX512VL. Without it the 256-bit ops of the final horizontal sums
+//! cannot address zmm16-31, so LLVM keeps the accumulators in zmm0-15 and spills and shuffles
+//! them inside the loop (16 extra moves per block in the 4x4 tile; the 8x2 tile spilled).
 
 use std::arch::x86_64::*;
 
@@ -79,7 +85,7 @@ const fn block_bytes(d: u8) -> usize {
 /// # Safety
 /// `p` must point to `block_bytes(D)` readable bytes (any alignment).
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 unsafe fn load_block<const D: u8>(p: *const u8) -> (__m512, __m512) {
     // SAFETY (all arms): the caller guarantees `block_bytes(D)` readable bytes at `p`; the loads
     // are unaligned loads.
@@ -105,7 +111,7 @@ unsafe fn load_block<const D: u8>(p: *const u8) -> (__m512, __m512) {
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 #[allow(clippy::needless_range_loop)] // r and t index several arrays at once
 unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs) {
     let (ws, xs, blocks) = (args.w_stride, args.x_stride, args.blocks);
@@ -116,21 +122,24 @@ unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs)
     let (w, x) = (args.w.as_ptr(), args.x.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b in 0..blocks {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
+        // x for every token first, then one weight row at a time: each widened row is used as
+        // soon as it is loaded, which keeps register pressure to R*T + 2*T + 2 vectors.
+        let mut x_lo = [_mm512_setzero_ps(); T];
+        let mut x_hi = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: token t < T, block b < blocks: in bounds by the length assert above.
+            unsafe {
+                let p = x.add(t * xs + b * BLOCK);
+                x_lo[t] = _mm512_loadu_ps(p);
+                x_hi[t] = _mm512_loadu_ps(p.add(16));
+            }
+        }
         for r in 0..R {
             // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
-            (lo[r], hi[r]) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
-        }
-        for t in 0..T {
-            // SAFETY: token t < T, block b < blocks: 32 floats in bounds by the assert above.
-            let (x_lo, x_hi) = unsafe {
-                let p = x.add(t * xs + b * BLOCK);
-                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-            };
-            for r in 0..R {
-                acc[r][t] = _mm512_fmadd_ps(lo[r], x_lo, acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(hi[r], x_hi, acc[r][t]);
+            let (lo, hi) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(lo, x_lo[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(hi, x_hi[t], acc[r][t]);
             }
         }
     }

@@ -97,13 +97,20 @@ pub(crate) fn softmax(x: &mut [f32]) {
     let max = hmax(x);
     let vmax = _mm256_set1_ps(max);
     let mut acc = _mm256_setzero_ps();
-    for c in x.chunks_mut(LANES) {
-        // The last chunk is padded with -inf, whose exp is 0 and adds nothing to the sum.
+    let mut xc = x.chunks_exact_mut(LANES);
+    for c in &mut xc {
+        let e = exp(_mm256_sub_ps(load(c), vmax));
+        store(c, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let tail = xc.into_remainder();
+    if !tail.is_empty() {
+        // Padded with -inf, whose exp is 0 and adds nothing to the sum.
         let mut lanes = [f32::NEG_INFINITY; LANES];
-        lanes[..c.len()].copy_from_slice(c);
+        lanes[..tail.len()].copy_from_slice(tail);
         let e = exp(_mm256_sub_ps(load(&lanes), vmax));
         store(&mut lanes, e);
-        c.copy_from_slice(&lanes[..c.len()]);
+        tail.copy_from_slice(&lanes[..tail.len()]);
         acc = _mm256_add_ps(acc, e);
     }
     let sum = hsum256(acc);
@@ -135,25 +142,35 @@ fn hmax(x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let n = gate.len().min(up.len());
-    let one = _mm256_set1_ps(1.0);
-    for (g, u) in gate[..n].chunks_mut(LANES).zip(up[..n].chunks(LANES)) {
-        // The last chunk is padded with zeros and its padding discarded.
+    let mut gc = gate[..n].chunks_exact_mut(LANES);
+    let mut uc = up[..n].chunks_exact(LANES);
+    for (g, u) in (&mut gc).zip(&mut uc) {
+        store(g, silu_mul8(load(g), load(u)));
+    }
+    let (g, u) = (gc.into_remainder(), uc.remainder());
+    if !g.is_empty() {
+        // Padded with zeros; the padding is discarded.
         let (mut gl, mut ul) = ([0.0f32; LANES], [0.0f32; LANES]);
         gl[..g.len()].copy_from_slice(g);
         ul[..u.len()].copy_from_slice(u);
-        let vg = load(&gl);
-        let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), vg));
-        let s = _mm256_mul_ps(_mm256_div_ps(vg, _mm256_add_ps(one, e)), load(&ul));
+        let s = silu_mul8(load(&gl), load(&ul));
         store(&mut gl, s);
         g.copy_from_slice(&gl[..g.len()]);
     }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn silu_mul8(g: __m256, u: __m256) -> __m256 {
+    let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0), e)), u)
 }
 
 /// Converts little-endian `dtype` elements to f32 (`data.len() == out.len() * size`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
     let done = match dtype {
-        // Plain little-endian floats: the compiler vectorises this copy on its own.
+        // Plain little-endian floats: the scalar loop is a copy the compiler vectorises.
         DType::F32 => 0,
         DType::BF16 => {
             for (o, d) in out.chunks_exact_mut(LANES).zip(data.chunks_exact(2 * LANES)) {
@@ -190,10 +207,11 @@ pub(crate) fn exp(x: __m256) -> __m256 {
         xc,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_375), xc);
+    // ln 2 = 0.693_359_375 (exact in f32, so n * it is exact for |n| <= 150) - 2.121_944_4e-4.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
     let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
     let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
