@@ -79,3 +79,8 @@ fn qwen3_moe_matches_transformers() {
 fn olmoe_matches_transformers() {
     check("olmoe");
 }
+
+#[test]
+fn trained_pydoc_moe_matches_transformers() {
+    check("pydoc-moe");
+}
