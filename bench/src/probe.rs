@@ -23,6 +23,14 @@ pub struct MemoryBandwidth {
     pub all_cores_gb_s: f64,
 }
 
+impl MemoryBandwidth {
+    /// The machine's memory bandwidth: the faster of the two (all cores can come out slower than
+    /// one when other work holds a core), so the bar built on it is never too lenient.
+    pub fn best_gb_s(&self) -> f64 {
+        self.one_core_gb_s.max(self.all_cores_gb_s)
+    }
+}
+
 /// Sums a `buffer_bytes` buffer with one thread and with `threads`, best of `passes` each.
 pub fn memory_bandwidth(buffer_bytes: usize, threads: usize, passes: usize) -> MemoryBandwidth {
     // Non-zero fill so that every page is really mapped before timing.

@@ -53,6 +53,9 @@ pub struct Run {
     pub stats: Stats,
     /// Whole process, loading included.
     pub wall_seconds: f64,
+    /// Cores' worth of CPU that other processes used meanwhile (see [`CpuMeter`]); `None` where
+    /// /proc/stat is not readable.
+    pub other_cores: Option<f64>,
 }
 
 impl Run {
@@ -95,9 +98,11 @@ pub fn generate(
         .args(["--host-cache", host_cache])
         .args(["--temperature", "0"])
         .arg("--json");
+    let meter = CpuMeter::start();
     let t0 = Instant::now();
     let out = run(&mut cmd, bin)?;
     let wall_seconds = t0.elapsed().as_secs_f64();
+    let other_cores = meter.and_then(|m| m.other_cores(wall_seconds));
     let parsed = parse_generate(&String::from_utf8_lossy(&out.stdout))?;
     if parsed.prompt_ids != prompt_ids {
         return Err(format!(
@@ -111,7 +116,54 @@ pub fn generate(
         generated_ids: parsed.generated_ids,
         stats: parsed.stats,
         wall_seconds,
+        other_cores,
     })
+}
+
+/// Measures how busy the machine was with work other than ours: CPU time all processes spent
+/// (from /proc/stat) minus what our finished children spent (`getrusage`). Two cores shared with
+/// compilers make timings noisy; this says by how much, per run.
+pub struct CpuMeter {
+    busy_seconds: f64,
+    children_seconds: f64,
+}
+
+impl CpuMeter {
+    pub fn start() -> Option<CpuMeter> {
+        Some(CpuMeter { busy_seconds: machine_busy_seconds()?, children_seconds: children_cpu_seconds() })
+    }
+
+    /// Average cores used by others over `wall_seconds` since `start` (after our child exited).
+    pub fn other_cores(&self, wall_seconds: f64) -> Option<f64> {
+        let busy = machine_busy_seconds()? - self.busy_seconds;
+        let ours = children_cpu_seconds() - self.children_seconds;
+        (wall_seconds > 0.0).then(|| ((busy - ours) / wall_seconds).max(0.0))
+    }
+}
+
+/// Non-idle CPU seconds of all cores since boot, from the first line of /proc/stat.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map_while(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already inside user).
+    let busy: u64 =
+        fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| busy as f64 / hz as f64)
+}
+
+/// User and system CPU seconds of this process's waited-for children.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: `rusage` is plain data, valid when zeroed, and getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// `bin inspect --model DIR`: its stdout, which also proves the checkpoint loads.
@@ -160,6 +212,7 @@ mod tests {
             generated_ids: g.generated_ids,
             stats: g.stats,
             wall_seconds: 1.0,
+            other_cores: None,
         };
         assert!((run.decode_seconds() - 0.5).abs() < 1e-12);
         let mut with_seconds = run.clone();
@@ -173,6 +226,20 @@ mod tests {
         assert!(err.contains("printed something unexpected") && err.contains("hello"), "{err}");
         let err = parse_generate(r#"{"prompt_ids":[1]}"#).unwrap_err();
         assert!(err.contains("missing field"), "{err}");
+    }
+
+    #[test]
+    fn cpu_meter_counts_a_busy_child_as_ours() {
+        let meter = CpuMeter::start().expect("/proc/stat is readable on Linux");
+        let before = children_cpu_seconds();
+        let t0 = Instant::now();
+        let burn = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done";
+        run(Command::new("sh").args(["-c", burn]), Path::new("sh")).unwrap();
+        let ours = children_cpu_seconds() - before;
+        assert!(ours > 0.05, "the child's CPU time was not seen: {ours} s");
+        let other = meter.other_cores(t0.elapsed().as_secs_f64()).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        assert!((0.0..=cores).contains(&other), "{other}");
     }
 
     #[test]

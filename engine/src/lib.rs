@@ -6,6 +6,7 @@ pub mod size;
 pub mod sys;
 pub mod io;
 pub mod store;
+pub mod prefetch;
 pub mod cli;
 pub mod commands;
 pub mod record;

@@ -11,12 +11,22 @@
 //!   an expert being computed on are pinned, so no buffer is alive outside the budget.
 //! - Overlap: one I/O thread reads a `for_each` call's misses in routing order, ahead of the
 //!   expert being computed on, as far as the budget allows (at the minimum budget, `top_k`
-//!   experts: one computed on while the next is read; with less room, one at a time). `f` is called in routing order whatever the budget, so outputs
-//!   never depend on it.
+//!   experts: one computed on while the next is read; with less room, one at a time). `f` is
+//!   called in routing order whatever the budget, so outputs never depend on it.
+//! - Steering (the `predictive` policy): with a [`Lookahead`] set, a caller hands
+//!   [`ExpertStore::for_each_steered`] the experts predicted for the coming layers as
+//!   [`Candidate`]s. The store protects the resident ones before this call's misses are
+//!   inserted, inserts the misses around them (a read-ahead waits rather than evict a protected
+//!   expert; the expert the caller waits for evicts one if nothing else can go), and once all of
+//!   this call's reads are queued starts the prefetches the lookahead plans, which the I/O
+//!   thread reads after any demand read. The store takes candidates, never a predictor:
+//!   [`crate::prefetch`] turns routing into candidates.
 
 mod layout;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +36,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use serde::Serialize;
-use stevedore_cache::{Cache, CacheError, ExpertKey, Policy};
+use stevedore_cache::{Cache, CacheError, Candidate, ExpertKey, Lookahead, LookaheadParams, Policy};
 use stevedore_models::{ExpertWeights, Experts, ExpertsError, LayerRouting, ModelConfig, WeightIndex};
 
 use crate::io::{AlignedBuf, IoError, IoOptions, ShardReader};
@@ -107,6 +117,9 @@ pub struct StoreStats {
     pub prefetch_reads: u64,
     /// Prefetched experts later asked for by a `for_each` (each counted once).
     pub prefetch_hits: u64,
+    /// Experts the lookahead protected that a demand miss evicted anyway, finding no other
+    /// room (how often protection had to yield).
+    pub protected_evictions: u64,
     /// Expert reads completed (misses + prefetches, less any not finished yet).
     pub reads: u64,
     /// Bytes transferred from the shard files, alignment padding included.
@@ -125,6 +138,7 @@ struct Counters {
     misses: u64,
     prefetch_reads: u64,
     prefetch_hits: u64,
+    protected_evictions: u64,
     reads: u64,
     bytes_read: u64,
     read_seconds: f64,
@@ -156,10 +170,25 @@ impl ExpertBuf {
     }
 }
 
+/// The prediction side of the `predictive` policy, kept beside the cache it steers.
+struct Steer {
+    lookahead: Lookahead,
+    /// Most bytes prefetched per steered call.
+    prefetch_budget: u64,
+}
+
 struct State {
     cache: Cache<Arc<ExpertBuf>>,
     counters: Counters,
     io_stopped: bool,
+    steer: Option<Steer>,
+}
+
+impl State {
+    /// Whether the lookahead protects `key` from eviction now.
+    fn protects(&self, key: &ExpertKey) -> bool {
+        self.steer.as_ref().is_some_and(|s| s.lookahead.protects(key))
+    }
 }
 
 /// Unpins `buf`'s entry if the cache still holds that very buffer (a failed read is removed,
@@ -300,6 +329,7 @@ impl ExpertStore {
                 cache: Cache::new(budget, policy),
                 counters: Counters::default(),
                 io_stopped: false,
+                steer: None,
             }),
             changed: Condvar::new(),
             layouts,
@@ -340,6 +370,18 @@ impl ExpertStore {
         self.min_budget
     }
 
+    /// Turns on prediction-driven protection and prefetch (the `predictive` policy's
+    /// [`Lookahead`]), with at most `prefetch_budget` bytes prefetched per steered call. Only
+    /// [`ExpertStore::for_each_steered`] moves it; without this, candidates are ignored.
+    pub fn set_lookahead(&mut self, params: LookaheadParams, prefetch_budget: u64) {
+        self.shared.lock().steer = Some(Steer { lookahead: Lookahead::new(params), prefetch_budget });
+    }
+
+    /// Bytes `key`'s expert occupies in the cache (its aligned buffer): what the budget counts.
+    pub fn expert_bytes(&self, key: ExpertKey) -> Result<u64, StoreError> {
+        Ok(self.shared.layouts.check(key)?.alloc as u64)
+    }
+
     /// Whether `key`'s expert is resident or being read.
     pub fn contains(&self, key: &ExpertKey) -> bool {
         self.shared.lock().cache.contains(key)
@@ -358,6 +400,7 @@ impl ExpertStore {
             evictions: cache.evictions,
             prefetch_reads: c.prefetch_reads,
             prefetch_hits: c.prefetch_hits,
+            protected_evictions: c.protected_evictions,
             reads: c.reads,
             bytes_read: c.bytes_read,
             direct_io: self.shared.reader.direct_io(),
@@ -367,7 +410,8 @@ impl ExpertStore {
     }
 
     /// A hint: start reading these experts (in priority order) if there is room, evicting only
-    /// entries that are neither pinned nor in `keys`; stops at the first that does not fit.
+    /// entries that are neither pinned, nor in `keys`, nor protected by the lookahead; stops at
+    /// the first that does not fit.
     /// Returns how many reads it started. Reads run after any waiting demand reads. Safe to call
     /// at any time, from any thread, including from inside a `for_each` callback.
     pub fn prefetch(&self, keys: &[ExpertKey]) -> Result<usize, StoreError> {
@@ -381,7 +425,10 @@ impl ExpertStore {
                 continue;
             }
             let bytes = self.shared.layouts.check(key)?.alloc as u64;
-            let protect = |k: &ExpertKey| keys.contains(k);
+            let st = &mut *st;
+            let steer = &st.steer;
+            let protect =
+                |k: &ExpertKey| keys.contains(k) || steer.as_ref().is_some_and(|s| s.lookahead.protects(k));
             if !st.cache.can_make_room(bytes, &protect) {
                 break;
             }
@@ -423,13 +470,39 @@ impl Experts for ExpertStore {
         routing: &LayerRouting<'_>,
         f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
     ) -> Result<(), ExpertsError> {
+        self.for_each_steered(routing, None, f)
+    }
+}
+
+impl ExpertStore {
+    /// [`Experts::for_each`] with this step's predictions. `candidates` are the experts
+    /// predicted for the MoE layers after `routing.layer` (those whose routing is not known
+    /// yet). With a lookahead set ([`ExpertStore::set_lookahead`]) the resident candidates are
+    /// protected before this call's misses are inserted, replacing the previous step's
+    /// protection (an empty slice drops it), and once all of this call's reads are queued the
+    /// prefetches the lookahead plans start, to be read while the layer computes. `None` leaves
+    /// protection as it is and prefetches nothing. A candidate's `bytes` is ignored: the store
+    /// counts its own buffers.
+    pub fn for_each_steered(
+        &self,
+        routing: &LayerRouting<'_>,
+        candidates: Option<&[Candidate]>,
+        f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
+    ) -> Result<(), ExpertsError> {
         let keys: Vec<ExpertKey> =
             routing.experts.iter().map(|&e| ExpertKey::new(routing.layer, e as usize)).collect();
         let mut layouts = Vec::with_capacity(keys.len());
         for &key in &keys {
             layouts.push(self.shared.layouts.check(key)?);
         }
-        let mut run = Run::new(self, keys);
+        let steered = match candidates {
+            Some(c) => self.steer(c)?,
+            None => false,
+        };
+        if steered && keys.is_empty() {
+            self.start_prefetches(&mut self.shared.lock())?;
+        }
+        let mut run = Run::new(self, keys, steered);
         for (i, layout) in layouts.into_iter().enumerate() {
             let buf = run.acquire(i)?;
             match buf.data.get() {
@@ -438,6 +511,40 @@ impl Experts for ExpertStore {
                 None => unreachable!("acquire returns only filled buffers"),
             }
             run.release_front();
+        }
+        Ok(())
+    }
+
+    /// Checks and sizes `candidates` and moves the lookahead's protection onto them. Returns
+    /// whether a lookahead is set.
+    fn steer(&self, candidates: &[Candidate]) -> Result<bool, StoreError> {
+        let mut sized = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let bytes = self.shared.layouts.check(c.key)?.alloc as u64;
+            sized.push(Candidate { bytes, ..*c });
+        }
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        match &mut st.steer {
+            Some(s) => {
+                s.lookahead.update(&st.cache, &sized);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Plans this step's prefetches and queues their reads (behind any demand read). The plan
+    /// only takes room that no pinned or protected entry holds, so these inserts never break
+    /// protection.
+    fn start_prefetches(&self, st: &mut State) -> Result<(), StoreError> {
+        let State { cache, counters, steer: Some(steer), .. } = st else { return Ok(()) };
+        for c in steer.lookahead.plan_prefetch(cache, steer.prefetch_budget) {
+            let buf = ExpertBuf::new(c.key, true);
+            drop(steer.lookahead.insert(cache, c.key, Arc::clone(&buf), c.bytes)?);
+            cache.pin(&c.key); // the read's pin
+            counters.prefetch_reads += 1;
+            self.send(buf, true)?;
         }
         Ok(())
     }
@@ -454,15 +561,18 @@ struct Run<'s> {
     pos: Vec<usize>,
     pinned: VecDeque<Arc<ExpertBuf>>,
     issued: usize,
+    /// This call was steered and its prefetches have not started: they start once every key
+    /// is issued, so that they never take room this call's own misses need.
+    prefetch_due: bool,
 }
 
 impl<'s> Run<'s> {
-    fn new(store: &'s ExpertStore, keys: Vec<ExpertKey>) -> Self {
+    fn new(store: &'s ExpertStore, keys: Vec<ExpertKey>, steered: bool) -> Self {
         let mut pos = vec![usize::MAX; store.shared.layouts.num_experts];
         for (i, k) in keys.iter().enumerate() {
             pos[k.expert as usize] = pos[k.expert as usize].min(i);
         }
-        Run { store, keys, pos, pinned: VecDeque::new(), issued: 0 }
+        Run { store, keys, pos, pinned: VecDeque::new(), issued: 0, prefetch_due: steered }
     }
 
     /// Waits until `keys[i]` is resident and read, issuing reads ahead as room allows; counts
@@ -490,7 +600,8 @@ impl<'s> Run<'s> {
         }
     }
 
-    /// Issues `keys[issued..]` in order while they fit, up to the lookahead limit.
+    /// Issues `keys[issued..]` in order while they fit, up to the lookahead limit; then, once
+    /// all are issued, starts the step's prefetches.
     fn issue(&mut self, st: &mut State, head: usize) -> Result<(), StoreError> {
         let limit = head.saturating_add(1).saturating_add(self.store.lookahead).min(self.keys.len());
         while self.issued < limit {
@@ -499,12 +610,19 @@ impl<'s> Run<'s> {
             }
             self.issued += 1;
         }
+        if self.prefetch_due && self.issued == self.keys.len() {
+            self.prefetch_due = false;
+            self.store.start_prefetches(st)?;
+        }
         Ok(())
     }
 
     /// Pins `keys[issued]`, starting its read if it is not resident. Experts this call needs
-    /// later are spared from eviction; only the head (the expert the caller waits for) may
-    /// evict some of them, and then those needed last. Returns false if there is no room yet.
+    /// later are spared from eviction, and so are those the lookahead protects; only the head
+    /// (the expert the caller waits for) may evict some of them: first protected ones (the
+    /// layer needs its experts now, predictions only later), then this call's experts needed
+    /// last. A read-ahead waits instead, for the experts before it to be released. Returns
+    /// false if there is no room yet.
     fn try_issue(&mut self, st: &mut State, head: bool) -> Result<bool, StoreError> {
         let j = self.issued;
         let key = self.keys[j];
@@ -531,30 +649,48 @@ impl<'s> Run<'s> {
                 k.layer == key.layer && pos.get(k.expert as usize).is_some_and(|&p| p > j && p <= j + m)
             }
         };
-        let fits = |m: usize| st.cache.can_make_room(bytes, &spare(m));
-        let keep = if fits(later) {
-            later
-        } else if !head || !fits(0) {
-            return Ok(false);
-        } else {
-            // The most of the soonest-needed experts that can be spared (fits is monotone).
-            let (mut lo, mut hi) = (0, later);
-            while lo < hi {
-                let mid = (lo + hi).div_ceil(2);
-                if fits(mid) {
-                    lo = mid;
-                } else {
-                    hi = mid - 1;
+        let (keep, guard) = {
+            let st: &State = st;
+            let fits = |m: usize, guard: bool| {
+                let spare = spare(m);
+                st.cache.can_make_room(bytes, &|k| spare(k) || (guard && st.protects(k)))
+            };
+            if fits(later, true) {
+                (later, true)
+            } else if !head {
+                return Ok(false);
+            } else if fits(later, false) {
+                (later, false)
+            } else if !fits(0, false) {
+                return Ok(false);
+            } else {
+                // The most of the soonest-needed experts that can be spared (fits is monotone).
+                let (mut lo, mut hi) = (0, later);
+                while lo < hi {
+                    let mid = (lo + hi).div_ceil(2);
+                    if fits(mid, false) {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
                 }
+                (lo, false)
             }
-            lo
         };
         let buf = ExpertBuf::new(key, false);
-        let evicted = st.cache.insert(key, Arc::clone(&buf), bytes, &spare(keep))?;
+        let State { cache, steer, counters, .. } = st;
+        let spare = spare(keep);
+        let protect =
+            |k: &ExpertKey| spare(k) || (guard && steer.as_ref().is_some_and(|s| s.lookahead.protects(k)));
+        let evicted = cache.insert(key, Arc::clone(&buf), bytes, &protect)?;
+        if !guard {
+            let protected = |k: &ExpertKey| steer.as_ref().is_some_and(|s| s.lookahead.protects(k));
+            counters.protected_evictions += evicted.iter().filter(|(k, _)| protected(k)).count() as u64;
+        }
         drop(evicted);
-        st.cache.pin(&key); // this call's pin
-        st.cache.pin(&key); // the read's pin
-        st.counters.misses += 1;
+        cache.pin(&key); // this call's pin
+        cache.pin(&key); // the read's pin
+        counters.misses += 1;
         self.store.send(Arc::clone(&buf), false)?;
         self.pinned.push_back(buf);
         Ok(true)

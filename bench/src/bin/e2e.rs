@@ -258,7 +258,7 @@ fn run_budgets(
             let c = &r.stats.expert_cache;
             eprintln!(
                 "[e2e] {budget:>5} x{n:<4} decode {:.2} tok/s, prefill {:.1} tok/s, misses {}, read {:.2} GB, \
-                 budget {:.2} GB, peak {:.2} GB, direct {}, wall {:.1} s",
+                 budget {:.2} GB, peak {:.2} GB, direct {}, wall {:.1} s, other load {:.2} cores",
                 r.stats.decode_tokens_per_s,
                 r.stats.prefill_tokens_per_s,
                 c.misses,
@@ -266,7 +266,8 @@ fn run_budgets(
                 c.budget_bytes as f64 / 1e9,
                 c.peak_bytes as f64 / 1e9,
                 c.direct_io,
-                r.wall_seconds
+                r.wall_seconds,
+                r.other_cores.unwrap_or(f64::NAN)
             );
             Ok(r)
         };
