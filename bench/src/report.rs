@@ -200,6 +200,8 @@ pub fn bars(results: &[BudgetResult], memory: &MemoryBandwidth) -> Vec<Bar> {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub command: String,
+    /// `git describe`-style commit of the tree the binaries were built from, `+dirty` if changed.
+    pub commit: Option<String>,
     pub machine: Machine,
     /// 1-minute load average when the engine runs ended (the benchmark itself adds up to ~1-2).
     pub load_1min_at_end: f64,
@@ -210,7 +212,10 @@ pub struct Report {
     pub prompt_tokens: usize,
     pub max_new_tokens: usize,
     pub memory: MemoryBandwidth,
-    pub disk: DiskBandwidth,
+    /// The disk probe before the engine runs and, unless there were none, again after them.
+    pub disk: Vec<DiskBandwidth>,
+    /// The rate the floor uses: the best any probe measured.
+    pub floor_disk_gb_s: f64,
     pub traffic: Traffic,
     pub budgets: Vec<BudgetResult>,
     /// Greedy ids were identical at every budget (the engine's correctness invariant).
@@ -234,14 +239,13 @@ impl Report {
     pub fn markdown(&self) -> String {
         let m = &self.machine;
         let s = &self.shape;
-        let d = &self.disk;
         let mut out = String::new();
         let mut line = |l: String| {
             out.push_str(&l);
             out.push('\n');
         };
         line(format!(
-            "Machine: {}, {} cores, {:.1} GiB RAM, Linux {}; load average {:.2} at start, {:.2} at end.",
+            "- Machine: {}, {} cores, {:.1} GiB RAM, Linux {}; load average {:.2} at start, {:.2} at end.",
             m.cpu,
             m.cores,
             m.memory_bytes as f64 / (1u64 << 30) as f64,
@@ -250,7 +254,7 @@ impl Report {
             self.load_1min_at_end
         ));
         line(format!(
-            "Checkpoint: OLMoE-shaped, bf16, hidden {}, {} layers, {} heads ({} kv), {} experts, top-{}, expert \
+            "- Checkpoint: OLMoE-shaped, bf16, hidden {}, {} layers, {} heads ({} kv), {} experts, top-{}, expert \
              intermediate {}, vocab {}: {} in {} shards, experts {} ({} each).",
             s.hidden_size,
             s.num_hidden_layers,
@@ -266,7 +270,7 @@ impl Report {
             mib(self.expert_bytes as f64)
         ));
         line(format!(
-            "Per token: experts touched {}, dense weights {}. Prompt {} tokens; runs of {} and {} new tokens, \
+            "- Per token: experts touched {}, dense weights {}. Prompt {} tokens; runs of {} and {} new tokens, \
              steady state = the difference.",
             mib(self.traffic.expert_bytes_touched_per_token as f64),
             mib(self.traffic.dense_bytes_touched_per_token as f64),
@@ -275,24 +279,29 @@ impl Report {
             2 * self.max_new_tokens
         ));
         line(format!(
-            "Memory read bandwidth ({} buffer): {:.1} GB/s one core, {:.1} GB/s {} cores; the bar uses {:.1} GB/s.",
+            "- Memory read bandwidth ({} buffer): {:.1} GB/s one core, {:.1} GB/s {} cores; the bar uses {:.1} GB/s.",
             mib(self.memory.buffer_bytes as f64),
             self.memory.one_core_gb_s,
             self.memory.all_cores_gb_s,
             self.memory.threads,
             self.memory.best_gb_s()
         ));
-        line(format!(
-            "Disk ({}): sequential {:.2} GB/s ({} reads), random whole experts {:.2} GB/s (1 reader), {:.2} GB/s \
-             ({} readers); the floor uses {:.2} GB/s.",
-            if d.direct_io { "O_DIRECT" } else { "buffered, page cache evicted" },
-            d.sequential_gb_s,
-            mib(d.sequential_chunk_bytes as f64),
-            d.random_gb_s,
-            d.random_parallel_gb_s,
-            d.threads,
-            d.best_gb_s()
-        ));
+        for (d, when) in self.disk.iter().zip(["before the runs", "after the runs"]) {
+            line(format!(
+                "- Disk {when} ({}): sequential {:.2} GB/s ({} reads), random whole experts {:.2} GB/s (1 reader), \
+                 {:.2} GB/s ({} readers).",
+                if d.direct_io { "O_DIRECT" } else { "buffered, page cache evicted" },
+                d.sequential_gb_s,
+                mib(d.sequential_chunk_bytes as f64),
+                d.random_gb_s,
+                d.random_parallel_gb_s,
+                d.threads,
+            ));
+        }
+        line(format!("- The floor uses the best disk rate measured: {:.2} GB/s.", self.floor_disk_gb_s));
+        if let Some(c) = &self.commit {
+            line(format!("- Commit: {c}."));
+        }
         if !self.budgets.is_empty() {
             line(String::new());
             line(
