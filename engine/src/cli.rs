@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
 use crate::commands::{self, generate::GenerateArgs, inspect::InspectArgs};
 use crate::predictor_cli::{self, PredictorCommand};
 use crate::sim::{self, SimulateArgs};
+use clap::{Parser, Subcommand};
 
 /// Run mixture-of-experts language models whose experts do not fit in fast memory.
 #[derive(Parser)]

@@ -73,7 +73,12 @@ pub fn generate(
     }
     let mut kv = KvCache::new(&model.config, kv_positions(req));
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut out = GenerateOutput { generated_ids: Vec::new(), prefill_seconds: 0.0, decode_seconds: 0.0, decode_tokens: 0 };
+    let mut out = GenerateOutput {
+        generated_ids: Vec::new(),
+        prefill_seconds: 0.0,
+        decode_seconds: 0.0,
+        decode_tokens: 0,
+    };
     if req.max_new_tokens == 0 {
         return Ok(out);
     }

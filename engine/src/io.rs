@@ -346,7 +346,8 @@ mod tests {
     fn reads_exact_ranges_direct_and_buffered() {
         let (_dir, path, bytes) = patterned_file(3 * ALIGN + 1234);
         for force_buffered in [false, true] {
-            let reader = ShardReader::open(std::slice::from_ref(&path), IoOptions { force_buffered }).unwrap();
+            let reader =
+                ShardReader::open(std::slice::from_ref(&path), IoOptions { force_buffered }).unwrap();
             // Unaligned starts and ends, a range touching the file's unaligned end, one byte.
             for (offset, len) in
                 [(0, 10), (100, 5000), (4096, 4096), (3 * 4096, 1234), (3 * 4096 + 1233, 1), (7, 3 * 4096)]
@@ -368,7 +369,8 @@ mod tests {
     fn read_past_the_end_names_file_and_range() {
         let (_dir, path, _) = patterned_file(2 * ALIGN + 10);
         for force_buffered in [false, true] {
-            let reader = ShardReader::open(std::slice::from_ref(&path), IoOptions { force_buffered }).unwrap();
+            let reader =
+                ShardReader::open(std::slice::from_ref(&path), IoOptions { force_buffered }).unwrap();
             let err = read(&reader, 4000, 5000).unwrap_err().to_string();
             assert!(err.contains("shard.bin") && err.contains("4000..9000"), "{err}");
             assert!(err.contains("truncated") && err.contains("8202 bytes"), "{err}");

@@ -23,7 +23,12 @@ struct State {
 }
 
 impl<'a> RoutingRecorder<'a> {
-    pub fn create(path: &Path, model_name: &str, cfg: &ModelConfig, inner: &'a dyn Experts) -> Result<Self, TraceError> {
+    pub fn create(
+        path: &Path,
+        model_name: &str,
+        cfg: &ModelConfig,
+        inner: &'a dyn Experts,
+    ) -> Result<Self, TraceError> {
         let layer_ids: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
         let meta = TraceMeta {
             model: model_name.to_owned(),

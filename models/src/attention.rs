@@ -12,9 +12,15 @@ use crate::{Error, ModelConfig, WeightIndex};
 pub enum QkNorm {
     None,
     /// RMSNorm over each head's `head_dim` values (Qwen3-MoE).
-    PerHead { q: Vec<f32>, k: Vec<f32> },
+    PerHead {
+        q: Vec<f32>,
+        k: Vec<f32>,
+    },
     /// RMSNorm over the whole q and k projections (OLMoE).
-    Full { q: Vec<f32>, k: Vec<f32> },
+    Full {
+        q: Vec<f32>,
+        k: Vec<f32>,
+    },
 }
 
 pub struct Attention {
@@ -41,7 +47,12 @@ pub struct LayerKv {
 }
 
 impl Attention {
-    pub fn load(index: &WeightIndex, cfg: &ModelConfig, prefix: &str, qk_norm: QkNorm) -> Result<Self, Error> {
+    pub fn load(
+        index: &WeightIndex,
+        cfg: &ModelConfig,
+        prefix: &str,
+        qk_norm: QkNorm,
+    ) -> Result<Self, Error> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let bias = if cfg.attention_bias {

@@ -164,7 +164,12 @@ impl RawConfig {
         let head_dim = match self.head_dim {
             Some(d) => req(Some(d), "head_dim")?,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => return Err("`hidden_size` is not a multiple of `num_attention_heads` and `head_dim` is missing".into()),
+            None => {
+                return Err(
+                    "`hidden_size` is not a multiple of `num_attention_heads` and `head_dim` is missing"
+                        .into(),
+                )
+            }
         };
         if head_dim % 2 != 0 {
             return Err(format!("field `head_dim` ({head_dim}) must be even for RoPE"));
@@ -176,12 +181,8 @@ impl RawConfig {
                 return Err(format!("RoPE type `{kind}` is not supported (only `default`)"));
             }
         }
-        let rope_theta = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10000.0);
+        let rope_theta =
+            self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
         let (num_experts_field, num_experts) = match arch {
             Arch::Mixtral => ("num_local_experts", self.num_local_experts),
             _ => ("num_experts", self.num_experts),
@@ -287,7 +288,9 @@ mod tests {
         assert!(e.contains("GPT2LMHeadModel") && e.contains("OlmoeForCausalLM"), "{e}");
         let e = ModelConfig::from_json(&OLD.replace("\"hidden_size\":16,", "")).unwrap_err();
         assert!(e.contains("hidden_size"), "{e}");
-        let e = ModelConfig::from_json(&OLD.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":9")).unwrap_err();
+        let e =
+            ModelConfig::from_json(&OLD.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":9"))
+                .unwrap_err();
         assert!(e.contains("num_experts_per_tok"), "{e}");
         assert!(ModelConfig::from_json("{not json").unwrap_err().contains("invalid JSON"));
     }

@@ -75,7 +75,8 @@ impl Experts for MappedExperts<'_> {
         let shapes = crate::names::expert_tensor_shapes(self.config);
         for &e in routing.experts {
             let names = crate::names::expert_tensor_names(self.config.arch, routing.layer, e as usize);
-            let [gate, up, down] = [0, 1, 2].map(|i| self.index.get(&names[i], &shapes[i]).map(|t| t.matrix()));
+            let [gate, up, down] =
+                [0, 1, 2].map(|i| self.index.get(&names[i], &shapes[i]).map(|t| t.matrix()));
             f(e, ExpertWeights { gate: gate?, up: up?, down: down? })?;
         }
         Ok(())

@@ -14,6 +14,6 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::Error;
-pub use model::{KvCache, Model};
 pub use experts::{ExpertWeights, Experts, ExpertsError, LayerRouting, MappedExperts};
+pub use model::{KvCache, Model};
 pub use weights::{TensorInfo, TensorRef, WeightIndex};

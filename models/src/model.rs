@@ -55,7 +55,13 @@ impl DecoderLayer {
                 Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => {
                     let mlp = format!("{p}.mlp");
                     let shared = (cfg.shared_expert_intermediate_size > 0).then_some(mlp.as_str());
-                    FeedForward::Sparse(SparseMoe::load(index, cfg, l, &format!("{mlp}.gate.weight"), shared)?)
+                    FeedForward::Sparse(SparseMoe::load(
+                        index,
+                        cfg,
+                        l,
+                        &format!("{mlp}.gate.weight"),
+                        shared,
+                    )?)
                 }
             }
         };
@@ -129,7 +135,9 @@ impl Model {
         } else {
             Mat::load(&index, "lm_head.weight", v, h)?
         };
-        let layers = (0..cfg.num_hidden_layers).map(|l| DecoderLayer::load(&index, cfg, l)).collect::<Result<_, _>>()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(&index, cfg, l))
+            .collect::<Result<_, _>>()?;
         let shapes = crate::names::expert_tensor_shapes(cfg);
         for l in cfg.moe_layers() {
             for e in 0..cfg.num_experts {
@@ -143,7 +151,12 @@ impl Model {
     }
 
     /// Runs `tokens` at the next positions of `kv` and returns the logits of the last one.
-    pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, experts: &dyn Experts) -> Result<Vec<f32>, Error> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        experts: &dyn Experts,
+    ) -> Result<Vec<f32>, Error> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
         if tokens.is_empty() {

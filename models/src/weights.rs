@@ -110,7 +110,9 @@ impl WeightIndex {
                         _ => {
                             return Err(Error::Config {
                                 path: index_path.clone(),
-                                msg: format!("tensor `{name}` is listed in `{file}` but that file does not contain it"),
+                                msg: format!(
+                                    "tensor `{name}` is listed in `{file}` but that file does not contain it"
+                                ),
                             })
                         }
                     }
@@ -182,7 +184,9 @@ impl WeightIndex {
     }
 
     pub fn info(&self, name: &str) -> Result<&TensorInfo, Error> {
-        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })
     }
 
     /// Checks that `name` exists with a float dtype the kernels read and exactly `shape`.
@@ -193,9 +197,9 @@ impl WeightIndex {
             name: name.to_owned(),
             msg,
         };
-        let dtype = info
-            .dtype
-            .ok_or_else(|| err(format!("dtype {} is not supported (expected BF16, F16 or F32)", info.dtype_name)))?;
+        let dtype = info.dtype.ok_or_else(|| {
+            err(format!("dtype {} is not supported (expected BF16, F16 or F32)", info.dtype_name))
+        })?;
         if info.shape != shape {
             return Err(err(format!("shape {:?} does not match the config's {:?}", info.shape, shape)));
         }

@@ -35,7 +35,8 @@ fn check(name: &str) {
     let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
     let mut worst = 0.0f32;
     for case in reference["cases"].as_array().unwrap() {
-        let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+        let ids =
+            |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
         let prompt = ids(&case["prompt_ids"]);
         let expected = ids(&case["generated_ids"]);
         let mut kv = KvCache::new(&model.config, prompt.len() + max_new);
@@ -46,7 +47,11 @@ fn check(name: &str) {
                 let want = want.as_f64().unwrap() as f32;
                 let err = (logits[*id as usize] - want).abs() / want.abs().max(1.0);
                 worst = worst.max(err);
-                assert!(err <= LOGIT_TOL, "{name} prompt {prompt:?} step {step}: logit of {id} is {} vs {want}", logits[*id as usize]);
+                assert!(
+                    err <= LOGIT_TOL,
+                    "{name} prompt {prompt:?} step {step}: logit of {id} is {} vs {want}",
+                    logits[*id as usize]
+                );
             }
             let next = argmax(&logits);
             got.push(next);

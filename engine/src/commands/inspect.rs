@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{load_model, parse_size, CliError};
-use crate::store::ExpertStore;
 use crate::size::{human, Size};
+use crate::store::ExpertStore;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -67,11 +67,21 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     println!("expert weights:   {} ({} experts, streamed)", human(expert_tensor_bytes), fp.experts);
     println!("bytes per expert: {} in the host cache (4 KiB-aligned buffer)", human(fp.max_expert_bytes));
     println!("all experts:      {} in the host cache (= --host-cache 100%)", human(fp.total_bytes));
-    println!("min host cache:   {} (one layer's {} active experts)", human(fp.min_budget), cfg.num_experts_per_tok);
+    println!(
+        "min host cache:   {} (one layer's {} active experts)",
+        human(fp.min_budget),
+        cfg.num_experts_per_tok
+    );
     if let Some((budget, experts)) = fit {
         let pct = 100.0 * experts as f64 / fp.experts.max(1) as f64;
-        let verdict = if budget < fp.min_budget { "below the minimum: generate would refuse it" } else { "ok" };
-        println!("host cache {}: {} holds {experts} of {} experts ({pct:.1}%): {verdict}", args.host_cache.unwrap(), human(budget), fp.experts);
+        let verdict =
+            if budget < fp.min_budget { "below the minimum: generate would refuse it" } else { "ok" };
+        println!(
+            "host cache {}: {} holds {experts} of {} experts ({pct:.1}%): {verdict}",
+            args.host_cache.unwrap(),
+            human(budget),
+            fp.experts
+        );
     }
     Ok(())
 }
