@@ -6,60 +6,15 @@
 //! disk's O_DIRECT write speed, and a checkpoint written through the page cache would sit there
 //! and make the first reads of it look like memory.
 
-use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 
-/// O_DIRECT wants the file offset, the length and the buffer aligned to the logical block size;
-/// 4096 covers every block size in use.
-pub const ALIGN: usize = 4096;
+pub use stevedore_engine::io::{AlignedBuf, ALIGN};
 
-/// A zeroed heap buffer aligned to [`ALIGN`], its length rounded up to a multiple of it.
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: `AlignedBuf` owns its allocation exclusively, like a `Vec<u8>`.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> AlignedBuf {
-        let len = len.max(1).next_multiple_of(ALIGN);
-        let layout = Layout::from_size_align(len, ALIGN).expect("a 4096-aligned size below isize::MAX");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed at first) bytes that this value owns.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, ALIGN).expect("the layout `new` used");
-        // SAFETY: allocated in `new` with exactly this layout, and freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
-    }
+/// A zeroed [`AlignedBuf`] of at least `len` bytes (the engine's own aligned buffer type).
+pub fn aligned(len: usize) -> Result<AlignedBuf, String> {
+    AlignedBuf::zeroed(len).map_err(|e| e.to_string())
 }
 
 /// Opens `path` with `options` plus O_DIRECT where the file system allows it, else without; the
@@ -135,7 +90,7 @@ impl DirectWriter {
         Ok(DirectWriter {
             file,
             path: path.to_owned(),
-            buf: AlignedBuf::new(buffer_bytes),
+            buf: aligned(buffer_bytes)?,
             filled: 0,
             written: 0,
             direct,
@@ -203,7 +158,7 @@ mod tests {
         let data: Vec<u8> = (0..3 * ALIGN + 100).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let (f, _) = open_read(&path).unwrap();
-        let mut buf = AlignedBuf::new(6 * ALIGN);
+        let mut buf = aligned(6 * ALIGN).unwrap();
         // Ends in the file's last partial block: the short read is fine.
         let n = read_aligned(&f, &path, &mut buf, 5000, data.len() as u64).unwrap();
         assert_eq!(n, (data.len() - ALIGN) as u64);

@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::checkpoint::{ExpertSpan, Plan, SplitMix64};
-use crate::direct::{open_read, read_aligned, AlignedBuf, ALIGN};
+use crate::direct::{aligned, open_read, read_aligned, ALIGN};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryBandwidth {
@@ -140,7 +140,7 @@ pub fn disk_bandwidth(dir: &Path, plan: &Plan, probe: DiskProbe) -> Result<DiskB
     let mut seq_layers = Vec::new();
     let mut seq_bytes = 0u64;
     let t0 = Instant::now();
-    let mut buf = AlignedBuf::new(probe.sequential_chunk_bytes + ALIGN);
+    let mut buf = aligned(probe.sequential_chunk_bytes + ALIGN)?;
     for layer in 0..layers {
         if seq_bytes >= probe.sequential_bytes {
             break;
@@ -169,7 +169,7 @@ pub fn disk_bandwidth(dir: &Path, plan: &Plan, probe: DiskProbe) -> Result<DiskB
     let (one, many) = order.split_at(probe.random_reads);
     let expert_bytes = plan.shape.expert_bytes();
     let read_all = |spans: &[ExpertSpan]| -> Result<u64, String> {
-        let mut buf = AlignedBuf::new(expert_bytes as usize + 2 * ALIGN);
+        let mut buf = aligned(expert_bytes as usize + 2 * ALIGN)?;
         spans.iter().map(|s| read_aligned(&files[s.shard], &paths[s.shard], &mut buf, s.start, s.end)).sum()
     };
     let t0 = Instant::now();
