@@ -44,9 +44,24 @@ fn rate(n: usize, secs: f64) -> f64 {
     }
 }
 
-/// Positions a KV cache needs for `req`.
+/// Positions a KV cache needs for `req` (saturating; see [`check_context`]).
 pub fn kv_positions(req: &GenerateRequest) -> usize {
-    req.prompt_ids.len() + req.max_new_tokens
+    req.prompt_ids.len().saturating_add(req.max_new_tokens)
+}
+
+/// Refuses a request longer than the model runs exactly (`ModelConfig::max_positions`).
+pub fn check_context(model: &Model, req: &GenerateRequest) -> Result<(), Error> {
+    let limit = model.config.max_positions();
+    if kv_positions(req) > limit {
+        return Err(Error::Input(format!(
+            "the prompt's {} tokens plus --max-new-tokens {} exceed the model's context of {limit} positions \
+             (max_position_embeddings{})",
+            req.prompt_ids.len(),
+            req.max_new_tokens,
+            if model.config.sliding_window.is_some() { " or sliding_window" } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `req`, calling `on_token` with each new id as soon as it is chosen. With a `recorder`
@@ -71,6 +86,7 @@ pub fn generate(
     if req.prompt_ids.is_empty() {
         return Err(Error::Input("the prompt is empty".into()).into());
     }
+    check_context(model, req)?;
     let mut kv = KvCache::new(&model.config, kv_positions(req));
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut out = GenerateOutput {

@@ -64,12 +64,17 @@ impl Attention {
         } else {
             None
         };
+        // The projections first: their shapes, checked against the file, bound every size below.
+        let q_proj = Mat::load(index, &format!("{prefix}.q_proj.weight"), q_dim, h)?;
+        let k_proj = Mat::load(index, &format!("{prefix}.k_proj.weight"), kv_dim, h)?;
+        let v_proj = Mat::load(index, &format!("{prefix}.v_proj.weight"), kv_dim, h)?;
+        let o_proj = Mat::load(index, &format!("{prefix}.o_proj.weight"), h, q_dim)?;
         let inv_freq = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect();
         Ok(Attention {
-            q_proj: Mat::load(index, &format!("{prefix}.q_proj.weight"), q_dim, h)?,
-            k_proj: Mat::load(index, &format!("{prefix}.k_proj.weight"), kv_dim, h)?,
-            v_proj: Mat::load(index, &format!("{prefix}.v_proj.weight"), kv_dim, h)?,
-            o_proj: Mat::load(index, &format!("{prefix}.o_proj.weight"), h, q_dim)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
             bias,
             qk_norm,
             clip_qkv: cfg.clip_qkv,

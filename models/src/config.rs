@@ -61,6 +61,9 @@ pub struct ModelConfig {
     pub clip_qkv: Option<f32>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// Sliding-window attention span, where the config turns it on. stevedore attends to the
+    /// whole sequence, which equals sliding-window attention only up to this many positions.
+    pub sliding_window: Option<usize>,
     /// The dtype config.json declares (informational; tensors carry their own).
     pub dtype: Option<String>,
 }
@@ -73,8 +76,37 @@ impl ModelConfig {
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
+    /// The most positions (prompt plus generated tokens) this model runs exactly:
+    /// `max_position_embeddings`, or the sliding window where one is on and shorter.
+    pub fn max_positions(&self) -> usize {
+        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
+    }
+
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.num_hidden_layers).filter(|&l| self.is_moe_layer(l))
+    }
+
+    /// Adds the stop ids of `generation_config.json`, if the file exists: instruct checkpoints
+    /// often stop on ids that config.json does not list.
+    pub fn merge_generation_config(&mut self, path: &Path) -> Result<(), Error> {
+        if !path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        #[derive(Deserialize)]
+        struct Generation {
+            eos_token_id: Option<OneOrMany>,
+        }
+        let g: Generation = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_owned(),
+            msg: format!("invalid JSON or field: {e}"),
+        })?;
+        for id in g.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default() {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
     }
 
     pub fn from_file(path: &Path) -> Result<Self, Error> {
@@ -102,6 +134,15 @@ struct RawRope {
 enum OneOrMany {
     One(u32),
     Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![x],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -132,6 +173,8 @@ struct RawConfig {
     clip_qkv: Option<f64>,
     eos_token_id: Option<OneOrMany>,
     bos_token_id: Option<u32>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
 }
@@ -200,7 +243,7 @@ impl RawConfig {
             Arch::Qwen2Moe | Arch::Qwen3Moe => req(self.moe_intermediate_size, "moe_intermediate_size")?,
         };
         let shared_expert_intermediate_size = match arch {
-            Arch::Qwen2Moe => self.shared_expert_intermediate_size.unwrap_or(0),
+            Arch::Qwen2Moe => req(self.shared_expert_intermediate_size, "shared_expert_intermediate_size")?,
             _ => 0,
         };
         let (decoder_sparse_step, mlp_only_layers) = match arch {
@@ -219,20 +262,56 @@ impl RawConfig {
             Arch::Mixtral => false,
             _ => self.attention_bias.unwrap_or(false),
         };
-        let eos_token_ids = match self.eos_token_id {
-            Some(OneOrMany::One(x)) => vec![x],
-            Some(OneOrMany::Many(v)) => v,
-            None => Vec::new(),
+        let eos_token_ids = self.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default();
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(format!("`rope_theta` must be a positive number, got {rope_theta}"));
+        }
+        if let Some(c) = self.clip_qkv {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!("field `clip_qkv` must be a positive number, got {c}"));
+            }
+        }
+        // Qwen's configs carry `sliding_window` with `use_sliding_window: false`; Mixtral's
+        // applies whenever it is set.
+        let sliding_window = match arch {
+            Arch::Qwen2Moe | Arch::Qwen3Moe if !self.use_sliding_window.unwrap_or(false) => None,
+            _ => self.sliding_window,
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if rms_norm_eps.is_nan() || rms_norm_eps < 0.0 {
             return Err("field `rms_norm_eps` must be a non-negative number".into());
         }
+        let vocab_size = req(self.vocab_size, "vocab_size")?;
+        let num_hidden_layers = req(self.num_hidden_layers, "num_hidden_layers")?;
+        // Every size the forward pass multiplies must fit in memory arithmetic: a config with
+        // absurd numbers is an error here, before anything is allocated from it.
+        let too_big = |what: &str| format!("sizes in the config overflow: {what}");
+        let q_dim = num_attention_heads
+            .checked_mul(head_dim)
+            .ok_or_else(|| too_big("num_attention_heads * head_dim"))?;
+        let products = [
+            (q_dim.checked_mul(hidden_size), "num_attention_heads * head_dim * hidden_size"),
+            (vocab_size.checked_mul(hidden_size), "vocab_size * hidden_size"),
+            (
+                num_experts.checked_mul(moe_intermediate_size.max(intermediate_size)),
+                "experts * intermediate_size",
+            ),
+            (
+                moe_intermediate_size.max(intermediate_size).checked_mul(hidden_size),
+                "intermediate_size * hidden_size",
+            ),
+            (num_hidden_layers.checked_mul(num_experts), "num_hidden_layers * experts"),
+        ];
+        for (p, what) in products {
+            if p.and_then(|v| v.checked_mul(4)).is_none_or(|v| v > isize::MAX as usize) {
+                return Err(too_big(what));
+            }
+        }
         Ok(ModelConfig {
             arch,
-            vocab_size: req(self.vocab_size, "vocab_size")?,
+            vocab_size,
             hidden_size,
-            num_hidden_layers: req(self.num_hidden_layers, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -252,6 +331,7 @@ impl RawConfig {
             clip_qkv: self.clip_qkv.map(|c| c as f32),
             eos_token_ids,
             bos_token_id: self.bos_token_id,
+            sliding_window,
             dtype: self.dtype.or(self.torch_dtype),
         })
     }
@@ -293,5 +373,39 @@ mod tests {
                 .unwrap_err();
         assert!(e.contains("num_experts_per_tok"), "{e}");
         assert!(ModelConfig::from_json("{not json").unwrap_err().contains("invalid JSON"));
+        let e = ModelConfig::from_json(&OLD.replace("1000000.0", "-1.0")).unwrap_err();
+        assert!(e.contains("rope_theta"), "{e}");
+        let e = ModelConfig::from_json(&OLD.replace("\"eos_token_id\":2", "\"clip_qkv\":-1.0")).unwrap_err();
+        assert!(e.contains("clip_qkv"), "{e}");
+        let e = ModelConfig::from_json(&OLD.replace(
+            "\"num_key_value_heads\":2",
+            "\"num_key_value_heads\":2,\"head_dim\":4611686018427387904",
+        ))
+        .unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
+    }
+
+    #[test]
+    fn context_limit_and_generation_config() {
+        let mut c =
+            ModelConfig::from_json(&OLD.replace("\"eos_token_id\":2", "\"sliding_window\":100")).unwrap();
+        assert_eq!(c.max_positions(), 100);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("generation_config.json");
+        std::fs::write(&path, r#"{"eos_token_id":[7,2]}"#).unwrap();
+        c.merge_generation_config(&path).unwrap();
+        assert_eq!(c.eos_token_ids, vec![7, 2]);
+        std::fs::write(&path, "{oops").unwrap();
+        assert!(c.merge_generation_config(&path).unwrap_err().to_string().contains("generation_config.json"));
+        let q = r#"{"architectures":["Qwen2MoeForCausalLM"],"vocab_size":32,"hidden_size":16,"intermediate_size":24,
+            "moe_intermediate_size":8,"num_hidden_layers":2,"num_attention_heads":4,"num_experts":4,
+            "num_experts_per_tok":2,"sliding_window":8,"use_sliding_window":false}"#;
+        let e = ModelConfig::from_json(q).unwrap_err();
+        assert!(e.contains("shared_expert_intermediate_size"), "{e}");
+        let c = ModelConfig::from_json(
+            &q.replace("\"num_experts\":4", "\"num_experts\":4,\"shared_expert_intermediate_size\":8"),
+        )
+        .unwrap();
+        assert_eq!(c.sliding_window, None);
     }
 }

@@ -89,9 +89,12 @@ impl KvCache {
         KvCache { layers, len: 0, capacity: positions }
     }
 
-    /// Bytes a cache for `positions` tokens occupies.
+    /// Bytes a cache for `positions` tokens occupies (saturating; positions are bounded by
+    /// `ModelConfig::max_positions` before a cache is made).
     pub fn bytes_for(cfg: &ModelConfig, positions: usize) -> u64 {
-        (cfg.num_hidden_layers * positions * cfg.num_key_value_heads * cfg.head_dim * 2 * 4) as u64
+        [cfg.num_hidden_layers, positions, cfg.num_key_value_heads, cfg.head_dim, 2, 4]
+            .iter()
+            .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 
     pub fn len(&self) -> usize {
@@ -121,7 +124,8 @@ impl Model {
     /// Loads `config.json` and the checkpoint's dense weights from `dir`, checking every tensor
     /// the forward pass needs (experts included) for presence, dtype and shape.
     pub fn load(dir: &Path) -> Result<Self, Error> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+        config.merge_generation_config(&dir.join("generation_config.json"))?;
         let index = WeightIndex::open(dir)?;
         Self::from_parts(config, index)
     }

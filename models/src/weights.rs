@@ -138,8 +138,10 @@ impl WeightIndex {
         if len < 8 {
             return Err(bad(format!("file is {len} bytes, too short for a safetensors header")));
         }
-        // SAFETY: the map is read-only and the checkpoint is not expected to change while we
-        // run; every access is bounds-checked against the header validated below.
+        // SAFETY: the map is read-only and every access is bounds-checked against the header
+        // validated below. That the file does not change while we run is an assumption, as for
+        // every mmap-based loader: truncating a shard under a running process is outside what
+        // we can guard against (it would fault, not return wrong data silently).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let header_len = u64::from_le_bytes(map[..8].try_into().unwrap());
         if header_len > len - 8 {

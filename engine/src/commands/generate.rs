@@ -14,7 +14,7 @@ use tokenizers::Tokenizer;
 
 use super::{load_model, parse_size, CliError};
 use crate::config::{Config, PolicyName, Split};
-use crate::generate::{generate, kv_positions, GenerateRequest};
+use crate::generate::{check_context, generate, kv_positions, GenerateRequest};
 use crate::prefetch::{routing_shape, Prefetcher};
 use crate::record::RoutingRecorder;
 use crate::sampling::SamplingParams;
@@ -163,6 +163,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
     };
 
     let fp = ExpertStore::footprint(&model.index, &model.config)?;
+    check_context(&model, &req)?;
     let kv_bytes = KvCache::bytes_for(&model.config, kv_positions(&req));
     let budget = match (args.host_cache, &config) {
         (Some(size), _) => size.bytes(fp.total_bytes),

@@ -319,6 +319,10 @@ fn mixtral_csv(path: &Path) -> Result<Trace, TraceError> {
     for (line, f) in &csv.rows {
         let ph = phase(path, *line, &f[phase_col])?;
         let pos: u32 = parse(path, *line, "pos", &f[pos_col])?;
+        // Decode positions follow the prompt, so both must leave room for the sum.
+        if pos >= u32::MAX / 2 {
+            return Err(TraceError::line(path, *line, format!("`pos` {pos} is too large")));
+        }
         if ph == Phase::Prefill {
             prompt_len = prompt_len.max(pos + 1);
         }

@@ -42,6 +42,19 @@ impl TraceError {
 
 /// Checks a header: at least one MoE layer, distinct layer ids, `1 <= top_k <= num_experts`.
 pub fn validate_meta(meta: &TraceMeta) -> Result<(), String> {
+    // Bounds that real models sit far inside, so that a damaged header cannot make a reader
+    // allocate without limit.
+    const MAX_EXPERTS: usize = 1 << 16;
+    const MAX_LAYERS: usize = 4096;
+    if meta.num_experts > MAX_EXPERTS {
+        return Err(format!("`num_experts` ({}) is above the supported {MAX_EXPERTS}", meta.num_experts));
+    }
+    if meta.layer_ids.len() > MAX_LAYERS {
+        return Err(format!(
+            "`layer_ids` lists {} layers, above the supported {MAX_LAYERS}",
+            meta.layer_ids.len()
+        ));
+    }
     if meta.layer_ids.is_empty() {
         return Err("`layer_ids` is empty: a trace needs at least one MoE layer".into());
     }
