@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use stevedore_kernels::rms_norm;
+use stevedore_kernels::{axpy, rms_norm};
 use tracing::debug_span;
 
 use crate::attention::{Attention, LayerKv, QkNorm};
@@ -187,14 +187,14 @@ impl Model {
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.input_layernorm, cfg.rms_norm_eps);
             let attn = layer.self_attn.forward(&self.index, &hs, lkv, first_pos);
-            add(&mut x, &attn);
+            axpy(1.0, &attn, &mut x);
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let ff = match &layer.ffn {
                 FeedForward::Dense(mlp) => mlp.forward(&self.index, &hs),
                 FeedForward::Sparse(moe) => moe.forward(&self.index, &hs, tokens, first_pos, experts)?,
             };
-            add(&mut x, &ff);
+            axpy(1.0, &ff, &mut x);
         }
         kv.len += tokens.len();
         let mut last = x[(tokens.len() - 1) * h..].to_vec();
@@ -205,11 +205,5 @@ impl Model {
     /// Bytes of dense (always resident) weights.
     pub fn dense_bytes(&self) -> u64 {
         self.index.bytes_where(|n| !crate::names::is_expert_tensor(n))
-    }
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
