@@ -80,12 +80,18 @@ pub(crate) enum XLayout {
 /// The operands of one tile: `rows` weight rows from `w` (row `i` starts at byte
 /// `i * w_stride`) against `tokens` rows of x (token `t` starts at `x[t * x_stride]`), over the
 /// first `blocks` blocks of columns. `sums[i * tokens + t]` receives row `i` . token `t`.
+///
+/// The kernel reduces its vector accumulators to a scalar every `segment` blocks and adds the
+/// segments' sums left to right (`((s0 + s1) + s2) + ...`): the same association the driver
+/// uses when it cuts the columns into chunks of `segment` blocks for prefill, so a dot product
+/// rounds the same way whatever the number of tokens (see [`Micro::segment`]).
 pub(crate) struct TileArgs<'a> {
     pub w: &'a [u8],
     pub w_stride: usize,
     pub x: &'a [f32],
     pub x_stride: usize,
     pub blocks: usize,
+    pub segment: usize,
     pub sums: &'a mut [f32],
 }
 
@@ -111,6 +117,15 @@ impl Micro {
     /// over for 1-row tiles.
     fn row_align(&self) -> usize {
         self.tall.iter().copied().max().unwrap_or(1)
+    }
+
+    /// Blocks of columns per reduction segment: the column chunk of prefill, whose x for one
+    /// tile's tokens fits in L1 ([`X_TILE_BYTES`]). Decode streams whole rows but reduces at
+    /// the same boundaries, so that every output element is summed in the same order whatever
+    /// the number of tokens: a token's logits do not depend on which other tokens share its
+    /// batch (the engine's "batched equals alone" invariant).
+    pub(crate) fn segment(&self) -> usize {
+        (X_TILE_BYTES / (self.tall.len() * self.block * size_of::<f32>())).max(1)
     }
 }
 
@@ -207,11 +222,7 @@ impl<'a> Job<'a> {
         // Column chunk, in blocks. When all tokens fit one tile, each weight is used once:
         // stream whole rows (long sequential reads suit the prefetcher). Otherwise cut the
         // columns so that a tile's tokens of x stay in L1 while the panel's rows pass over them.
-        let chunk = if tokens.len() <= max_tokens {
-            self.blocks.max(1)
-        } else {
-            (X_TILE_BYTES / (max_tokens * m.block * size_of::<f32>())).max(1)
-        };
+        let chunk = if tokens.len() <= max_tokens { self.blocks.max(1) } else { m.segment() };
         let align = m.row_align();
         let chunk_bytes = chunk * m.block * self.w.dtype.size();
         let panel = (PANEL_BYTES / chunk_bytes / align * align).max(align);
@@ -235,7 +246,8 @@ impl<'a> Job<'a> {
     }
 
     /// Rows `r0..r0 + rows` against tokens `t0..t0 + tokens` over column blocks `ks`: the first
-    /// chunk (with the scalar column tail) is stored to `out`, later ones are added.
+    /// chunk is stored to `out`, later ones are added, and the last one adds the scalar column
+    /// tail, so that `out = ((s0 + s1) + ...) + tail` as the tile kernels sum their segments.
     fn tile(&self, r0: usize, rows: usize, t0: usize, tokens: usize, ks: Range<usize>, out: &mut Out) {
         let (cols, total_rows, block) = (self.w.cols, self.w.rows, self.micro.block);
         let row_bytes = cols * self.w.dtype.size();
@@ -249,28 +261,32 @@ impl<'a> Job<'a> {
                 x: &self.xk[t0 * self.x_stride + ks.start * block..(t0 + tokens) * self.x_stride],
                 x_stride: self.x_stride,
                 blocks: ks.len(),
+                segment: self.micro.segment(),
                 sums,
             };
             // SAFETY: `matmul_with` checked that the CPU supports the micro-kernel's ISA, and
             // `(rows, tokens)` is one of the shapes `Micro::tile` accepts.
             unsafe { (self.micro.tile)(rows, tokens, &mut args) };
         }
-        if ks.start > 0 {
-            for i in 0..rows {
-                for t in 0..tokens {
-                    out.add((t0 + t) * total_rows + r0 + i, sums[i * tokens + t]);
-                }
-            }
-            return;
-        }
+        let (first, last) = (ks.start == 0, ks.end >= self.blocks);
         let body = self.blocks * block;
         for i in 0..rows {
             let r = r0 + i;
             for t in 0..tokens {
-                let xt = &self.x[(t0 + t) * cols..(t0 + t + 1) * cols];
-                let tail: f32 =
-                    (body..cols).map(|c| xt[c] * read_f32(self.w.dtype, self.w.data, r * cols + c)).sum();
-                out.set((t0 + t) * total_rows + r, sums[i * tokens + t] + tail);
+                let at = (t0 + t) * total_rows + r;
+                let s = sums[i * tokens + t];
+                let mut v = match (first, ks.is_empty()) {
+                    (_, true) => 0.0,
+                    (true, false) => s,
+                    (false, false) => out.get(at) + s,
+                };
+                if last && body < cols {
+                    let xt = &self.x[(t0 + t) * cols..(t0 + t + 1) * cols];
+                    let tail: f32 =
+                        (body..cols).map(|c| xt[c] * read_f32(self.w.dtype, self.w.data, r * cols + c)).sum();
+                    v = if ks.is_empty() { tail } else { v + tail };
+                }
+                out.set(at, v);
             }
         }
     }
@@ -308,11 +324,11 @@ impl Out<'_, '_> {
     }
 
     #[inline]
-    fn add(&mut self, i: usize, v: f32) {
+    fn get(&self, i: usize) -> f32 {
         match self {
-            Out::Whole(out) => out[i] += v,
+            Out::Whole(out) => out[i],
             // SAFETY: as for `set`.
-            Out::Shared(out) => unsafe { out.write(i, out.read(i) + v) },
+            Out::Shared(out) => unsafe { out.read(i) },
         }
     }
 }

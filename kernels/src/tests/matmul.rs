@@ -147,3 +147,43 @@ fn row_to_f32_reads_unaligned_rows() {
         assert_eq!(w.get(40), vals[40]);
     }
 }
+
+/// A token's result does not depend on the other tokens of its batch: every row of a batch of
+/// n tokens equals, bit for bit, the same token computed alone, on every path and threading,
+/// for rows long enough to span several reduction segments (decode streams whole rows, prefill
+/// cuts them into chunks; both sum the segments in the same order). Regression: before
+/// segments, a batched token's logits differed from its solo run in the last bits.
+#[test]
+fn batched_rows_equal_rows_alone_bit_for_bit() {
+    for isa in Isa::available() {
+        for threading in [Threading::Single, Threading::Parallel] {
+            let opts = MatmulOptions { isa, threading };
+            for dtype in DTYPES {
+                for &(rows, cols) in &[(37, 2 * 1024 + 77), (9, 3000), (64, 64), (13, 1024)] {
+                    let mut rng = Rng::new(rows as u64 * 31 + cols as u64);
+                    let (buf, _) = encode_unaligned(dtype, &rng.vec(rows * cols));
+                    let w = Weight::new(dtype, &buf[1..], rows, cols).unwrap();
+                    let x = rng.vec(37 * cols);
+                    let alone: Vec<Vec<f32>> = (0..37)
+                        .map(|t| {
+                            let mut out = vec![0.0; rows];
+                            matmul_with(opts, &x[t * cols..(t + 1) * cols], &w, &mut out);
+                            out
+                        })
+                        .collect();
+                    for n in [2, 3, 4, 5, 8, 9, 37] {
+                        let mut out = vec![0.0; n * rows];
+                        matmul_with(opts, &x[..n * cols], &w, &mut out);
+                        for t in 0..n {
+                            let got = &out[t * rows..(t + 1) * rows];
+                            assert!(
+                                got.iter().zip(&alone[t]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{isa:?} {threading:?} {dtype:?} {rows}x{cols}: token {t} of {n} differs from alone"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

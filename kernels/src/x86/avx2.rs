@@ -107,32 +107,39 @@ unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs)
     assert!(args.x.len() >= (T - 1) * xs + blocks * BLOCK, "avx2 tile: x rows too short");
     assert!(args.sums.len() >= R * T);
     let (w, x) = (args.w.as_ptr(), args.x.as_ptr());
+    let segment = args.segment.max(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for b in 0..blocks {
-        // x for every token first, then one weight row at a time: each widened row is used as
-        // soon as it is loaded, which keeps register pressure to R*T + 2*T + 2 vectors.
-        let mut x_lo = [_mm256_setzero_ps(); T];
-        let mut x_hi = [_mm256_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: token t < T, block b < blocks: in bounds by the length assert above.
-            unsafe {
-                let p = x.add(t * xs + b * BLOCK);
-                x_lo[t] = _mm256_loadu_ps(p);
-                x_hi[t] = _mm256_loadu_ps(p.add(8));
-            }
-        }
-        for r in 0..R {
-            // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
-            let (lo, hi) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
+    for s0 in (0..blocks).step_by(segment) {
+        for b in s0..(s0 + segment).min(blocks) {
+            // x for every token first, then one weight row at a time: each widened row is used
+            // as soon as it is loaded, which keeps register pressure to R*T + 2*T + 2 vectors.
+            let mut x_lo = [_mm256_setzero_ps(); T];
+            let mut x_hi = [_mm256_setzero_ps(); T];
             for t in 0..T {
-                acc[r][t] = _mm256_fmadd_ps(lo, x_lo[t], acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(hi, x_hi[t], acc[r][t]);
+                // SAFETY: token t < T, block b < blocks: in bounds by the length assert above.
+                unsafe {
+                    let p = x.add(t * xs + b * BLOCK);
+                    x_lo[t] = _mm256_loadu_ps(p);
+                    x_hi[t] = _mm256_loadu_ps(p.add(8));
+                }
+            }
+            for r in 0..R {
+                // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
+                let (lo, hi) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
+                for t in 0..T {
+                    acc[r][t] = _mm256_fmadd_ps(lo, x_lo[t], acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(hi, x_hi[t], acc[r][t]);
+                }
             }
         }
-    }
-    for r in 0..R {
-        for t in 0..T {
-            args.sums[r * T + t] = hsum256(acc[r][t]);
+        // End of a segment: reduce, and add to the sums of the earlier segments.
+        for r in 0..R {
+            for t in 0..T {
+                let s = hsum256(acc[r][t]);
+                let sum = &mut args.sums[r * T + t];
+                *sum = if s0 == 0 { s } else { *sum + s };
+                acc[r][t] = _mm256_setzero_ps();
+            }
         }
     }
 }
