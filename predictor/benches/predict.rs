@@ -1,6 +1,6 @@
-//! Cost of running each predictor live: one token = `begin_token`, then per MoE layer
-//! `observe` + `predict(3)`, as the predictive cache calls them. Divide by the number of layers
-//! for the per-layer cost.
+//! Cost of running each predictor live: one token = the cursor's `begin_token`, then per MoE
+//! layer `observe` (the cursor records, the predictor learns) + `predict(3)`, as the predictive
+//! cache calls them. Divide by the number of layers for the per-layer cost.
 //!
 //! `cargo bench -p stevedore-predictor --bench predict`
 
@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use stevedore_predictor::{
-    replay, train_path_model, LayerChoice, OnlineKind, PathPredictor, Phase, RoutePredictor, RoutingShape,
-    TokenRouting, TrainConfig,
+    observe, replay, train_path_model, LayerChoice, OnlineKind, PathPredictor, Phase, RouteCursor,
+    RoutePredictor, RoutingShape, SequenceCursors, TokenRouting, TrainConfig,
 };
 
 /// Synthetic routing with some layer-to-layer structure (each layer's experts are a noisy
@@ -25,7 +25,7 @@ fn tokens(shape: RoutingShape, n: usize) -> Vec<TokenRouting> {
     (0..n)
         .map(|i| {
             let mut lead = (next() % shape.num_experts as u64) as u32;
-            let layers = (0..shape.num_layers)
+            let layers = (0..shape.moe_layers)
                 .map(|_| {
                     lead = (lead * 7 + (next() % 3) as u32) % shape.num_experts as u32;
                     let mut experts = vec![lead];
@@ -42,6 +42,7 @@ fn tokens(shape: RoutingShape, n: usize) -> Vec<TokenRouting> {
             TokenRouting {
                 seq: 0,
                 pos: i as u32,
+                step: None,
                 token_id: Some((next() % 500) as u32),
                 phase: Phase::Prefill,
                 layers,
@@ -52,9 +53,9 @@ fn tokens(shape: RoutingShape, n: usize) -> Vec<TokenRouting> {
 
 fn bench(c: &mut Criterion) {
     let shapes = [
-        ("flame_8x64_top6", RoutingShape { num_layers: 8, num_experts: 64, top_k: 6 }),
-        ("qwen_24x60_top4", RoutingShape { num_layers: 24, num_experts: 60, top_k: 4 }),
-        ("mixtral_32x8_top2", RoutingShape { num_layers: 32, num_experts: 8, top_k: 2 }),
+        ("flame_8x64_top6", RoutingShape { moe_layers: 8, num_experts: 64, top_k: 6 }),
+        ("qwen_24x60_top4", RoutingShape { moe_layers: 24, num_experts: 60, top_k: 4 }),
+        ("mixtral_32x8_top2", RoutingShape { moe_layers: 32, num_experts: 8, top_k: 2 }),
     ];
     for (label, shape) in shapes {
         let train = tokens(shape, 1000);
@@ -64,18 +65,20 @@ fn bench(c: &mut Criterion) {
             OnlineKind::ALL.iter().map(|kind| kind.build(shape)).collect();
         predictors.push(Box::new(PathPredictor::new(model)));
         for mut p in predictors {
-            replay(p.as_mut(), &train);
+            let mut cursors = SequenceCursors::new(shape);
+            replay(p.as_mut(), &mut cursors, &train);
+            let mut cursor: RouteCursor = cursors.of(0).clone();
             let mut i = 0;
             c.bench_function(&format!("{label}/{}/token", p.name()), |b| {
                 b.iter(|| {
                     let t = &test[i % test.len()];
                     i += 1;
-                    p.begin_token(t.token_id);
+                    cursor.begin_token(t.token_id);
                     let mut n = 0;
                     for (l, choice) in t.layers.iter().enumerate() {
                         let choice = choice.as_ref().unwrap();
-                        p.observe(l, &choice.experts, &choice.weights);
-                        n += p.predict(3).len();
+                        observe(p.as_mut(), &mut cursor, l, &choice.experts, &choice.weights);
+                        n += p.predict(&cursor, 3).len();
                     }
                     n
                 })

@@ -1,26 +1,24 @@
 //! The two baselines every smarter predictor has to beat: per-layer popularity and per-layer
-//! recency. Both learn online from what they observe and need no training.
+//! recency. Neither needs training: frequency counts online, recency reads the cursor.
 
-use crate::{best_candidates, sort_best_first, Cursor, Prediction, RoutePredictor, RoutingShape};
+use crate::{best_candidates, Prediction, RouteCursor, RoutePredictor, RoutingShape};
 
-/// Predicts, for each layer, the experts used most often there so far. Scores are the fraction
-/// of observed tokens that used the expert at that layer.
+/// Predicts, for each layer, the experts used most often there so far (by all sequences).
+/// Scores are the fraction of observed tokens that used the expert at that layer.
 pub struct FrequencyPredictor {
     shape: RoutingShape,
     /// `counts[layer][expert]`: tokens that used `expert` at `layer`.
     counts: Vec<Vec<u64>>,
     /// `tokens[layer]`: tokens observed at `layer`.
     tokens: Vec<u64>,
-    cursor: Cursor,
 }
 
 impl FrequencyPredictor {
     pub fn new(shape: RoutingShape) -> Self {
         FrequencyPredictor {
             shape,
-            counts: vec![vec![0; shape.num_experts]; shape.num_layers],
-            tokens: vec![0; shape.num_layers],
-            cursor: Cursor::TokenStart,
+            counts: vec![vec![0; shape.num_experts]; shape.moe_layers],
+            tokens: vec![0; shape.moe_layers],
         }
     }
 }
@@ -30,24 +28,21 @@ impl RoutePredictor for FrequencyPredictor {
         "frequency"
     }
 
-    fn begin_token(&mut self, _token_id: Option<u32>) {
-        self.cursor = Cursor::TokenStart;
-    }
-
-    fn observe(&mut self, layer: usize, experts: &[u32], _weights: &[f32]) {
-        let Some(counts) = self.counts.get_mut(layer) else { return };
-        for &e in experts {
-            if let Some(c) = counts.get_mut(e as usize) {
-                *c += 1;
-            }
+    fn learn(&mut self, cursor: &RouteCursor, layer: usize) {
+        debug_assert!(cursor.fits(self.shape), "a cursor of another shape");
+        let (Some(routed), Some(counts)) = (cursor.current(layer), self.counts.get_mut(layer)) else {
+            return;
+        };
+        for &(e, _) in routed.in_router_order() {
+            counts[e as usize] += 1;
         }
         self.tokens[layer] += 1;
-        self.cursor = Cursor::After(layer);
     }
 
-    fn predict(&self, depth: usize) -> Vec<Prediction> {
-        self.cursor
-            .targets(self.shape.num_layers, depth)
+    fn predict(&self, cursor: &RouteCursor, depth: usize) -> Vec<Prediction> {
+        debug_assert!(cursor.fits(self.shape), "a cursor of another shape");
+        cursor
+            .targets(depth)
             .map(|(distance, layer, next_token)| {
                 let seen = self.tokens[layer].max(1) as f32;
                 let scores: Vec<f32> = self.counts[layer].iter().map(|&c| c as f32 / seen).collect();
@@ -58,53 +53,28 @@ impl RoutePredictor for FrequencyPredictor {
     }
 }
 
-/// Predicts, for each layer, the experts the most recent token routed through that layer used,
-/// scored by their gate weights (1 when the weights are unknown). For the current token's later
-/// layers that is the previous token; for the next token's layers it is the current one.
-pub struct RecencyPredictor {
-    shape: RoutingShape,
-    /// `last[layer]`: the latest observation at `layer`, best gate weight first.
-    last: Vec<Vec<(u32, f32)>>,
-    cursor: Cursor,
-}
-
-impl RecencyPredictor {
-    pub fn new(shape: RoutingShape) -> Self {
-        RecencyPredictor { shape, last: vec![Vec::new(); shape.num_layers], cursor: Cursor::TokenStart }
-    }
-}
+/// Predicts, for each layer, the experts the sequence's most recent token routed through that
+/// layer used, scored by their gate weights (1 when the weights are unknown). For the current
+/// token's later layers that is the previous token (or an earlier one, if it skipped the layer);
+/// for the next token's layers it is the current one. Everything it needs is in the cursor, so
+/// it learns nothing.
+pub struct RecencyPredictor;
 
 impl RoutePredictor for RecencyPredictor {
     fn name(&self) -> &'static str {
         "recency"
     }
 
-    fn begin_token(&mut self, _token_id: Option<u32>) {
-        self.cursor = Cursor::TokenStart;
-    }
+    fn learn(&mut self, _cursor: &RouteCursor, _layer: usize) {}
 
-    fn observe(&mut self, layer: usize, experts: &[u32], weights: &[f32]) {
-        let num_experts = self.shape.num_experts;
-        let Some(last) = self.last.get_mut(layer) else { return };
-        last.clear();
-        for (i, &e) in experts.iter().enumerate() {
-            if (e as usize) < num_experts && !last.iter().any(|&(x, _)| x == e) {
-                let w = if weights.len() == experts.len() { weights[i].clamp(0.0, 1.0) } else { 1.0 };
-                last.push((e, w));
-            }
-        }
-        sort_best_first(last);
-        self.cursor = Cursor::After(layer);
-    }
-
-    fn predict(&self, depth: usize) -> Vec<Prediction> {
-        self.cursor
-            .targets(self.shape.num_layers, depth)
+    fn predict(&self, cursor: &RouteCursor, depth: usize) -> Vec<Prediction> {
+        cursor
+            .targets(depth)
             .map(|(distance, layer, next_token)| Prediction {
                 distance,
                 layer,
                 next_token,
-                experts: self.last[layer].clone(),
+                experts: cursor.latest(layer).map_or_else(Vec::new, |r| r.best_first().to_vec()),
             })
             .collect()
     }
@@ -113,8 +83,9 @@ impl RoutePredictor for RecencyPredictor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe;
 
-    const SHAPE: RoutingShape = RoutingShape { num_layers: 3, num_experts: 4, top_k: 1 };
+    const SHAPE: RoutingShape = RoutingShape { moe_layers: 3, num_experts: 4, top_k: 1 };
 
     fn experts(p: &Prediction) -> Vec<u32> {
         p.experts.iter().map(|&(e, _)| e).collect()
@@ -122,17 +93,17 @@ mod tests {
 
     #[test]
     fn frequency_ranks_by_count_and_wraps_to_next_token() {
-        let mut p = FrequencyPredictor::new(SHAPE);
+        let (mut p, mut c) = (FrequencyPredictor::new(SHAPE), RouteCursor::new(SHAPE));
         // Layer 1 sees expert 2 twice and expert 0 once.
         for (l1, l2) in [(2, 3), (0, 3), (2, 1)] {
-            p.begin_token(None);
-            p.observe(0, &[1], &[]);
-            p.observe(1, &[l1], &[]);
-            p.observe(2, &[l2], &[]);
+            c.begin_token(None);
+            observe(&mut p, &mut c, 0, &[1], &[]);
+            observe(&mut p, &mut c, 1, &[l1], &[]);
+            observe(&mut p, &mut c, 2, &[l2], &[]);
         }
-        p.begin_token(None);
-        p.observe(0, &[1], &[]);
-        let preds = p.predict(3);
+        c.begin_token(None);
+        observe(&mut p, &mut c, 0, &[1], &[]);
+        let preds = p.predict(&c, 3);
         assert_eq!(
             preds.iter().map(|p| (p.distance, p.layer, p.next_token)).collect::<Vec<_>>(),
             [(1, 1, false), (2, 2, false), (3, 0, true)]
@@ -145,32 +116,32 @@ mod tests {
 
     #[test]
     fn recency_returns_the_latest_routing_of_each_layer() {
-        let mut p = RecencyPredictor::new(SHAPE);
-        p.begin_token(Some(7));
-        p.observe(0, &[1, 3], &[0.2, 0.8]);
-        p.observe(1, &[2], &[]);
-        p.observe(2, &[0], &[1.0]);
-        p.begin_token(Some(8));
+        let (mut p, mut c) = (RecencyPredictor, RouteCursor::new(SHAPE));
+        c.begin_token(Some(7));
+        observe(&mut p, &mut c, 0, &[1, 3], &[0.2, 0.8]);
+        observe(&mut p, &mut c, 1, &[2], &[]);
+        observe(&mut p, &mut c, 2, &[0], &[1.0]);
+        c.begin_token(Some(8));
         // At the token start, distance 1 is this token's layer 0: the previous token's choice.
-        let start = p.predict(1);
+        let start = p.predict(&c, 1);
         assert_eq!((start[0].layer, start[0].next_token), (0, false));
         assert_eq!(start[0].experts, [(3, 0.8), (1, 0.2)]);
-        p.observe(0, &[0], &[]);
-        let preds = p.predict(2);
+        observe(&mut p, &mut c, 0, &[0], &[]);
+        let preds = p.predict(&c, 2);
         assert_eq!(preds[0].experts, [(2, 1.0)]);
         assert_eq!(preds[1].experts, [(0, 1.0)]);
         // Wrapping to the next token's layer 0 returns this token's layer 0.
-        assert_eq!(p.predict(3)[2].experts, [(0, 1.0)]);
+        assert_eq!(p.predict(&c, 3)[2].experts, [(0, 1.0)]);
     }
 
     #[test]
     fn out_of_range_inputs_are_ignored_and_depth_stops_at_next_token() {
-        let mut p = FrequencyPredictor::new(SHAPE);
-        p.begin_token(None);
-        p.observe(9, &[0], &[]);
-        p.observe(0, &[9, 1], &[]);
+        let (mut p, mut c) = (FrequencyPredictor::new(SHAPE), RouteCursor::new(SHAPE));
+        c.begin_token(None);
+        observe(&mut p, &mut c, 9, &[0], &[]);
+        observe(&mut p, &mut c, 0, &[9, 1], &[]);
         assert_eq!(p.counts[0], [0, 1, 0, 0]);
         // After layer 0 of 3, the next token ends 5 layers ahead.
-        assert_eq!(p.predict(100).len(), 5);
+        assert_eq!(p.predict(&c, 100).len(), 5);
     }
 }

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::{Prediction, RoutePredictor, TokenRouting};
+use crate::trace::sequence_neighbours;
+use crate::{observe, Prediction, RoutePredictor, SequenceCursors, TokenRouting};
 
 /// Counts behind recall and precision for one kind of prediction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,13 +103,15 @@ impl fmt::Display for Report {
 }
 
 /// Feeds `tokens` to `predictor` in order, as the engine would, without scoring: how online
-/// predictors learn from a trace before being evaluated on the rest.
-pub fn replay(predictor: &mut dyn RoutePredictor, tokens: &[TokenRouting]) {
+/// predictors learn from a trace before being evaluated on the rest. Each sequence moves its own
+/// cursor in `cursors`, so a later [`evaluate`] continues where its sequences stopped.
+pub fn replay(predictor: &mut dyn RoutePredictor, cursors: &mut SequenceCursors, tokens: &[TokenRouting]) {
     for token in tokens {
-        predictor.begin_token(token.token_id);
+        let cursor = cursors.of(token.seq);
+        cursor.begin_token(token.token_id);
         for (layer, choice) in token.layers.iter().enumerate() {
             if let Some(c) = choice {
-                predictor.observe(layer, &c.experts, &c.weights);
+                observe(predictor, cursor, layer, &c.experts, &c.weights);
             }
         }
     }
@@ -116,24 +119,28 @@ pub fn replay(predictor: &mut dyn RoutePredictor, tokens: &[TokenRouting]) {
 
 /// Runs `predictor` over `tokens` in order and scores every prediction for distances
 /// `1..=depth`: at each token start and after each observed layer, the top `k` predicted experts
-/// are compared with those the target layer used. Targets whose routing is not recorded are
-/// skipped. Online predictors keep learning as they go, as they would live.
+/// are compared with those the target layer used (the next token being the next one of the same
+/// sequence). Targets whose routing is not recorded are skipped. Each sequence moves its own
+/// cursor in `cursors`; online predictors keep learning as they go, as they would live.
 pub fn evaluate(
     predictor: &mut dyn RoutePredictor,
+    cursors: &mut SequenceCursors,
     tokens: &[TokenRouting],
     depth: usize,
     k: usize,
 ) -> Report {
     let mut distances: Vec<DistanceStats> =
         (1..=depth).map(|distance| DistanceStats { distance, ..Default::default() }).collect();
-    for (i, token) in tokens.iter().enumerate() {
-        let next = tokens.get(i + 1);
-        predictor.begin_token(token.token_id);
-        score(&predictor.predict(depth), true, token, next, k, &mut distances);
+    let neighbours = sequence_neighbours(tokens);
+    for (token, &(_, next)) in tokens.iter().zip(&neighbours) {
+        let next = next.map(|n| &tokens[n]);
+        let cursor = cursors.of(token.seq);
+        cursor.begin_token(token.token_id);
+        score(&predictor.predict(cursor, depth), true, token, next, k, &mut distances);
         for (layer, choice) in token.layers.iter().enumerate() {
             if let Some(c) = choice {
-                predictor.observe(layer, &c.experts, &c.weights);
-                score(&predictor.predict(depth), false, token, next, k, &mut distances);
+                observe(predictor, cursor, layer, &c.experts, &c.weights);
+                score(&predictor.predict(cursor, depth), false, token, next, k, &mut distances);
             }
         }
     }
@@ -183,8 +190,8 @@ pub fn split_holdout(tokens: &[TokenRouting], holdout: f64) -> Split {
     let holdout = if holdout.is_finite() { holdout.clamp(0.0, 1.0) } else { 0.0 };
     let want = (holdout * tokens.len() as f64).round() as usize;
     // Sequences in order of first appearance, with their token counts.
-    let mut order: Vec<u32> = Vec::new();
-    let mut count: HashMap<u32, usize> = HashMap::new();
+    let mut order: Vec<u64> = Vec::new();
+    let mut count: HashMap<u64, usize> = HashMap::new();
     for t in tokens {
         *count.entry(t.seq).or_insert_with(|| {
             order.push(t.seq);
@@ -215,10 +222,11 @@ mod tests {
     use super::*;
     use crate::{LayerChoice, Phase, RecencyPredictor, RoutingShape};
 
-    fn token(seq: u32, pos: u32, layers: &[Option<&[u32]>]) -> TokenRouting {
+    fn token(seq: u64, pos: u32, layers: &[Option<&[u32]>]) -> TokenRouting {
         TokenRouting {
             seq,
             pos,
+            step: None,
             token_id: Some(pos),
             phase: Phase::Prefill,
             layers: layers
@@ -233,8 +241,8 @@ mod tests {
         // Two layers, top-2. Token 1 repeats token 0 at layer 0 and half of it at layer 1.
         let tokens =
             [token(0, 0, &[Some(&[0, 1]), Some(&[2, 3])]), token(0, 1, &[Some(&[0, 1]), Some(&[2, 4])])];
-        let shape = RoutingShape { num_layers: 2, num_experts: 5, top_k: 2 };
-        let r = evaluate(&mut RecencyPredictor::new(shape), &tokens, 2, 2);
+        let shape = RoutingShape { moe_layers: 2, num_experts: 5, top_k: 2 };
+        let r = evaluate(&mut RecencyPredictor, &mut SequenceCursors::new(shape), &tokens, 2, 2);
         let (d1, d2) = (r.distances[0], r.distances[1]);
         // Distance 1 within a token: after layer 0, layer 1 predicted from the previous token's:
         // token 0 has no history (predicts nothing), token 1 gets {2,3} vs {2,4}.
@@ -255,11 +263,31 @@ mod tests {
     #[test]
     fn missing_layers_are_neither_observed_nor_scored() {
         let tokens = [token(0, 0, &[Some(&[0]), None]), token(0, 1, &[Some(&[0]), None])];
-        let shape = RoutingShape { num_layers: 2, num_experts: 2, top_k: 1 };
-        let r = evaluate(&mut RecencyPredictor::new(shape), &tokens, 1, 1);
+        let shape = RoutingShape { moe_layers: 2, num_experts: 2, top_k: 1 };
+        let r = evaluate(&mut RecencyPredictor, &mut SequenceCursors::new(shape), &tokens, 1, 1);
         assert_eq!(r.distances[0].within.events, 0);
         // Token 0 starts with no history (nothing predicted), token 1 gets layer 0 right.
         assert_eq!(r.distances[0].token_start, Hits { events: 2, hits: 1, actual: 2, predicted: 1 });
+    }
+
+    #[test]
+    fn interleaved_sequences_are_scored_against_their_own_tokens() {
+        // Sequence 0 always routes [0], sequence 1 [1]; one layer, tokens 0, 1, 0, 1.
+        let tokens = [
+            token(0, 0, &[Some(&[0])]),
+            token(1, 0, &[Some(&[1])]),
+            token(0, 1, &[Some(&[0])]),
+            token(1, 1, &[Some(&[1])]),
+        ];
+        let shape = RoutingShape { moe_layers: 1, num_experts: 2, top_k: 1 };
+        let mut cursors = SequenceCursors::new(shape);
+        let r = evaluate(&mut RecencyPredictor, &mut cursors, &tokens, 1, 1);
+        // Each sequence's second token start is predicted from its own first token, and each
+        // first token's next-token prediction is scored against its own sequence's next token.
+        let d1 = r.distances[0];
+        assert_eq!(d1.token_start, Hits { events: 4, hits: 2, actual: 4, predicted: 2 });
+        assert_eq!(d1.next_token, Hits { events: 2, hits: 2, actual: 2, predicted: 2 });
+        assert_eq!(cursors.sequences(), 2);
     }
 
     #[test]

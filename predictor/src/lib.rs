@@ -2,9 +2,12 @@
 //! will need. Pure: no IO, no threads. Traces are plain data here; reading and writing them is
 //! the engine's job, and so is reading or writing a trained model's bytes.
 //!
+//! Per-sequence state (where a sequence is on its routing path, what it routed) lives in a
+//! [`RouteCursor`]; predictors keep only what they learn across sequences.
+//!
 //! Predictors (all behind [`RoutePredictor`]):
 //! - [`FrequencyPredictor`]: the experts used most often at each layer so far;
-//! - [`RecencyPredictor`]: the experts the most recent token used at each layer;
+//! - [`RecencyPredictor`]: the experts the sequence's most recent token used at each layer;
 //! - [`TransitionPredictor`]: inter-layer affinity (ExFlow): experts chosen at layer `l` predict
 //!   those at `l + 1`, chained for longer distances, learned online;
 //! - [`PathPredictor`]: an ExpertFlow-style learned model of the whole routing path from what is
@@ -13,6 +16,7 @@
 //! [`evaluate`] measures any of them on held-out tokens (recall and precision per distance).
 
 mod baseline;
+mod cursor;
 mod eval;
 mod path;
 mod rng;
@@ -20,6 +24,7 @@ mod trace;
 mod transition;
 
 pub use baseline::{FrequencyPredictor, RecencyPredictor};
+pub use cursor::{RouteCursor, Routed, SequenceCursors};
 pub use eval::{evaluate, replay, split_holdout, DistanceStats, Hits, Report, Split};
 pub use path::{train_path_model, ModelError, PathModel, PathPredictor, TrainConfig};
 pub use trace::{LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
@@ -38,45 +43,52 @@ pub struct Prediction {
     pub experts: Vec<(u32, f32)>,
 }
 
-/// Observes routing as it happens and predicts what comes next.
+/// Predicts the routing ahead of a sequence from what it has routed so far.
 ///
-/// Call order, per token: `begin_token`, then `observe` once per MoE layer in increasing layer
-/// order (a layer may be skipped when its routing is unknown). `predict` may be called at any
-/// point; its distances count from the cursor:
+/// Per-sequence state lives in a [`RouteCursor`] the caller keeps, one per sequence; a predictor
+/// keeps only what it learns across sequences (counts, tables, a trained model), so one
+/// predictor serves all sequences of a batch. Call order, per token of a sequence:
+/// `cursor.begin_token`, then [`observe`] once per MoE layer in increasing layer order (a layer
+/// may be skipped when its routing is unknown), which records the routing in the cursor and
+/// lets the predictor `learn` from it. `predict` may be called at any point; its distances count
+/// from the cursor:
 /// - right after `begin_token`, distance 1 is layer 0 of the new token (`next_token == false`);
-/// - after `observe(l, ..)`, distance `d` is layer `l + d` of the same token, or, past the last
-///   layer, layer `l + d - num_layers` of the token after it (`next_token == true`).
+/// - after observing layer `l`, distance `d` is layer `l + d` of the same token, or, past the
+///   last layer, layer `l + d - moe_layers` of the token after it (`next_token == true`);
+/// - never past the next token's last layer.
 ///
-/// Implementations keep `observe` and `predict` to microseconds: the predictive cache calls them
-/// once per MoE layer per token. Inputs out of range (a layer or expert index beyond the shape)
-/// are ignored rather than trusted, since the trait has no error channel on this hot path.
-///
-/// The hidden-state "next-gate" predictor (Pre-gated MoE, HOBBIT: apply the routers of layers
-/// `l + 1 ..= l + d` to the hidden state entering layer `l`) lives in the engine, which owns the
-/// router weights and the activations. It implements this trait too: the engine hands it the
-/// router input of each layer through [`RoutePredictor::observe_hidden`] just before `observe`,
-/// it keeps the later routers' logits, and `predict` returns their top experts. Other
-/// predictors ignore hidden states.
+/// Cursors must be built for the predictor's MoE layers and experts ([`RoutingShape`]). Inputs
+/// out of range are the cursor's to drop (it records none of them), and `learn` ignores a layer
+/// the cursor did not record. Implementations keep `learn` and `predict` to microseconds: the
+/// predictive cache calls them once per MoE layer per sequence and token.
 pub trait RoutePredictor: Send {
     fn name(&self) -> &'static str;
-    /// A new token starts (its id when known).
-    fn begin_token(&mut self, token_id: Option<u32>);
-    /// The router of MoE layer `layer` chose `experts` with gate `weights` for the current token.
-    /// `weights` may be empty when unknown; otherwise it is parallel to `experts`.
-    fn observe(&mut self, layer: usize, experts: &[u32], weights: &[f32]);
-    /// Predictions for the next `depth` MoE layers after the last observed one, nearest first
+    /// Learns from the routing `cursor` has just recorded at `layer` (called right after
+    /// `cursor.observe(layer, ..)`, with the cursor's sequence history as context).
+    fn learn(&mut self, cursor: &RouteCursor, layer: usize);
+    /// Predictions for the next `depth` MoE layers after `cursor`'s position, nearest first
     /// (fewer when `depth` reaches past the next token's last layer).
-    fn predict(&self, depth: usize) -> Vec<Prediction>;
-    /// The hidden state that MoE layer `layer`'s router reads for the current token (called
-    /// before `observe` for that layer). Only hidden-state predictors use it.
-    fn observe_hidden(&mut self, _layer: usize, _hidden: &[f32]) {}
+    fn predict(&self, cursor: &RouteCursor, depth: usize) -> Vec<Prediction>;
+}
+
+/// Records `layer`'s routing in `cursor` and lets `predictor` learn from it: what callers do per
+/// observed layer.
+pub fn observe(
+    predictor: &mut dyn RoutePredictor,
+    cursor: &mut RouteCursor,
+    layer: usize,
+    experts: &[u32],
+    weights: &[f32],
+) {
+    cursor.observe(layer, experts, weights);
+    predictor.learn(cursor, layer);
 }
 
 /// The dimensions every predictor is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoutingShape {
     /// Number of MoE layers (not decoder layers).
-    pub num_layers: usize,
+    pub moe_layers: usize,
     /// Routed experts per MoE layer.
     pub num_experts: usize,
     /// Experts the router picks per token and layer.
@@ -85,7 +97,7 @@ pub struct RoutingShape {
 
 impl From<&TraceMeta> for RoutingShape {
     fn from(meta: &TraceMeta) -> Self {
-        RoutingShape { num_layers: meta.layer_ids.len(), num_experts: meta.num_experts, top_k: meta.top_k }
+        RoutingShape { moe_layers: meta.layer_ids.len(), num_experts: meta.num_experts, top_k: meta.top_k }
     }
 }
 
@@ -116,7 +128,7 @@ impl OnlineKind {
     pub fn build(self, shape: RoutingShape) -> Box<dyn RoutePredictor> {
         match self {
             OnlineKind::Frequency => Box::new(FrequencyPredictor::new(shape)),
-            OnlineKind::Recency => Box::new(RecencyPredictor::new(shape)),
+            OnlineKind::Recency => Box::new(RecencyPredictor),
             OnlineKind::Transition => Box::new(TransitionPredictor::new(shape)),
         }
     }
@@ -155,34 +167,4 @@ pub(crate) fn best_candidates(scores: &[f32], limit: usize) -> Vec<(u32, f32)> {
     keys.truncate(limit);
     keys.sort_unstable_by(|a, b| b.cmp(a));
     keys.iter().map(|&k| (u32::MAX - k as u32, f32::from_bits((k >> 32) as u32))).collect()
-}
-
-/// Where the cursor of a predictor stands: which layer was observed last, of which token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Cursor {
-    /// `begin_token` was called and no layer of the token observed yet.
-    TokenStart,
-    /// Layer `l` of the current token was observed last.
-    After(usize),
-}
-
-impl Cursor {
-    /// The `(distance, layer, next_token)` targets at distances `1..=depth`, nearest first,
-    /// stopping at the next token's last layer (no predictor looks two tokens ahead).
-    pub(crate) fn targets(
-        self,
-        num_layers: usize,
-        depth: usize,
-    ) -> impl Iterator<Item = (usize, usize, bool)> {
-        // Position of the first target, counted in layers from the current token's layer 0.
-        let first = match self {
-            Cursor::TokenStart => 0,
-            Cursor::After(l) => l + 1,
-        };
-        let depth = depth.min((2 * num_layers).saturating_sub(first));
-        (1..=depth).map(move |d| {
-            let pos = first + d - 1;
-            (d, pos % num_layers, pos >= num_layers)
-        })
-    }
 }

@@ -1,5 +1,7 @@
 //! Routing traces as data: per token, per MoE layer, the experts chosen and their gate weights.
 
+use std::collections::HashMap;
+
 /// Whether a token was part of the prompt (processed as a batch) or generated one at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -17,9 +19,12 @@ pub struct LayerChoice {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenRouting {
     /// Sequence (request) the token belongs to.
-    pub seq: u32,
+    pub seq: u64,
     /// Position within its sequence.
     pub pos: u32,
+    /// The forward pass (step) that ran the token, when the trace records it: tokens of one
+    /// step shared one batch. `None`: each token is taken as a step of its own.
+    pub step: Option<u64>,
     pub token_id: Option<u32>,
     pub phase: Phase,
     /// Indexed by MoE layer; `None` where the trace did not record that layer for this token.
@@ -46,5 +51,44 @@ pub struct Trace {
 impl Trace {
     pub fn num_layers(&self) -> usize {
         self.meta.layer_ids.len()
+    }
+}
+
+/// For each token of `tokens`, the indices of the previous and the next token of its own
+/// sequence (`TokenRouting::seq`), if any: a token's neighbours on its routing path.
+pub(crate) fn sequence_neighbours(tokens: &[TokenRouting]) -> Vec<(Option<usize>, Option<usize>)> {
+    let mut out = vec![(None, None); tokens.len()];
+    let mut last: HashMap<u64, usize> = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(p) = last.insert(t.seq, i) {
+            out[i].0 = Some(p);
+            out[p].1 = Some(i);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbours_stay_within_their_sequence() {
+        let tokens: Vec<TokenRouting> = [0, 1, 0, 2, 1]
+            .iter()
+            .enumerate()
+            .map(|(pos, &seq)| TokenRouting {
+                seq,
+                pos: pos as u32,
+                step: None,
+                token_id: None,
+                phase: Phase::Decode,
+                layers: Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            sequence_neighbours(&tokens),
+            [(None, Some(2)), (None, Some(4)), (Some(0), None), (None, None), (Some(1), None)]
+        );
     }
 }

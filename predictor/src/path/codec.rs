@@ -4,14 +4,14 @@
 //! ```text
 //! magic        8 bytes  "STVDPATH"
 //! version      u32      1
-//! num_layers, num_experts, top_k, max_depth, context_layers, num_token_rows: u32 each
+//! moe_layers, num_experts, top_k, max_depth, context_layers, num_token_rows: u32 each
 //! token_ids    u32 x num_token_rows, strictly increasing
 //! bias         f32 x positions * num_experts
-//! token_w      f32 x num_token_rows * num_layers * num_experts
+//! token_w      f32 x num_token_rows * moe_layers * num_experts
 //! layer_w      f32 x blocks * num_experts^2
 //! recent_w     f32 x positions * num_experts
 //! ```
-//! where `positions = num_layers + min(max_depth, num_layers)` and `blocks` counts the (target
+//! where `positions = moe_layers + min(max_depth, moe_layers)` and `blocks` counts the (target
 //! position, source layer) pairs a prediction can use (see `backs` in the parent module).
 
 use super::{ModelError, PathModel};
@@ -32,7 +32,7 @@ impl PathModel {
         let mut out = Vec::with_capacity(8 + 4 * (7 + self.token_ids.len() + n));
         out.extend_from_slice(MAGIC);
         let s = self.shape;
-        for v in [VERSION as usize, s.num_layers, s.num_experts, s.top_k, self.max_depth, self.context]
+        for v in [VERSION as usize, s.moe_layers, s.num_experts, s.top_k, self.max_depth, self.context]
             .into_iter()
             .chain([self.token_ids.len()])
         {
@@ -58,19 +58,19 @@ impl PathModel {
         if version != VERSION {
             return Err(ModelError::UnsupportedVersion(version));
         }
-        let num_layers = r.dim("num_layers", 1, MAX_LAYERS)?;
+        let moe_layers = r.dim("moe_layers", 1, MAX_LAYERS)?;
         let num_experts = r.dim("num_experts", 1, MAX_EXPERTS)?;
         let top_k = r.dim("top_k", 1, num_experts)?;
         let max_depth = r.dim("max_depth", 1, MAX_LAYERS)?;
         let context = r.dim("context_layers", 1, MAX_LAYERS)?;
         let rows = r.dim("num_token_rows", 0, u32::MAX as u64)?;
 
-        let positions = num_layers + max_depth.min(num_layers);
-        let offsets = super::layer_offsets(num_layers as usize, max_depth as usize, context as usize);
+        let positions = moe_layers + max_depth.min(moe_layers);
+        let offsets = super::layer_offsets(moe_layers as usize, max_depth as usize, context as usize);
         let blocks = offsets[offsets.len() - 1] as u64;
         let counts = [
             positions * num_experts,
-            rows * num_layers * num_experts,
+            rows * moe_layers * num_experts,
             blocks * num_experts * num_experts,
             positions * num_experts,
         ];
@@ -95,7 +95,7 @@ impl PathModel {
             token_ids.push(id);
         }
         let shape = RoutingShape {
-            num_layers: num_layers as usize,
+            moe_layers: moe_layers as usize,
             num_experts: num_experts as usize,
             top_k: top_k as usize,
         };

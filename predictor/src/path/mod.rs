@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub use train::{train_path_model, TrainConfig};
 
-use crate::{best_candidates, Cursor, Prediction, RoutePredictor, RoutingShape};
+use crate::{best_candidates, Prediction, RouteCursor, RoutePredictor, Routed, RoutingShape};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
@@ -72,13 +72,37 @@ pub struct PathModel {
     recent_w: Vec<f32>,
 }
 
+/// Where a prediction reads the experts (ascending) a token chose at each of its layers.
+#[derive(Clone, Copy)]
+enum Seen<'a> {
+    Nothing,
+    /// Indexed by layer, empty where not observed (training).
+    Layers(&'a [Vec<u32>]),
+    /// The cursor's current token.
+    Current(&'a RouteCursor),
+    /// The cursor's previous token.
+    Previous(&'a RouteCursor),
+}
+
+impl<'a> Seen<'a> {
+    /// The experts chosen at `layer`; empty where not observed.
+    fn layer(self, layer: usize) -> &'a [u32] {
+        match self {
+            Seen::Nothing => &[],
+            Seen::Layers(v) => v.get(layer).map_or(&[], Vec::as_slice),
+            Seen::Current(c) => c.current(layer).map_or(&[], Routed::ascending),
+            Seen::Previous(c) => c.previous(layer).map_or(&[], Routed::ascending),
+        }
+    }
+}
+
 /// What a prediction is made from.
 struct Evidence<'a> {
     /// The last observed layer; `None` at the token start.
     origin: Option<usize>,
     row: Option<usize>,
-    /// Experts chosen at each layer of the current token (empty where not observed).
-    seen: &'a [Vec<u32>],
+    /// The routing of the token `origin` belongs to (normally the current one).
+    seen: Seen<'a>,
     /// The latest routing of the target's layer: the previous token's for a current-token
     /// target, the current token's for a next-token target.
     recent: &'a [u32],
@@ -87,7 +111,7 @@ struct Evidence<'a> {
 impl PathModel {
     /// A model with every weight zero (it predicts uniform scores until trained).
     fn zeros(shape: RoutingShape, max_depth: usize, context: usize, token_ids: Vec<u32>) -> Self {
-        let (l, e) = (shape.num_layers, shape.num_experts);
+        let (l, e) = (shape.moe_layers, shape.num_experts);
         let layer_offsets = layer_offsets(l, max_depth, context);
         PathModel {
             shape,
@@ -122,12 +146,12 @@ impl PathModel {
     /// Path positions with their own weights: the token's layers, then the next token's first
     /// `min(max_depth, L)` layers.
     fn positions(&self) -> usize {
-        self.shape.num_layers + self.max_depth.min(self.shape.num_layers)
+        self.shape.moe_layers + self.max_depth.min(self.shape.moe_layers)
     }
 
     /// The `back`s (source layer = `position - 1 - back`) with weights for `position`.
     fn backs(&self, position: usize) -> std::ops::Range<usize> {
-        backs(self.shape.num_layers, self.max_depth + self.context - 1, position)
+        backs(self.shape.moe_layers, self.max_depth + self.context - 1, position)
     }
 
     fn token_row(&self, token_id: Option<u32>) -> Option<usize> {
@@ -141,7 +165,7 @@ impl PathModel {
 
     fn token_slice(&self, row: usize, layer: usize) -> std::ops::Range<usize> {
         let e = self.shape.num_experts;
-        let start = (row * self.shape.num_layers + layer) * e;
+        let start = (row * self.shape.moe_layers + layer) * e;
         start..start + e
     }
 
@@ -166,14 +190,14 @@ impl PathModel {
     /// The layers of the current token that `position`'s latest routing comes from, if any:
     /// a next-token position reads the current token's same layer once it is observed.
     fn recent_layer(&self, position: usize, origin: Option<usize>) -> Option<usize> {
-        let m = position.checked_sub(self.shape.num_layers)?;
+        let m = position.checked_sub(self.shape.moe_layers)?;
         origin.filter(|&o| m <= o).map(|_| m)
     }
 
     /// Logits of target `position` given `ev`.
     fn logits(&self, position: usize, ev: &Evidence, out: &mut [f32]) {
         out.copy_from_slice(&self.bias[self.bias_row(position)]);
-        if let (Some(r), true) = (ev.row, position < self.shape.num_layers) {
+        if let (Some(r), true) = (ev.row, position < self.shape.moe_layers) {
             add(out, &self.token_w[self.token_slice(r, position)]);
         }
         let backs = self.backs(position);
@@ -182,7 +206,7 @@ impl PathModel {
             if !backs.contains(&back) {
                 continue;
             }
-            for &x in ev.seen.get(j).map_or(&[][..], |v| v) {
+            for &x in ev.seen.layer(j) {
                 add(out, &self.layer_w[self.layer_slice(position, back, x)]);
             }
         }
@@ -195,18 +219,18 @@ impl PathModel {
 
 /// Source layers that can feed `position` are within `span` layers before it (a prediction
 /// looks at most `max_depth` ahead from a window of `context` layers) and belong to the current
-/// token (`position - 1 - back < num_layers`).
-fn backs(num_layers: usize, span: usize, position: usize) -> std::ops::Range<usize> {
-    let lo = position.saturating_sub(num_layers);
+/// token (`position - 1 - back < moe_layers`).
+fn backs(moe_layers: usize, span: usize, position: usize) -> std::ops::Range<usize> {
+    let lo = position.saturating_sub(moe_layers);
     lo..span.min(position).max(lo)
 }
 
 /// Prefix sums of `backs(..).len()` over positions.
-fn layer_offsets(num_layers: usize, max_depth: usize, context: usize) -> Vec<usize> {
-    let positions = num_layers + max_depth.min(num_layers);
+fn layer_offsets(moe_layers: usize, max_depth: usize, context: usize) -> Vec<usize> {
+    let positions = moe_layers + max_depth.min(moe_layers);
     let mut out = vec![0];
     for p in 0..positions {
-        out.push(out[p] + backs(num_layers, max_depth + context - 1, p).len());
+        out.push(out[p] + backs(moe_layers, max_depth + context - 1, p).len());
     }
     out
 }
@@ -233,63 +257,56 @@ fn scores_from_logits(logits: &mut [f32], shape: RoutingShape) -> Vec<(u32, f32)
     best_candidates(logits, shape.max_candidates())
 }
 
-/// Runs a [`PathModel`] live: remembers the current and previous token's routing and scores
-/// targets on demand. `observe` only records the choice; `predict` costs, per predicted layer,
-/// `context * top_k` row additions of `num_experts` floats and a softmax.
+/// Runs a [`PathModel`] live: scores targets on demand from the token id and the current and
+/// previous token's routing that the cursor holds. It learns nothing online (the model is
+/// trained offline); `predict` costs, per predicted layer, `context * top_k` row additions of
+/// `num_experts` floats and a softmax.
 pub struct PathPredictor {
     model: Arc<PathModel>,
-    row: Option<usize>,
-    /// Experts chosen at each layer by the current token (empty where not observed yet).
-    seen: Vec<Vec<u32>>,
-    /// The same for the previous token.
-    prev: Vec<Vec<u32>>,
-    /// Whether the previous token's last layer was observed (its routing can predict this one).
-    prev_complete: bool,
-    cursor: Cursor,
 }
 
 impl PathPredictor {
     pub fn new(model: Arc<PathModel>) -> Self {
-        let l = model.shape.num_layers;
-        PathPredictor {
-            model,
-            row: None,
-            seen: vec![Vec::new(); l],
-            prev: vec![Vec::new(); l],
-            prev_complete: false,
-            cursor: Cursor::TokenStart,
-        }
+        PathPredictor { model }
     }
 
     pub fn model(&self) -> &Arc<PathModel> {
         &self.model
     }
 
-    fn target_logits(&self, distance: usize, layer: usize, next_token: bool, out: &mut [f32]) {
+    fn target_logits(
+        &self,
+        cursor: &RouteCursor,
+        row: Option<usize>,
+        (distance, layer, next_token): (usize, usize, bool),
+        out: &mut [f32],
+    ) {
         let m = &*self.model;
-        let l = m.shape.num_layers;
-        let none = Evidence { origin: None, row: None, seen: &[], recent: &[] };
-        match self.cursor {
-            Cursor::After(o) => {
+        let l = m.shape.moe_layers;
+        let none = Evidence { origin: None, row: None, seen: Seen::Nothing, recent: &[] };
+        let (current, previous) = (Seen::Current(cursor), Seen::Previous(cursor));
+        match cursor.last_layer() {
+            Some(o) => {
                 let position = if next_token { l + layer } else { layer };
                 if position < m.positions() && position - o <= m.max_depth {
-                    let recent = if next_token { &self.seen[layer] } else { &self.prev[layer] };
-                    let ev = Evidence { origin: Some(o), row: self.row, seen: &self.seen, recent };
+                    let recent = if next_token { current.layer(layer) } else { previous.layer(layer) };
+                    let ev = Evidence { origin: Some(o), row, seen: current, recent };
                     m.logits(position, &ev, out);
                 } else {
                     // Beyond what the model was trained for: the layer's popularity.
                     m.logits(layer, &none, out);
                 }
             }
-            Cursor::TokenStart if next_token => m.logits(layer, &none, out),
-            Cursor::TokenStart => {
-                let recent = if distance <= m.max_depth { &self.prev[layer][..] } else { &[] };
-                if self.row.is_none() && self.prev_complete && l + layer < m.positions() {
+            None if next_token => m.logits(layer, &none, out),
+            None => {
+                let recent = if distance <= m.max_depth { previous.layer(layer) } else { &[] };
+                let previous_complete = cursor.previous_last_layer() == Some(l - 1);
+                if row.is_none() && previous_complete && l + layer < m.positions() {
                     // Unknown token id: predict it as the previous token's next token.
-                    let ev = Evidence { origin: Some(l - 1), row: None, seen: &self.prev, recent };
+                    let ev = Evidence { origin: Some(l - 1), row: None, seen: previous, recent };
                     m.logits(l + layer, &ev, out);
                 } else {
-                    m.logits(layer, &Evidence { row: self.row, recent, ..none }, out);
+                    m.logits(layer, &Evidence { row, recent, ..none }, out);
                 }
             }
         }
@@ -301,33 +318,18 @@ impl RoutePredictor for PathPredictor {
         "path"
     }
 
-    fn begin_token(&mut self, token_id: Option<u32>) {
-        std::mem::swap(&mut self.seen, &mut self.prev);
-        self.prev_complete = self.cursor == Cursor::After(self.model.shape.num_layers - 1);
-        for s in &mut self.seen {
-            s.clear();
-        }
-        self.row = self.model.token_row(token_id);
-        self.cursor = Cursor::TokenStart;
-    }
+    fn learn(&mut self, _cursor: &RouteCursor, _layer: usize) {}
 
-    fn observe(&mut self, layer: usize, experts: &[u32], _weights: &[f32]) {
-        let e = self.model.shape.num_experts as u32;
-        let Some(seen) = self.seen.get_mut(layer) else { return };
-        seen.clear();
-        seen.extend(experts.iter().copied().filter(|&x| x < e));
-        seen.sort_unstable();
-        seen.dedup();
-        self.cursor = Cursor::After(layer);
-    }
-
-    fn predict(&self, depth: usize) -> Vec<Prediction> {
+    fn predict(&self, cursor: &RouteCursor, depth: usize) -> Vec<Prediction> {
+        debug_assert!(cursor.fits(self.model.shape), "a cursor of another shape");
         let m = &*self.model;
+        let row = m.token_row(cursor.token_id());
         let mut logits = vec![0.0; m.shape.num_experts];
-        self.cursor
-            .targets(m.shape.num_layers, depth)
-            .map(|(distance, layer, next_token)| {
-                self.target_logits(distance, layer, next_token, &mut logits);
+        cursor
+            .targets(depth)
+            .map(|target| {
+                self.target_logits(cursor, row, target, &mut logits);
+                let (distance, layer, next_token) = target;
                 Prediction { distance, layer, next_token, experts: scores_from_logits(&mut logits, m.shape) }
             })
             .collect()

@@ -1,10 +1,11 @@
 use super::*;
-use crate::{evaluate, LayerChoice, Phase, TokenRouting, TransitionPredictor};
+use crate::{evaluate, observe, LayerChoice, Phase, SequenceCursors, TokenRouting, TransitionPredictor};
 
 fn token(pos: u32, token_id: Option<u32>, path: &[u32]) -> TokenRouting {
     TokenRouting {
         seq: 0,
         pos,
+        step: None,
         token_id,
         phase: Phase::Prefill,
         layers: path.iter().map(|&e| Some(LayerChoice { experts: vec![e], weights: vec![1.0] })).collect(),
@@ -27,34 +28,34 @@ fn two_layer_tokens(n: u32) -> Vec<TokenRouting> {
 
 #[test]
 fn token_id_determines_the_whole_path() {
-    let shape = RoutingShape { num_layers: 3, num_experts: 4, top_k: 1 };
+    let shape = RoutingShape { moe_layers: 3, num_experts: 4, top_k: 1 };
     let paths = [[0, 1, 2], [3, 3, 0], [1, 0, 3]];
     let tokens: Vec<_> = (0..60).map(|i| token(i, Some(100 + i % 3), &paths[(i % 3) as usize])).collect();
     let model = Arc::new(train_path_model(shape, &tokens, &config()).unwrap());
     assert_eq!(model.num_token_rows(), 3);
-    let mut p = PathPredictor::new(model);
+    let (mut p, mut c) = (PathPredictor::new(model), RouteCursor::new(shape));
     for (id, path) in [100, 101, 102].iter().zip(&paths) {
-        p.begin_token(Some(*id));
+        c.begin_token(Some(*id));
         // From the token id alone, before any layer is routed.
-        let preds = p.predict(3);
+        let preds = p.predict(&c, 3);
         assert_eq!(preds.iter().map(top1).collect::<Vec<_>>(), path.to_vec(), "token {id}");
         assert!(preds.iter().all(|p| !p.next_token && p.experts[0].1 > 0.5));
         for (l, &e) in path.iter().enumerate() {
-            p.observe(l, &[e], &[1.0]);
+            observe(&mut p, &mut c, l, &[e], &[1.0]);
         }
     }
 }
 
 #[test]
 fn combines_several_layers_where_one_transition_cannot() {
-    let shape = RoutingShape { num_layers: 3, num_experts: 4, top_k: 1 };
+    let shape = RoutingShape { moe_layers: 3, num_experts: 4, top_k: 1 };
     let train = two_layer_tokens(200);
     let model = Arc::new(train_path_model(shape, &train, &config()).unwrap());
     let test = two_layer_tokens(40);
-    let path = evaluate(&mut PathPredictor::new(model), &test, 1, 1);
-    let mut transition = TransitionPredictor::new(shape);
-    crate::replay(&mut transition, &train);
-    let table = evaluate(&mut transition, &test, 1, 1);
+    let path = evaluate(&mut PathPredictor::new(model), &mut SequenceCursors::new(shape), &test, 1, 1);
+    let (mut transition, mut cursors) = (TransitionPredictor::new(shape), SequenceCursors::new(shape));
+    crate::replay(&mut transition, &mut cursors, &train);
+    let table = evaluate(&mut transition, &mut cursors, &test, 1, 1);
     // Distance 1 within the token: layer 1 from layer 0 (independent: 1/2 at best for both) and
     // layer 2 from layers 0 and 1 (exact for the path model, 1/2 for the table).
     let (path_r, table_r) = (path.distances[0].within.recall(), table.distances[0].within.recall());
@@ -65,27 +66,27 @@ fn combines_several_layers_where_one_transition_cannot() {
 #[test]
 fn predicts_the_next_tokens_first_layers_from_this_token() {
     // Tokens alternate between two paths, so the end of one says how the next starts.
-    let shape = RoutingShape { num_layers: 2, num_experts: 4, top_k: 1 };
+    let shape = RoutingShape { moe_layers: 2, num_experts: 4, top_k: 1 };
     let tokens: Vec<_> =
         (0..100).map(|i| token(i, None, if i % 2 == 0 { &[0, 1] } else { &[2, 3] })).collect();
     let model = Arc::new(train_path_model(shape, &tokens, &config()).unwrap());
-    let mut p = PathPredictor::new(model);
-    p.begin_token(None);
-    p.observe(0, &[0], &[]);
-    p.observe(1, &[1], &[]);
-    let preds = p.predict(2);
+    let (mut p, mut c) = (PathPredictor::new(model), RouteCursor::new(shape));
+    c.begin_token(None);
+    observe(&mut p, &mut c, 0, &[0], &[]);
+    observe(&mut p, &mut c, 1, &[1], &[]);
+    let preds = p.predict(&c, 2);
     assert_eq!(
         preds.iter().map(|p| (p.layer, p.next_token, top1(p))).collect::<Vec<_>>(),
         [(0, true, 2), (1, true, 3)]
     );
     // At the next token's start with an unknown id, the same evidence is used.
-    p.begin_token(None);
-    assert_eq!(p.predict(1)[0].experts[0].0, 2);
+    c.begin_token(None);
+    assert_eq!(p.predict(&c, 1)[0].experts[0].0, 2);
 }
 
 #[test]
 fn training_is_deterministic_and_bytes_round_trip() {
-    let shape = RoutingShape { num_layers: 3, num_experts: 4, top_k: 1 };
+    let shape = RoutingShape { moe_layers: 3, num_experts: 4, top_k: 1 };
     let tokens = two_layer_tokens(50);
     let a = train_path_model(shape, &tokens, &TrainConfig::default()).unwrap();
     let b = train_path_model(shape, &tokens, &TrainConfig::default()).unwrap();
@@ -97,7 +98,7 @@ fn training_is_deterministic_and_bytes_round_trip() {
 
 #[test]
 fn corrupt_bytes_are_clear_errors() {
-    let shape = RoutingShape { num_layers: 2, num_experts: 3, top_k: 1 };
+    let shape = RoutingShape { moe_layers: 2, num_experts: 3, top_k: 1 };
     let tokens: Vec<_> = (0..10).map(|i| token(i, Some(i % 2), &[i % 3, 0])).collect();
     let bytes = train_path_model(shape, &tokens, &TrainConfig::default()).unwrap().to_bytes();
     let header = 8 + 4 * 7;
@@ -127,7 +128,7 @@ fn corrupt_bytes_are_clear_errors() {
 
 #[test]
 fn bad_training_input_is_an_error() {
-    let shape = RoutingShape { num_layers: 2, num_experts: 3, top_k: 1 };
+    let shape = RoutingShape { moe_layers: 2, num_experts: 3, top_k: 1 };
     assert_eq!(train_path_model(shape, &[], &TrainConfig::default()), Err(ModelError::NoTrainingData));
     let tokens = [token(0, None, &[0, 1])];
     let zero_depth = TrainConfig { max_depth: 0, ..TrainConfig::default() };

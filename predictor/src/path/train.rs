@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
-use super::{Evidence, ModelError, PathModel};
+use super::{Evidence, ModelError, PathModel, Seen};
 use crate::rng::SplitMix64;
+use crate::trace::sequence_neighbours;
 use crate::{RoutingShape, TokenRouting};
 
 /// Training parameters. The defaults train on a few thousand tokens in about a second.
@@ -45,7 +46,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     fn validate(&self, shape: RoutingShape) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::BadConfig(m));
-        if shape.num_layers == 0 || shape.num_experts == 0 || shape.top_k == 0 {
+        if shape.moe_layers == 0 || shape.num_experts == 0 || shape.top_k == 0 {
             return bad(format!("shape {shape:?} has a zero dimension"));
         }
         if self.max_depth == 0 || self.context_layers == 0 || self.epochs == 0 {
@@ -68,9 +69,9 @@ struct Example {
     layers: Vec<Option<Vec<u32>>>,
 }
 
-/// Trains a path model on `tokens` (in trace order: a token's successor in the slice is the
-/// "next token" the model learns to predict the first layers of). Deterministic for a given
-/// `config.seed`.
+/// Trains a path model on `tokens` (in trace order, sequences possibly interleaved: a token's
+/// successor in its own sequence, `TokenRouting::seq`, is the "next token" the model learns to
+/// predict the first layers of). Deterministic for a given `config.seed`.
 pub fn train_path_model(
     shape: RoutingShape,
     tokens: &[TokenRouting],
@@ -92,7 +93,7 @@ pub fn train_path_model(
         .iter()
         .map(|t| Example {
             row: model.token_row(t.token_id),
-            layers: (0..shape.num_layers)
+            layers: (0..shape.moe_layers)
                 .map(|l| {
                     let c = t.layers.get(l)?.as_ref()?;
                     let mut v: Vec<u32> =
@@ -108,14 +109,15 @@ pub fn train_path_model(
         return Err(ModelError::NoTrainingData);
     }
 
+    let neighbours = sequence_neighbours(tokens);
     let mut trainer = Trainer::new(&model, config);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut rng = SplitMix64::new(config.seed);
     for _ in 0..config.epochs {
         rng.shuffle(&mut order);
         for &i in &order {
-            let prev = i.checked_sub(1).map(|p| &examples[p]);
-            trainer.step(&mut model, prev, &examples[i], examples.get(i + 1));
+            let (prev, next) = neighbours[i];
+            trainer.step(&mut model, prev.map(|p| &examples[p]), &examples[i], next.map(|n| &examples[n]));
         }
     }
     Ok(model)
@@ -150,15 +152,16 @@ impl Trainer {
             logits: vec![0.0; e],
             grad_bias: vec![0.0; e],
             grad_token: vec![0.0; e],
-            grad_source: vec![vec![0.0; e]; model.shape.num_layers],
+            grad_source: vec![vec![0.0; e]; model.shape.moe_layers],
             grad_recent: vec![0.0; e],
         }
     }
 
     /// One mini-batch: every target position of `cur` (and of `next`, for the wrapped
-    /// positions) from every origin within `max_depth` of it. `prev` is the token before.
+    /// positions) from every origin within `max_depth` of it. `prev` is the token before in the
+    /// same sequence.
     fn step(&mut self, model: &mut PathModel, prev: Option<&Example>, cur: &Example, next: Option<&Example>) {
-        let l = model.shape.num_layers;
+        let l = model.shape.moe_layers;
         let seen: Vec<Vec<u32>> = cur.layers.iter().map(|x| x.clone().unwrap_or_default()).collect();
         let prev_seen: Vec<&[u32]> =
             (0..l).map(|j| prev.and_then(|p| p.layers[j].as_deref()).unwrap_or_default()).collect();
@@ -191,7 +194,7 @@ impl Trainer {
                     None => prev_seen.get(position).copied().unwrap_or_default(),
                 };
                 let row = if position < l { cur.row } else { None };
-                let ev = Evidence { origin, row, seen: &seen, recent };
+                let ev = Evidence { origin, row, seen: Seen::Layers(&seen), recent };
                 model.logits(position, &ev, &mut self.logits);
                 softmax_minus_target(&mut self.logits, target);
                 let g = &self.logits;
