@@ -2,16 +2,19 @@
 //! evict. It knows expert keys and byte sizes, nothing about models or where bytes come from;
 //! the engine moves the bytes and stores whatever value it likes (`V`) against each key.
 //!
-//! One implementation of each replacement [`Policy`] serves the live engine and the simulator.
+//! One implementation of each replacement [`Policy`] serves the live engine and the simulator,
+//! and so does the schedule that drives it ([`Tier`]).
 
 mod cache;
 pub mod policy;
+mod tier;
 
 pub use cache::{Cache, CacheError, CacheStats};
 pub use policy::{
-    BeladyPolicy, Candidate, LfuPolicy, Lookahead, LookaheadParams, LruPolicy, Policy, PredictivePolicy,
-    POLICY_NAMES,
+    Anticipation, AnticipationParams, BeladyPolicy, Candidate, LfuPolicy, LruPolicy, Policy, PolicyKind,
+    PredictivePolicy,
 };
+pub use tier::{Demand, Fill, Tier, TierStats};
 
 /// Precision an expert is held in. `Full` is the checkpoint's own dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

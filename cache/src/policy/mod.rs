@@ -1,8 +1,9 @@
 //! Replacement policies. A policy tracks the resident keys and names a victim when the cache
 //! needs room; the [`crate::Cache`] owns the values and the byte accounting.
 //!
-//! Configs name a policy (`lru`, `lfu`, `predictive`); [`by_name`] builds it. Belady's optimal
-//! policy needs the future, so only the simulator builds it, from the trace.
+//! Configs name a policy (`lru`, `lfu`, `predictive`): [`PolicyKind`] is that list, and builds
+//! the policy. Belady's optimal policy needs the future, so only the simulator builds it, from
+//! the trace.
 
 mod belady;
 mod lfu;
@@ -12,7 +13,7 @@ mod predictive;
 pub use belady::BeladyPolicy;
 pub use lfu::LfuPolicy;
 pub use lru::LruPolicy;
-pub use predictive::{Candidate, Lookahead, LookaheadParams, PredictivePolicy};
+pub use predictive::{Anticipation, AnticipationParams, Candidate, PredictivePolicy};
 
 use crate::ExpertKey;
 
@@ -30,16 +31,49 @@ pub trait Policy: Send {
     fn victim(&mut self, skip: &dyn Fn(&ExpertKey) -> bool) -> Option<ExpertKey>;
 }
 
-/// The policies a config can name (Belady needs the future and is not among them).
-pub const POLICY_NAMES: [&str; 3] = ["lru", "lfu", "predictive"];
+/// The policies a config or a command line can name (Belady needs the future and is not among
+/// them). The one list of policy names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    #[default]
+    Lru,
+    Lfu,
+    /// LRU order plus prediction-driven protection and prefetch ([`Anticipation`]).
+    Predictive,
+}
 
-/// Builds the policy a config names, or `None` for a name not in [`POLICY_NAMES`].
-pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
-    match name {
-        "lru" => Some(Box::new(LruPolicy::new())),
-        "lfu" => Some(Box::new(LfuPolicy::new())),
-        "predictive" => Some(Box::new(PredictivePolicy::new())),
-        _ => None,
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Predictive];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::Lfu => "lfu",
+            PolicyKind::Predictive => "predictive",
+        }
+    }
+
+    /// Parses a name as [`PolicyKind::name`] writes it; the error lists the valid names.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|p| p.name()).collect();
+            format!("`{name}` is not a policy (expected one of: {})", names.join(", "))
+        })
+    }
+
+    /// A fresh policy of this kind.
+    pub fn build(self) -> Box<dyn Policy> {
+        match self {
+            PolicyKind::Lru => Box::new(LruPolicy::new()),
+            PolicyKind::Lfu => Box::new(LfuPolicy::new()),
+            PolicyKind::Predictive => Box::new(PredictivePolicy::new()),
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -48,10 +82,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_config_name_builds_its_policy() {
-        for name in POLICY_NAMES {
-            assert_eq!(by_name(name).map(|p| p.name()), Some(name));
+    fn every_kind_builds_its_policy_and_parses_its_name() {
+        for kind in PolicyKind::ALL {
+            assert_eq!(kind.build().name(), kind.name());
+            assert_eq!(PolicyKind::parse(kind.name()), Ok(kind));
         }
-        assert!(by_name("belady").is_none() && by_name("mru").is_none());
+        let err = PolicyKind::parse("belady").unwrap_err();
+        assert!(err.contains("belady") && err.contains("lru, lfu, predictive"), "{err}");
     }
 }

@@ -1,10 +1,10 @@
-//! The `predictive` policy: LRU order, steered by a routing predictor through [`Lookahead`].
+//! The `predictive` policy: LRU order, steered by a routing predictor through [`Anticipation`].
 //!
 //! The replacement order itself is plain LRU ([`PredictivePolicy`]). What the prediction adds
 //! happens around the cache, not inside the policy, so that any caller (the live engine, the
 //! simulator) drives it the same way with the cache's own API:
 //! - protection: experts predicted for the next `d` MoE layers are passed to
-//!   [`Cache::insert`] through its `protect` predicate, so no insert evicts them;
+//!   [`Cache::evict_for`] through its `protect` predicate, so no insert evicts them;
 //! - prefetch: the best predicted experts of the nearest layers that are not resident are
 //!   loaded ahead of need, within a byte budget per step, and only where room can be made
 //!   without evicting a protected or pinned entry (a prefetch must never push out what the
@@ -19,7 +19,8 @@
 //!
 //! A step is one point where new routing becomes known: the start of a token (its id) and each
 //! MoE layer's routing. At each step the caller asks the predictor, turns its predictions into
-//! [`Candidate`]s and calls [`Lookahead::update`] and then [`Lookahead::plan_prefetch`].
+//! [`Candidate`]s and calls [`Anticipation::update`] and then [`Anticipation::plan_prefetch`].
+//! [`crate::Tier`] does this in the one order the live store and the simulator share.
 
 use std::collections::HashSet;
 
@@ -73,9 +74,9 @@ pub struct Candidate {
     pub bytes: u64,
 }
 
-/// How much a [`Lookahead`] protects and prefetches.
+/// How much an [`Anticipation`] protects and prefetches.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LookaheadParams {
+pub struct AnticipationParams {
     /// Candidates scoring below this are neither protected nor prefetched.
     pub protect_min_score: f32,
     /// Candidates scoring below this are protected (if resident) but not prefetched.
@@ -92,13 +93,14 @@ pub struct LookaheadParams {
 }
 
 /// Prediction-driven protection and prefetch for one [`Cache`]: the part of the `predictive`
-/// policy that lives outside the replacement order.
+/// policy that lives outside the replacement order. (Not to be confused with the store's
+/// read-ahead, which reads a layer's own misses ahead of the expert being computed.)
 ///
-/// Per step: [`Lookahead::update`] with the predictions as soon as the new routing is known
+/// Per step: [`Anticipation::update`] with the predictions as soon as the new routing is known
 /// (before loading the layer's misses, so that they evict around the protected experts), then
-/// [`Lookahead::plan_prefetch`] once the misses are in.
-pub struct Lookahead {
-    params: LookaheadParams,
+/// [`Anticipation::plan_prefetch`] once the misses are in.
+pub struct Anticipation {
+    params: AnticipationParams,
     /// This step's candidates above `protect_min_score`: nearest layer first, then best score,
     /// each key once.
     candidates: Vec<Candidate>,
@@ -108,9 +110,9 @@ pub struct Lookahead {
     seen: HashSet<ExpertKey>,
 }
 
-impl Lookahead {
-    pub fn new(params: LookaheadParams) -> Self {
-        Lookahead {
+impl Anticipation {
+    pub fn new(params: AnticipationParams) -> Self {
+        Anticipation {
             params,
             candidates: Vec::new(),
             protected: HashSet::new(),
@@ -119,12 +121,13 @@ impl Lookahead {
         }
     }
 
-    pub fn params(&self) -> &LookaheadParams {
+    pub fn params(&self) -> &AnticipationParams {
         &self.params
     }
 
-    /// Whether `key` is protected from eviction now: pass `&|k| lookahead.protects(k)` as the
-    /// `protect` argument of [`Cache::insert`], or insert through [`Lookahead::insert`].
+    /// Whether `key` is protected from eviction now: pass `&|k| anticipation.protects(k)` as the
+    /// `protect` argument of [`Cache::evict_for`], or make room through
+    /// [`Anticipation::make_room`].
     pub fn protects(&self, key: &ExpertKey) -> bool {
         self.protected.contains(key)
     }
@@ -153,16 +156,16 @@ impl Lookahead {
         }
     }
 
-    /// The candidates of the last [`Lookahead::update`] to prefetch now, in order: not
+    /// The candidates of the last [`Anticipation::update`] to prefetch now, in order: not
     /// resident, scoring at least `prefetch_min_score`, at most `budget` bytes of them (the
     /// transfer one step can hide behind compute), and only as many as fit without evicting a
-    /// protected or pinned entry. Planned keys become protected. The caller loads each and
-    /// inserts it with [`Lookahead::insert`], which then never needs to break protection.
+    /// protected or pinned entry. Planned keys become protected. The caller loads each, making
+    /// room with [`Anticipation::make_room`], which then never needs to break protection.
     pub fn plan_prefetch<V>(&mut self, cache: &Cache<V>, budget: u64) -> Vec<Candidate> {
         let cap = self.protect_cap(cache);
         // Bytes no prefetch may evict. Planned keys are protected once in, so each one planned
         // adds its bytes; nothing else changes while planning.
-        let mut locked = cache.locked_bytes(&|k| self.protected.contains(k));
+        let mut locked = self.locked_bytes(cache);
         let mut planned = Vec::new();
         let mut planned_bytes = 0u64;
         let mut rank = 0;
@@ -193,20 +196,27 @@ impl Lookahead {
         (cache.budget() as f64 * self.params.max_protected_fraction) as u64
     }
 
-    /// Inserts `key` into `cache` without evicting protected entries when that is possible;
+    /// Bytes no prefetch may evict: pinned entries and protected resident ones.
+    fn locked_bytes<V>(&self, cache: &Cache<V>) -> u64 {
+        let protected_unpinned: u64 =
+            (self.protected.iter()).filter(|k| !cache.is_pinned(k)).filter_map(|k| cache.bytes_of(k)).sum();
+        cache.pinned_bytes() + protected_unpinned
+    }
+
+    /// Evicts for `key` (`bytes`) without touching protected entries when that is possible;
     /// when protected and pinned entries leave no room (a demand miss the predictions did not
-    /// foresee), protection yields: the current layer needs the expert now.
-    pub fn insert<V>(
+    /// foresee), protection yields: the current layer needs the expert now. Returns the evicted
+    /// entries and whether protection had to yield.
+    pub fn make_room<V>(
         &self,
         cache: &mut Cache<V>,
         key: ExpertKey,
-        value: V,
         bytes: u64,
-    ) -> Result<Vec<(ExpertKey, V)>, CacheError> {
-        if cache.can_make_room(bytes, &|k| self.protects(k) && *k != key) {
-            cache.insert(key, value, bytes, &|k| self.protects(k))
-        } else {
-            cache.insert(key, value, bytes, &|_| false)
+    ) -> Result<(Vec<(ExpertKey, V)>, bool), CacheError> {
+        match cache.evict_for(key, bytes, &|k| self.protects(k) && *k != key) {
+            Ok(evicted) => Ok((evicted, false)),
+            Err(CacheError::NoRoom { .. }) => Ok((cache.evict_for(key, bytes, &|_| false)?, true)),
+            Err(e) => Err(e),
         }
     }
 }
@@ -223,8 +233,8 @@ mod tests {
         Candidate { key: k(e), distance, score, bytes: 10 }
     }
 
-    fn params() -> LookaheadParams {
-        LookaheadParams {
+    fn params() -> AnticipationParams {
+        AnticipationParams {
             protect_min_score: 0.1,
             prefetch_min_score: 0.5,
             prefetch_depth: 2,
@@ -237,7 +247,7 @@ mod tests {
     fn full_cache() -> Cache<()> {
         let mut c = Cache::new(40, Box::new(PredictivePolicy::new()));
         for e in 0..4 {
-            c.insert(k(e), (), 10, &|_| false).unwrap();
+            c.insert(k(e), (), 10).unwrap();
         }
         c
     }
@@ -245,17 +255,18 @@ mod tests {
     #[test]
     fn protected_experts_survive_where_lru_would_evict_them() {
         let mut c = full_cache();
-        let mut la = Lookahead::new(params());
+        let mut la = Anticipation::new(params());
         // Expert 0 (the LRU victim) and 1 are predicted; nothing is prefetched (no budget).
         la.update(&c, &[cand(0, 1, 0.9), cand(1, 2, 0.3), cand(2, 1, 0.05)]);
         assert!(la.plan_prefetch(&c, 0).is_empty());
         assert!(la.protects(&k(0)) && la.protects(&k(1)) && !la.protects(&k(2)));
-        let evicted = la.insert(&mut c, k(9), (), 10).unwrap();
+        let (evicted, yielded) = la.make_room(&mut c, k(9), 10).unwrap();
         assert_eq!(evicted.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [k(2)]);
+        assert!(!yielded);
     }
 
     /// `update` then `plan_prefetch`, as a caller does at each step.
-    fn step(la: &mut Lookahead, c: &Cache<()>, cands: &[Candidate], budget: u64) -> Vec<ExpertKey> {
+    fn step(la: &mut Anticipation, c: &Cache<()>, cands: &[Candidate], budget: u64) -> Vec<ExpertKey> {
         la.update(c, cands);
         la.plan_prefetch(c, budget).iter().map(|c| c.key).collect()
     }
@@ -263,7 +274,7 @@ mod tests {
     #[test]
     fn prefetch_is_ordered_budgeted_and_never_evicts_protected() {
         let c = full_cache();
-        let mut la = Lookahead::new(params());
+        let mut la = Anticipation::new(params());
         // Nearest layer first, then score: 7 (d1) before 5 (d1, lower), 6 (d2) is over budget;
         // 8 scores too low to prefetch; 3 is resident and becomes protected. Only resident or
         // planned experts are protected: protecting an absent one would guard nothing.
@@ -275,7 +286,8 @@ mod tests {
         let cands = [cand(0, 1, 0.9), cand(1, 1, 0.9), cand(2, 1, 0.9), cand(5, 2, 0.9), cand(6, 2, 0.8)];
         assert_eq!(step(&mut la, &c, &cands, 100), [k(5)]);
         let mut c = c;
-        la.insert(&mut c, k(5), (), 10).unwrap();
+        la.make_room(&mut c, k(5), 10).unwrap();
+        c.insert(k(5), (), 10).unwrap();
         assert!((0..3).all(|e| c.contains(&k(e))) && c.contains(&k(5)) && !c.contains(&k(3)));
 
         // A new step replaces the protection: 3 and 7 are no longer predicted.
@@ -286,7 +298,7 @@ mod tests {
     #[test]
     fn protection_is_capped_and_yields_to_demand() {
         let mut c = full_cache();
-        let mut la = Lookahead::new(LookaheadParams { max_protected_fraction: 0.5, ..params() });
+        let mut la = Anticipation::new(AnticipationParams { max_protected_fraction: 0.5, ..params() });
         // Only two slots' worth (20 of 40 bytes) may be protected, by prefetch neither.
         assert!(step(
             &mut la,
@@ -298,9 +310,10 @@ mod tests {
         assert!(la.protects(&k(0)) && la.protects(&k(1)) && !la.protects(&k(2)));
 
         // Everything protected or pinned: a demand insert still succeeds by evicting the LRU.
-        let mut la = Lookahead::new(params());
+        let mut la = Anticipation::new(params());
         step(&mut la, &c, &[cand(0, 1, 0.9), cand(1, 1, 0.9), cand(2, 1, 0.9), cand(3, 1, 0.9)], 0);
-        let evicted = la.insert(&mut c, k(9), (), 10).unwrap();
+        let (evicted, yielded) = la.make_room(&mut c, k(9), 10).unwrap();
         assert_eq!(evicted.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [k(0)]);
+        assert!(yielded);
     }
 }
