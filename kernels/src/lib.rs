@@ -10,10 +10,12 @@
 //! `softmax` and `silu_mul`, in `exp` (a vector polynomial within 2^-23 relative error instead
 //! of libm's); results agree to f32 rounding.
 //!
-//! Module map: `matmul` (threads, cache blocks, tiles), `x86::{avx512, avx2}` (matmul
-//! micro-kernels), `elementwise` + `x86::elementwise` (dot, axpy, norms, softmax, SiLU, dtype
-//! conversion), `scalar` (the reference).
+//! Module map: `backend` (the seam a forward pass computes through, and the [`Cpu`] backend),
+//! `matmul` (threads, cache blocks, tiles), `x86::{avx512, avx2}` (matmul micro-kernels),
+//! `elementwise` + `x86::elementwise` (dot, axpy, norms, softmax, SiLU, dtype conversion),
+//! `scalar` (the reference).
 
+mod backend;
 mod elementwise;
 mod isa;
 mod matmul;
@@ -25,6 +27,7 @@ mod x86;
 
 use half::{bf16, f16};
 
+pub use backend::{Backend, Cpu, SwiGlu};
 pub use isa::Isa;
 pub use matmul::{MatmulOptions, Threading};
 

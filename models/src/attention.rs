@@ -1,12 +1,16 @@
-//! Grouped-query self-attention with rotary position embeddings and a KV cache, covering the
-//! variants of the supported architectures: q/k/v bias (Qwen2-MoE), per-head q/k RMSNorm
-//! (Qwen3-MoE), q/k RMSNorm over the whole projection and `clip_qkv` (OLMoE).
+//! Grouped-query self-attention with rotary position embeddings over the paged KV cache,
+//! covering the variants of the supported architectures: q/k/v bias (Qwen2-MoE), per-head q/k
+//! RMSNorm (Qwen3-MoE), q/k RMSNorm over the whole projection and `clip_qkv` (OLMoE).
+//!
+//! The projections run over every row of the batch at once; each row then attends to its own
+//! sequence's positions up to its own, read from that sequence's KV blocks.
 
 use rayon::prelude::*;
-use stevedore_kernels::{axpy, dot, rms_norm, softmax};
+use stevedore_kernels::{axpy, dot, rms_norm, softmax, Backend};
 
+use crate::kv::{KvError, KvPool};
 use crate::tensor::{linear, load_vec, Mat};
-use crate::{Error, ModelConfig, WeightIndex};
+use crate::{Batch, Error, ModelConfig, WeightIndex};
 
 /// Where q/k normalisation applies, if anywhere.
 pub enum QkNorm {
@@ -35,15 +39,58 @@ pub struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     eps: f32,
-    /// `theta^(-2i/d)` for `i < d/2`, as transformers computes it in f32.
+}
+
+/// Rotary position embedding angles, shared by every layer: `theta^(-2i/d)` for `i < d/2`, as
+/// transformers computes them in f32.
+pub struct Rope {
     inv_freq: Vec<f32>,
 }
 
-/// Keys and values of every past position of one layer: `[pos][kv_head][head_dim]`.
-#[derive(Default)]
-pub struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+/// The cos/sin of every row's position, computed once per forward pass for all layers.
+pub struct RopeTable {
+    /// `[row][i]` for `i < head_dim / 2`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let d = cfg.head_dim;
+        Rope { inv_freq: (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect() }
+    }
+
+    /// The angles of `positions`, one row each.
+    pub fn table(&self, positions: impl Iterator<Item = usize>) -> RopeTable {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
+            let pos = pos as f32;
+            for f in &self.inv_freq {
+                cos.push((pos * f).cos());
+                sin.push((pos * f).sin());
+            }
+        }
+        RopeTable { cos, sin, half: self.inv_freq.len() }
+    }
+}
+
+impl RopeTable {
+    /// Rotates each `head_dim` chunk of `x` (rows of `width` values, row `t` at the table's row
+    /// `t`) in the rotate-half convention of transformers.
+    fn apply(&self, x: &mut [f32], width: usize) {
+        let half = self.half;
+        for (t, row) in x.chunks_mut(width).enumerate() {
+            let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+            for head in row.chunks_mut(2 * half) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
 }
 
 impl Attention {
@@ -69,7 +116,6 @@ impl Attention {
         let k_proj = Mat::load(index, &format!("{prefix}.k_proj.weight"), kv_dim, h)?;
         let v_proj = Mat::load(index, &format!("{prefix}.v_proj.weight"), kv_dim, h)?;
         let o_proj = Mat::load(index, &format!("{prefix}.o_proj.weight"), h, q_dim)?;
-        let inv_freq = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect();
         Ok(Attention {
             q_proj,
             k_proj,
@@ -82,37 +128,31 @@ impl Attention {
             n_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
             eps: cfg.rms_norm_eps,
-            inv_freq,
         })
     }
 
-    /// Rotates each `head_dim` chunk of `x` (rows of `width` values, row `t` at position
-    /// `first_pos + t`) in the rotate-half convention of transformers.
-    fn rope(&self, x: &mut [f32], width: usize, first_pos: usize) {
-        let half = self.head_dim / 2;
-        for (t, row) in x.chunks_mut(width).enumerate() {
-            let pos = (first_pos + t) as f32;
-            let (cos, sin): (Vec<f32>, Vec<f32>) =
-                self.inv_freq.iter().map(|f| ((pos * f).cos(), (pos * f).sin())).unzip();
-            for head in row.chunks_mut(self.head_dim) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[i + half] = b * cos[i] + a * sin[i];
-                }
-            }
-        }
-    }
-
-    /// Self-attention for `n` tokens at positions `kv.len()..`; appends their keys and values.
-    pub fn forward(&self, index: &WeightIndex, x: &[f32], kv: &mut LayerKv, first_pos: usize) -> Vec<f32> {
+    /// Self-attention of decoder layer `layer` for the batch's rows: writes each row's key and
+    /// value at its position in its sequence's blocks, then lets it attend to its sequence's
+    /// positions `0..=pos` (causal). The caller has checked every row's position against its
+    /// sequence's reservation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        index: &WeightIndex,
+        backend: &dyn Backend,
+        x: &[f32],
+        batch: &Batch,
+        rope: &RopeTable,
+        kv: &mut KvPool,
+        layer: usize,
+    ) -> Result<Vec<f32>, KvError> {
         let d = self.head_dim;
         let (q_dim, kv_dim) = (self.n_heads * d, self.n_kv_heads * d);
-        let n = x.len() / self.q_proj.cols;
+        let n = batch.len();
         let b = self.bias.as_ref();
-        let mut q = linear(index, x, &self.q_proj, b.map(|b| &b[0][..]));
-        let mut k = linear(index, x, &self.k_proj, b.map(|b| &b[1][..]));
-        let mut v = linear(index, x, &self.v_proj, b.map(|b| &b[2][..]));
+        let mut q = linear(index, backend, x, &self.q_proj, b.map(|b| &b[0][..]));
+        let mut k = linear(index, backend, x, &self.k_proj, b.map(|b| &b[1][..]));
+        let mut v = linear(index, backend, x, &self.v_proj, b.map(|b| &b[2][..]));
         match &self.qk_norm {
             QkNorm::None => {}
             // The norm weight's length selects per-head or whole-projection normalisation.
@@ -126,37 +166,37 @@ impl Attention {
                 *t = t.clamp(-c, c);
             }
         }
-        self.rope(&mut q, q_dim, first_pos);
-        self.rope(&mut k, kv_dim, first_pos);
-        kv.k.extend_from_slice(&k);
-        kv.v.extend_from_slice(&v);
+        rope.apply(&mut q, q_dim);
+        rope.apply(&mut k, kv_dim);
+        for (i, row) in batch.rows().iter().enumerate() {
+            let slot = kv.slot(row.seq, row.pos)?;
+            kv.write(layer, slot, &k[i * kv_dim..(i + 1) * kv_dim], &v[i * kv_dim..(i + 1) * kv_dim]);
+        }
 
-        // out[t][head] = softmax(q . k / sqrt(d)) v over positions 0..=first_pos+t (causal).
+        // out[t][head] = softmax(q . k / sqrt(d)) v over the positions 0..=pos of t's sequence.
+        let kv = &*kv;
+        let mut tables: Vec<&[u32]> = Vec::with_capacity(n);
+        for span in batch.spans() {
+            let table = kv.table(span.seq).ok_or(KvError::Unknown(span.seq))?;
+            tables.extend(std::iter::repeat_n(table, span.rows.len()));
+        }
+        let rows = batch.rows();
         let group = self.n_heads / self.n_kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0.0f32; n * q_dim];
         out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
             let (t, head) = (i / self.n_heads, i % self.n_heads);
-            let kvh = head / group;
+            let at = (head / group) * d;
             let qv = &q[t * q_dim + head * d..][..d];
-            let len = first_pos + t + 1;
-            let mut scores: Vec<f32> =
-                (0..len).map(|p| dot(qv, &kv.k[p * kv_dim + kvh * d..][..d]) * scale).collect();
+            let table = tables[t];
+            let mut scores: Vec<f32> = (0..=rows[t].pos)
+                .map(|p| dot(qv, &kv.key(layer, kv.slot_in(table, p))[at..at + d]) * scale)
+                .collect();
             softmax(&mut scores);
             for (p, s) in scores.iter().enumerate() {
-                axpy(*s, &kv.v[p * kv_dim + kvh * d..][..d], o);
+                axpy(*s, &kv.value(layer, kv.slot_in(table, p))[at..at + d], o);
             }
         });
-        linear(index, &out, &self.o_proj, None)
-    }
-}
-
-impl LayerKv {
-    pub fn with_capacity(positions: usize, kv_dim: usize) -> Self {
-        LayerKv { k: Vec::with_capacity(positions * kv_dim), v: Vec::with_capacity(positions * kv_dim) }
-    }
-
-    pub fn bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * 4
+        Ok(linear(index, backend, &out, &self.o_proj, None))
     }
 }

@@ -1,7 +1,5 @@
 use std::path::{Path, PathBuf};
 
-use crate::experts::ExpertsError;
-
 /// Errors from loading or running a model. Every variant names the file or field at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,8 +13,6 @@ pub enum Error {
     MissingTensor { name: String, dir: PathBuf },
     #[error("{}: tensor `{name}`: {msg}", path.display())]
     Tensor { path: PathBuf, name: String, msg: String },
-    #[error("expert weights: {0}")]
-    Experts(ExpertsError),
     #[error("{0}")]
     Input(String),
 }

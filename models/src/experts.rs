@@ -1,84 +1,218 @@
-//! The interface between a model's MoE layers and wherever expert weights live. Models never
-//! know whether an expert comes from RAM, disk or a device; they describe the routing and are
-//! handed each expert's weights in turn.
+//! The boundary between a model's MoE layers and wherever expert weights live. Models never
+//! know whether an expert comes from RAM, disk or a device: an MoE layer describes what it needs
+//! as an [`ExpertPlan`] (which experts, and for each the rows routed to it with their gate
+//! weights) and pulls the weights from an [`ExpertSource`]'s [`ExpertStream`] as they become
+//! ready. The layer computes each expert's rows as its weights arrive and adds the outputs in
+//! ascending expert order at the end, so the result never depends on the order of arrival.
 
-use stevedore_kernels::Weight;
+use std::ops::Range;
+use std::sync::Arc;
 
-/// One expert's three projections (SwiGLU MLP): `down(silu(gate(x)) * up(x))`.
-#[derive(Clone, Copy, Debug)]
-pub struct ExpertWeights<'a> {
-    /// `[intermediate, hidden]`
-    pub gate: Weight<'a>,
-    /// `[intermediate, hidden]`
-    pub up: Weight<'a>,
-    /// `[hidden, intermediate]`
-    pub down: Weight<'a>,
+use stevedore_kernels::{DType, SwiGlu, Weight};
+
+use crate::{Error, LayerId, MoeIndex, Row, WeightIndex};
+
+/// One expert's weights as a source hands them over: its three projections, each in its stored
+/// format.
+pub type ExpertWeights<'a> = SwiGlu<'a>;
+
+/// An error from an expert source (a failed read, a stopped I/O thread). Shared, because one
+/// failed expert fails every sequence that was routed to it.
+pub type ExpertsError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// One expert a layer needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertUse {
+    pub expert: u32,
+    /// Its rows and gate weights in [`ExpertPlan::assigned_rows`] / [`ExpertPlan::assigned_weights`].
+    pub assigned: Range<usize>,
 }
 
-/// The routing of one MoE layer for a batch of tokens.
-#[derive(Clone, Copy, Debug)]
-pub struct LayerRouting<'a> {
-    /// Decoder layer index.
-    pub layer: usize,
-    /// Position (in the sequence) of the first token of the batch.
-    pub first_pos: usize,
-    /// The batch's token ids (what routing predictors key on).
-    pub tokens: &'a [u32],
-    /// Experts chosen per token: `n_tokens * top_k` entries, token-major, in router order.
-    pub topk_ids: &'a [u32],
-    /// Gate weight of each chosen expert, same layout as `topk_ids` (after any renormalisation).
-    pub topk_weights: &'a [f32],
+/// What one MoE layer needs for one batch: the router's choice for every row, and the experts
+/// to load with the rows routed to each.
+#[derive(Clone, Debug)]
+pub struct ExpertPlan<'a> {
+    pub layer: LayerId,
+    pub moe: MoeIndex,
     pub top_k: usize,
-    /// Distinct experts the batch uses, ascending: the order in which `for_each` must yield them.
-    pub experts: &'a [u32],
+    /// The batch's rows (sequence, token, position).
+    pub rows: &'a [Row],
+    /// Per row, `top_k` experts best first (row-major), as the router chose them.
+    pub topk_ids: &'a [u32],
+    /// Gate weights parallel to `topk_ids`, after any renormalisation.
+    pub topk_weights: &'a [f32],
+    /// Whether each row takes part: rows of a sequence that failed earlier in this forward pass
+    /// are routed but not assigned to any expert.
+    pub routed: &'a [bool],
+    /// The experts the routed rows use, ascending.
+    pub experts: &'a [ExpertUse],
+    /// Row indices (into `rows`) grouped by expert, ascending within each expert.
+    pub assigned_rows: &'a [u32],
+    /// The gate weight of each entry of `assigned_rows`.
+    pub assigned_weights: &'a [f32],
 }
 
-impl LayerRouting<'_> {
-    pub fn n_tokens(&self) -> usize {
-        self.topk_ids.len() / self.top_k
+impl ExpertPlan<'_> {
+    /// Rows routed to `self.experts[i]`.
+    pub fn rows_of(&self, i: usize) -> &[u32] {
+        &self.assigned_rows[self.experts[i].assigned.clone()]
+    }
+
+    /// Their gate weights.
+    pub fn weights_of(&self, i: usize) -> &[f32] {
+        &self.assigned_weights[self.experts[i].assigned.clone()]
+    }
+
+    /// The routed rows' `top_k` experts, for row `r`.
+    pub fn choice(&self, r: usize) -> (&[u32], &[f32]) {
+        let k = self.top_k;
+        (&self.topk_ids[r * k..(r + 1) * k], &self.topk_weights[r * k..(r + 1) * k])
     }
 }
 
-pub type ExpertsError = Box<dyn std::error::Error + Send + Sync>;
+/// A source could not deliver an expert.
+#[derive(Clone, Debug)]
+pub struct ExpertFailure {
+    /// Which expert of the plan (index into [`ExpertPlan::experts`]); `None` when the source as
+    /// a whole failed and the stream ends.
+    pub expert: Option<usize>,
+    pub error: ExpertsError,
+}
 
-/// Source of expert weights.
-pub trait Experts: Sync {
-    /// Calls `f(expert, weights)` for every expert in `routing.experts`, in that order.
-    /// Implementations may load, prefetch and evict as they like between calls, but the weights
-    /// passed to `f` stay valid for the duration of that call.
-    fn for_each(
-        &self,
-        routing: &LayerRouting<'_>,
-        f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
-    ) -> Result<(), ExpertsError>;
+/// One layer's experts, delivered as they become ready.
+pub trait ExpertStream {
+    /// The next expert whose weights are ready, as its index in the plan's `experts` and its
+    /// weights: those already resident first, the others as their reads finish. The weights stay
+    /// valid (pinned where they live) until the next call or until the stream is dropped. Each
+    /// expert is delivered or failed exactly once; `None` after the last.
+    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>>;
+}
+
+/// Where expert weights come from.
+pub trait ExpertSource: Sync {
+    /// Starts delivering `plan.experts`.
+    fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError>;
+}
+
+/// Where one expert tensor lies in the checkpoint: shard, absolute byte range, format, shape.
+/// Checked once, when the model loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorLoc {
+    pub shard: usize,
+    pub offset: u64,
+    pub len: u64,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Every routed expert's gate, up and down tensors, `[moe layer][expert]`.
+#[derive(Clone, Debug)]
+pub struct ExpertTensors {
+    pub num_experts: usize,
+    by_moe: Vec<Vec<[TensorLoc; 3]>>,
+}
+
+impl ExpertTensors {
+    /// Looks up and checks (dtype, shape, byte length) every routed expert's tensors.
+    pub fn load(
+        index: &WeightIndex,
+        cfg: &crate::ModelConfig,
+        layers: &crate::LayerMap,
+    ) -> Result<Self, Error> {
+        let shapes = crate::names::expert_tensor_shapes(cfg);
+        let mut by_moe = Vec::with_capacity(layers.num_moe_layers());
+        for &layer in layers.moe_layers() {
+            let mut experts = Vec::with_capacity(cfg.num_experts);
+            for e in 0..cfg.num_experts {
+                let names = crate::names::expert_tensor_names(cfg.arch, layer.0, e);
+                let mut locs = Vec::with_capacity(3);
+                for (name, &[rows, cols]) in names.iter().zip(&shapes) {
+                    let (info, dtype) = index.check(name, &[rows, cols])?;
+                    let len = rows * cols * dtype.size();
+                    if info.len != len as u64 {
+                        return Err(Error::Tensor {
+                            path: index.shards[info.shard].path.clone(),
+                            name: name.clone(),
+                            msg: format!(
+                                "holds {} bytes, but [{rows}, {cols}] {} needs {len}",
+                                info.len,
+                                dtype.name()
+                            ),
+                        });
+                    }
+                    locs.push(TensorLoc {
+                        shard: info.shard,
+                        offset: info.offset,
+                        len: info.len,
+                        dtype,
+                        rows,
+                        cols,
+                    });
+                }
+                experts.push([locs[0], locs[1], locs[2]]);
+            }
+            by_moe.push(experts);
+        }
+        Ok(ExpertTensors { num_experts: cfg.num_experts, by_moe })
+    }
+
+    /// Expert `expert` of MoE layer `moe`: gate, up, down.
+    pub fn get(&self, moe: MoeIndex, expert: usize) -> Option<&[TensorLoc; 3]> {
+        self.by_moe.get(moe.0)?.get(expert)
+    }
+
+    /// Every expert of every MoE layer, with its MoE index and expert number.
+    pub fn iter(&self) -> impl Iterator<Item = (MoeIndex, usize, &[TensorLoc; 3])> {
+        self.by_moe
+            .iter()
+            .enumerate()
+            .flat_map(|(m, experts)| experts.iter().enumerate().map(move |(e, t)| (MoeIndex(m), e, t)))
+    }
 }
 
 /// Experts read in place from the memory-mapped checkpoint: everything resident, nothing
 /// streamed. The reference that streamed stores must match token for token.
 pub struct MappedExperts<'a> {
-    index: &'a crate::WeightIndex,
-    config: &'a crate::ModelConfig,
+    index: &'a WeightIndex,
+    tensors: &'a ExpertTensors,
 }
 
 impl<'a> MappedExperts<'a> {
-    pub fn new(index: &'a crate::WeightIndex, config: &'a crate::ModelConfig) -> Self {
-        MappedExperts { index, config }
+    pub fn new(model: &'a crate::Model) -> Self {
+        MappedExperts { index: &model.index, tensors: &model.experts }
     }
 }
 
-impl Experts for MappedExperts<'_> {
-    fn for_each(
-        &self,
-        routing: &LayerRouting<'_>,
-        f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
-    ) -> Result<(), ExpertsError> {
-        let shapes = crate::names::expert_tensor_shapes(self.config);
-        for &e in routing.experts {
-            let names = crate::names::expert_tensor_names(self.config.arch, routing.layer, e as usize);
-            let [gate, up, down] =
-                [0, 1, 2].map(|i| self.index.get(&names[i], &shapes[i]).map(|t| t.matrix()));
-            f(e, ExpertWeights { gate: gate?, up: up?, down: down? })?;
-        }
-        Ok(())
+struct MappedStream<'p> {
+    source: &'p MappedExperts<'p>,
+    plan: &'p ExpertPlan<'p>,
+    next: usize,
+}
+
+impl ExpertStream for MappedStream<'_> {
+    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>> {
+        let i = self.next;
+        let e = self.plan.experts.get(i)?;
+        self.next += 1;
+        let Some(locs) = self.source.tensors.get(self.plan.moe, e.expert as usize) else {
+            let msg = format!("{} has no expert {}", self.plan.moe, e.expert);
+            return Some(Err(ExpertFailure { expert: Some(i), error: Arc::new(Error::Input(msg)) }));
+        };
+        let w = |t: &TensorLoc| Weight {
+            dtype: t.dtype,
+            data: &self.source.index.shard_data(t.shard)[t.offset as usize..(t.offset + t.len) as usize],
+            rows: t.rows,
+            cols: t.cols,
+        };
+        Some(Ok((i, SwiGlu { gate: w(&locs[0]), up: w(&locs[1]), down: w(&locs[2]) })))
+    }
+}
+
+impl ExpertSource for MappedExperts<'_> {
+    fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {
+        // The plan's contents outlive 'p; narrowing its lifetime parameter to 'p is a coercion.
+        let plan: &'p ExpertPlan<'p> = plan;
+        Ok(Box::new(MappedStream { source: self, plan, next: 0 }))
     }
 }

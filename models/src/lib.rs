@@ -1,19 +1,28 @@
-//! Model configs, the safetensors weight index, and each architecture's forward pass. Models
-//! never know where an expert lives: an MoE layer describes its routing to an [`Experts`] source
-//! and is handed each expert's weights.
+//! Model configs, the safetensors weight index, and each architecture's forward pass over a
+//! batch of sequences. Models never know where an expert lives: an MoE layer describes what it
+//! needs to an [`ExpertSource`] and is handed each expert's weights as they become ready.
 
 mod attention;
+mod batch;
 pub mod config;
 mod error;
 pub mod experts;
+pub mod kv;
+mod layers;
 mod model;
 mod moe;
 pub mod names;
 mod tensor;
 pub mod weights;
 
+pub use batch::{Batch, Row, SeqId, Span};
 pub use config::{Arch, ModelConfig};
 pub use error::Error;
-pub use experts::{ExpertWeights, Experts, ExpertsError, LayerRouting, MappedExperts};
-pub use model::{KvCache, Model};
+pub use experts::{
+    ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights,
+    ExpertsError, MappedExperts, TensorLoc,
+};
+pub use kv::{KvError, KvPool};
+pub use layers::{LayerId, LayerMap, MoeIndex};
+pub use model::{Forward, Model};
 pub use weights::{TensorInfo, TensorRef, WeightIndex};

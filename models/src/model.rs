@@ -2,16 +2,18 @@
 //! residuals, final norm and LM head — the shape all four supported architectures share. What
 //! differs between them is chosen at load time (see `DecoderLayer::load`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use stevedore_kernels::{axpy, rms_norm};
+use stevedore_kernels::{axpy, rms_norm, Backend, Cpu};
 use tracing::debug_span;
 
-use crate::attention::{Attention, LayerKv, QkNorm};
-use crate::experts::Experts;
+use crate::attention::{Attention, QkNorm, Rope};
+use crate::experts::{ExpertSource, ExpertTensors, ExpertsError};
+use crate::kv::KvPool;
 use crate::moe::{Mlp, SparseMoe};
 use crate::tensor::{linear, load_vec, Mat};
-use crate::{Arch, Error, ModelConfig, WeightIndex};
+use crate::{Arch, Batch, Error, LayerId, LayerMap, ModelConfig, SeqId, WeightIndex};
 
 enum FeedForward {
     Dense(Mlp),
@@ -26,7 +28,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(index: &WeightIndex, cfg: &ModelConfig, l: usize) -> Result<Self, Error> {
+    fn load(index: &WeightIndex, cfg: &ModelConfig, layers: &LayerMap, l: usize) -> Result<Self, Error> {
         let p = format!("model.layers.{l}");
         let h = cfg.hidden_size;
         let attn = format!("{p}.self_attn");
@@ -41,27 +43,29 @@ impl DecoderLayer {
                 k: load_vec(index, &format!("{attn}.k_norm.weight"), cfg.num_key_value_heads * cfg.head_dim)?,
             },
         };
-        let ffn = if !cfg.is_moe_layer(l) {
-            FeedForward::Dense(Mlp::load(index, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
-        } else {
-            match cfg.arch {
-                Arch::Mixtral => FeedForward::Sparse(SparseMoe::load(
-                    index,
-                    cfg,
-                    l,
-                    &format!("{p}.block_sparse_moe.gate.weight"),
-                    None,
-                )?),
-                Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => {
-                    let mlp = format!("{p}.mlp");
-                    let shared = (cfg.shared_expert_intermediate_size > 0).then_some(mlp.as_str());
-                    FeedForward::Sparse(SparseMoe::load(
+        let ffn = match layers.moe(LayerId(l)) {
+            None => FeedForward::Dense(Mlp::load(index, &format!("{p}.mlp"), h, cfg.intermediate_size)?),
+            Some(moe) => {
+                let ids = (LayerId(l), moe);
+                match cfg.arch {
+                    Arch::Mixtral => FeedForward::Sparse(SparseMoe::load(
                         index,
                         cfg,
-                        l,
-                        &format!("{mlp}.gate.weight"),
-                        shared,
-                    )?)
+                        ids,
+                        &format!("{p}.block_sparse_moe.gate.weight"),
+                        None,
+                    )?),
+                    Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => {
+                        let mlp = format!("{p}.mlp");
+                        let shared = (cfg.shared_expert_intermediate_size > 0).then_some(mlp.as_str());
+                        FeedForward::Sparse(SparseMoe::load(
+                            index,
+                            cfg,
+                            ids,
+                            &format!("{mlp}.gate.weight"),
+                            shared,
+                        )?)
+                    }
                 }
             }
         };
@@ -74,48 +78,28 @@ impl DecoderLayer {
     }
 }
 
-/// Per-layer keys and values of the sequence so far.
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    len: usize,
-    capacity: usize,
+/// What one forward pass returns.
+pub struct Forward {
+    /// The logits of the batch's [`Batch::logit_rows`], in that order, `vocab_size` each.
+    pub logits: Vec<f32>,
+    /// Sequences an expert source failed for (one error each): their logits are meaningless and
+    /// their KV cache did not advance; the caller ends them. The other sequences are unaffected.
+    pub failed: Vec<(SeqId, ExpertsError)>,
 }
 
-impl KvCache {
-    /// Room for `positions` tokens (allocated up front, so its size is known at start).
-    pub fn new(cfg: &ModelConfig, positions: usize) -> Self {
-        let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
-        let layers = (0..cfg.num_hidden_layers).map(|_| LayerKv::with_capacity(positions, kv_dim)).collect();
-        KvCache { layers, len: 0, capacity: positions }
-    }
-
-    /// Bytes a cache for `positions` tokens occupies (saturating; positions are bounded by
-    /// `ModelConfig::max_positions` before a cache is made).
-    pub fn bytes_for(cfg: &ModelConfig, positions: usize) -> u64 {
-        [cfg.num_hidden_layers, positions, cfg.num_key_value_heads, cfg.head_dim, 2, 4]
-            .iter()
-            .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::bytes).sum()
-    }
-}
-
-/// A loaded model: config, dense weights (mapped in place) and the layer stack.
+/// A loaded model: config, dense weights (mapped in place), the layer stack, and where every
+/// routed expert's tensors lie.
 pub struct Model {
     pub config: ModelConfig,
     pub index: WeightIndex,
+    /// Decoder layer <-> MoE layer, built once.
+    pub layers: LayerMap,
+    /// Every routed expert's tensors, checked at load.
+    pub experts: ExpertTensors,
+    backend: Box<dyn Backend>,
+    rope: Rope,
     embed_tokens: Mat,
-    layers: Vec<DecoderLayer>,
+    decoder: Vec<DecoderLayer>,
     norm: Vec<f32>,
     lm_head: Mat,
 }
@@ -133,77 +117,141 @@ impl Model {
     pub fn from_parts(config: ModelConfig, index: WeightIndex) -> Result<Self, Error> {
         let cfg = &config;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let layers = LayerMap::new(cfg);
         let embed_tokens = Mat::load(&index, "model.embed_tokens.weight", v, h)?;
         let lm_head = if cfg.tie_word_embeddings && !index.contains("lm_head.weight") {
             embed_tokens
         } else {
             Mat::load(&index, "lm_head.weight", v, h)?
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::load(&index, cfg, l))
+        let decoder = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(&index, cfg, &layers, l))
             .collect::<Result<_, _>>()?;
-        let shapes = crate::names::expert_tensor_shapes(cfg);
-        for l in cfg.moe_layers() {
-            for e in 0..cfg.num_experts {
-                for (name, shape) in crate::names::expert_tensor_names(cfg.arch, l, e).iter().zip(&shapes) {
-                    index.check(name, shape)?;
-                }
-            }
-        }
+        let experts = ExpertTensors::load(&index, cfg, &layers)?;
         let norm = load_vec(&index, "model.norm.weight", h)?;
-        Ok(Model { embed_tokens, layers, norm, lm_head, config, index })
+        Ok(Model {
+            rope: Rope::new(cfg),
+            backend: Box::new(Cpu),
+            embed_tokens,
+            decoder,
+            norm,
+            lm_head,
+            layers,
+            experts,
+            config,
+            index,
+        })
     }
 
-    /// Runs `tokens` at the next positions of `kv` and returns the logits of the last one.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        kv: &mut KvCache,
-        experts: &dyn Experts,
-    ) -> Result<Vec<f32>, Error> {
-        let cfg = &self.config;
-        let h = cfg.hidden_size;
-        if tokens.is_empty() {
+    /// Checks `batch` against the vocabulary and `kv`: every sequence holds blocks, appears
+    /// once, starts where its cache ends and stays within its reservation.
+    fn check(&self, batch: &Batch, kv: &KvPool) -> Result<(), Error> {
+        if batch.is_empty() {
             return Err(Error::Input("no tokens to run".into()));
         }
-        if kv.len + tokens.len() > kv.capacity {
+        let vocab = self.config.vocab_size;
+        if let Some(r) = batch.rows().iter().find(|r| r.token as usize >= vocab) {
             return Err(Error::Input(format!(
-                "sequence of {} tokens exceeds the KV cache's {} positions",
-                kv.len + tokens.len(),
-                kv.capacity
+                "sequence {}: token id {} is outside the vocabulary ({vocab})",
+                r.seq, r.token
             )));
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(Error::Input(format!("token id {t} is outside the vocabulary ({})", cfg.vocab_size)));
+        let mut seen = HashMap::new();
+        for span in batch.spans() {
+            if seen.insert(span.seq, ()).is_some() {
+                return Err(Error::Input(format!("sequence {} appears twice in one batch", span.seq)));
+            }
+            let rows = &batch.rows()[span.rows.clone()];
+            let (Some(len), Some(capacity)) = (kv.len(span.seq), kv.capacity(span.seq)) else {
+                return Err(Error::Input(format!("sequence {} holds no KV blocks", span.seq)));
+            };
+            if rows[0].pos != len {
+                return Err(Error::Input(format!(
+                    "sequence {}: the batch starts at position {} but its KV cache holds {len}",
+                    span.seq, rows[0].pos
+                )));
+            }
+            let end = len + rows.len();
+            if end > capacity {
+                return Err(Error::Input(format!(
+                    "sequence {}: {end} positions exceed its KV reservation of {capacity}",
+                    span.seq
+                )));
+            }
         }
-        let first_pos = kv.len;
+        Ok(())
+    }
+
+    /// Runs every row of `batch` through the model: each sequence's rows at the next positions
+    /// of its KV cache. Returns the logits of the batch's logit rows. A row's result does not
+    /// depend on the other rows of the batch.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: &mut KvPool,
+        experts: &dyn ExpertSource,
+    ) -> Result<Forward, Error> {
+        self.check(batch, kv)?;
+        let cfg = &self.config;
+        let (h, n, backend) = (cfg.hidden_size, batch.len(), &*self.backend);
+        let rows = batch.rows();
         let embed = self.embed_tokens.weight(&self.index);
-        let mut x = vec![0.0f32; tokens.len() * h];
-        for (row, &t) in x.chunks_mut(h).zip(tokens) {
-            embed.row_to_f32(t as usize, row);
+        let mut x = vec![0.0f32; n * h];
+        for (xr, row) in x.chunks_mut(h).zip(rows) {
+            embed.row_to_f32(row.token as usize, xr);
         }
-        for (l, (layer, lkv)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
+        let rope = self.rope.table(rows.iter().map(|r| r.pos));
+        // Rows still running: a sequence whose expert failed stops being routed.
+        let mut routed = vec![true; n];
+        let mut failed: Vec<(SeqId, ExpertsError)> = Vec::new();
+        for (l, layer) in self.decoder.iter().enumerate() {
             let _span = debug_span!("layer", l).entered();
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.input_layernorm, cfg.rms_norm_eps);
-            let attn = layer.self_attn.forward(&self.index, &hs, lkv, first_pos);
+            let attn = layer
+                .self_attn
+                .forward(&self.index, backend, &hs, batch, &rope, kv, l)
+                .map_err(|e| Error::Input(e.to_string()))?;
             axpy(1.0, &attn, &mut x);
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let ff = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&self.index, &hs),
-                FeedForward::Sparse(moe) => moe.forward(&self.index, &hs, tokens, first_pos, experts)?,
+                FeedForward::Dense(mlp) => mlp.forward(&self.index, backend, &hs),
+                FeedForward::Sparse(moe) => {
+                    let (out, failed_rows) = moe.forward(&self.index, backend, &hs, rows, &routed, experts);
+                    for (r, error) in failed_rows {
+                        let seq = rows[r].seq;
+                        if !failed.iter().any(|(s, _)| *s == seq) {
+                            failed.push((seq, error));
+                        }
+                    }
+                    for span in batch.spans().iter().filter(|s| failed.iter().any(|(f, _)| *f == s.seq)) {
+                        routed[span.rows.clone()].fill(false);
+                    }
+                    out
+                }
             };
             axpy(1.0, &ff, &mut x);
         }
-        kv.len += tokens.len();
-        let mut last = x[(tokens.len() - 1) * h..].to_vec();
+        for span in batch.spans().iter().filter(|s| !failed.iter().any(|(f, _)| *f == s.seq)) {
+            kv.set_len(span.seq, rows[span.rows.end - 1].pos + 1);
+        }
+        let mut last = Vec::with_capacity(batch.logit_rows().len() * h);
+        for &r in batch.logit_rows() {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
         rms_norm(&mut last, &self.norm, cfg.rms_norm_eps);
-        Ok(linear(&self.index, &last, &self.lm_head, None))
+        let logits = linear(&self.index, backend, &last, &self.lm_head, None);
+        Ok(Forward { logits, failed })
     }
 
     /// Bytes of dense (always resident) weights.
     pub fn dense_bytes(&self) -> u64 {
         self.index.bytes_where(|n| !crate::names::is_expert_tensor(n))
+    }
+
+    /// The backend the forward pass computes with.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
     }
 }

@@ -1,30 +1,20 @@
 //! Feed-forward blocks: the dense SwiGLU MLP and the sparse mixture-of-experts block (router
 //! softmax -> top-k -> optional renormalisation -> weighted sum of experts, plus Qwen2-MoE's
-//! sigmoid-gated shared expert). Expert weights come from an [`Experts`] source.
+//! sigmoid-gated shared expert). Expert weights come from an [`ExpertSource`].
 
-use stevedore_kernels::{matmul, silu_mul, softmax, Weight};
+use std::sync::Arc;
 
-use crate::experts::{ExpertWeights, Experts, LayerRouting};
+use stevedore_kernels::{softmax, Backend, SwiGlu};
+
+use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError};
 use crate::tensor::{linear, Mat};
-use crate::{Error, ModelConfig, WeightIndex};
+use crate::{Error, LayerId, ModelConfig, MoeIndex, Row, WeightIndex};
 
 /// `down(silu(gate(x)) * up(x))`.
 pub struct Mlp {
     gate_proj: Mat,
     up_proj: Mat,
     down_proj: Mat,
-}
-
-fn swiglu(x: &[f32], gate: Weight, up: Weight, down: Weight) -> Vec<f32> {
-    let n = x.len() / gate.cols;
-    let mut g = vec![0.0; n * gate.rows];
-    let mut u = vec![0.0; n * up.rows];
-    matmul(x, &gate, &mut g);
-    matmul(x, &up, &mut u);
-    silu_mul(&mut g, &u);
-    let mut out = vec![0.0; n * down.rows];
-    matmul(&g, &down, &mut out);
-    out
 }
 
 impl Mlp {
@@ -36,8 +26,15 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, index: &WeightIndex, x: &[f32]) -> Vec<f32> {
-        swiglu(x, self.gate_proj.weight(index), self.up_proj.weight(index), self.down_proj.weight(index))
+    pub fn forward(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Vec<f32> {
+        let w = SwiGlu {
+            gate: self.gate_proj.weight(index),
+            up: self.up_proj.weight(index),
+            down: self.down_proj.weight(index),
+        };
+        let mut out = vec![0.0; x.len() / w.gate.cols * w.down.rows];
+        backend.swiglu(x, &w, &mut out);
+        out
     }
 }
 
@@ -48,28 +45,71 @@ pub struct SharedExpert {
 }
 
 pub struct SparseMoe {
-    layer: usize,
+    layer: LayerId,
+    moe: MoeIndex,
     router: Mat,
     top_k: usize,
     norm_topk_prob: bool,
     shared: Option<SharedExpert>,
 }
 
-/// The router's choice for a batch of tokens.
-pub struct Routing {
-    /// `n * top_k` expert ids, token-major, best first.
-    pub ids: Vec<u32>,
-    pub weights: Vec<f32>,
-    /// Distinct experts used, ascending.
-    pub experts: Vec<u32>,
+/// The router's choice for a batch of rows: `n * top_k` expert ids, row-major, best first, and
+/// their gate weights.
+struct Routing {
+    ids: Vec<u32>,
+    weights: Vec<f32>,
 }
+
+/// The experts of a routing and the rows routed to each, grouped once per layer (a counting
+/// sort over the routed rows' choices: O(n * top_k + experts)).
+struct Assignment {
+    experts: Vec<ExpertUse>,
+    rows: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl Assignment {
+    fn new(routing: &Routing, top_k: usize, num_experts: usize, routed: &[bool]) -> Self {
+        let mut counts = vec![0usize; num_experts];
+        let choices =
+            |r: usize| routing.ids[r * top_k..(r + 1) * top_k].iter().zip(&routing.weights[r * top_k..]);
+        for r in (0..routed.len()).filter(|&r| routed[r]) {
+            for (&e, _) in choices(r) {
+                counts[e as usize] += 1;
+            }
+        }
+        let mut experts = Vec::new();
+        let mut start = vec![0usize; num_experts];
+        let mut total = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            start[e] = total;
+            if c > 0 {
+                experts.push(ExpertUse { expert: e as u32, assigned: total..total + c });
+            }
+            total += c;
+        }
+        let (mut rows, mut weights) = (vec![0u32; total], vec![0.0f32; total]);
+        for r in (0..routed.len()).filter(|&r| routed[r]) {
+            for (&e, &w) in choices(r) {
+                let at = &mut start[e as usize];
+                rows[*at] = r as u32;
+                weights[*at] = w;
+                *at += 1;
+            }
+        }
+        Assignment { experts, rows, weights }
+    }
+}
+
+/// Rows of a batch whose expert could not be delivered, with the error.
+pub(crate) type FailedRows = Vec<(usize, ExpertsError)>;
 
 impl SparseMoe {
     /// `router` is the gate tensor's name; `shared` the shared expert's prefix, if the layer has one.
     pub fn load(
         index: &WeightIndex,
         cfg: &ModelConfig,
-        layer: usize,
+        (layer, moe): (LayerId, MoeIndex),
         router: &str,
         shared: Option<&str>,
     ) -> Result<Self, Error> {
@@ -83,6 +123,7 @@ impl SparseMoe {
         };
         Ok(SparseMoe {
             layer,
+            moe,
             router: Mat::load(index, router, cfg.num_experts, h)?,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
@@ -90,75 +131,122 @@ impl SparseMoe {
         })
     }
 
-    /// Softmax over all experts, then the top-k per token (ties to the lower index).
-    pub fn route(&self, index: &WeightIndex, x: &[f32]) -> Routing {
-        let mut logits = linear(index, x, &self.router, None);
+    /// Softmax over all experts, then the top-k per row (ties to the lower index).
+    fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
+        let mut logits = linear(index, backend, x, &self.router, None);
         let e = self.router.rows;
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
-        let mut used = vec![false; e];
+        let mut order: Vec<u32> = Vec::with_capacity(e);
         for probs in logits.chunks_mut(e) {
             softmax(probs);
-            let mut order: Vec<u32> = (0..e as u32).collect();
+            order.clear();
+            order.extend(0..e as u32);
             order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
             let top = &order[..self.top_k];
             let sum: f32 = top.iter().map(|&i| probs[i as usize]).sum();
             for &i in top {
-                used[i as usize] = true;
                 ids.push(i);
                 weights.push(if self.norm_topk_prob { probs[i as usize] / sum } else { probs[i as usize] });
             }
         }
-        let experts = (0..e as u32).filter(|&i| used[i as usize]).collect();
-        Routing { ids, weights, experts }
+        Routing { ids, weights }
     }
 
+    /// The block's output for every row of `x`. Rows with `routed[r] == false` get no routed
+    /// experts (their sequence already failed). Experts come from `source` in whatever order it
+    /// delivers them; their outputs are added in ascending expert order, so the sum is the same
+    /// whatever arrives first. Rows routed to an expert the source could not deliver are
+    /// returned with the error; their output is incomplete.
     pub fn forward(
         &self,
         index: &WeightIndex,
+        backend: &dyn Backend,
         x: &[f32],
-        tokens: &[u32],
-        first_pos: usize,
-        experts: &dyn Experts,
-    ) -> Result<Vec<f32>, Error> {
+        rows: &[Row],
+        routed: &[bool],
+        source: &dyn ExpertSource,
+    ) -> (Vec<f32>, FailedRows) {
         let h = self.router.cols;
-        let n = x.len() / h;
-        let r = self.route(index, x);
-        let routing = LayerRouting {
+        let n = rows.len();
+        let routing = self.route(index, backend, x);
+        let a = Assignment::new(&routing, self.top_k, self.router.rows, routed);
+        let plan = ExpertPlan {
             layer: self.layer,
-            first_pos,
-            tokens,
-            topk_ids: &r.ids,
-            topk_weights: &r.weights,
+            moe: self.moe,
             top_k: self.top_k,
-            experts: &r.experts,
+            rows,
+            topk_ids: &routing.ids,
+            topk_weights: &routing.weights,
+            routed,
+            experts: &a.experts,
+            assigned_rows: &a.rows,
+            assigned_weights: &a.weights,
         };
-        let mut out = vec![0.0f32; n * h];
-        let mut rows = Vec::new();
+        // ys[j] is the output of assignment j (expert of plan entry i, row rows_of(i)[..]).
+        let mut ys = vec![0.0f32; a.rows.len() * h];
+        let mut delivered = vec![false; a.experts.len()];
+        let mut failures: Vec<(usize, ExpertsError)> = Vec::new();
         let mut gathered = Vec::new();
-        experts
-            .for_each(&routing, &mut |e, w: ExpertWeights| {
-                // Tokens routed to `e` (with their gate weight), gathered into one batch.
-                rows.clear();
-                gathered.clear();
-                for (slot, &id) in r.ids.iter().enumerate() {
-                    if id == e {
-                        let t = slot / self.top_k;
-                        rows.push((t, r.weights[slot]));
-                        gathered.extend_from_slice(&x[t * h..(t + 1) * h]);
+        match source.stream(&plan) {
+            Err(error) => failures.extend((0..a.experts.len()).map(|i| (i, error.clone()))),
+            Ok(mut stream) => {
+                while let Some(item) = stream.next() {
+                    match item {
+                        Ok((i, w)) if i < a.experts.len() && !delivered[i] => {
+                            let range = a.experts[i].assigned.clone();
+                            gathered.clear();
+                            for &r in plan.rows_of(i) {
+                                gathered.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
+                            }
+                            backend.swiglu(&gathered, &w, &mut ys[range.start * h..range.end * h]);
+                            delivered[i] = true;
+                        }
+                        // A source delivering an entry twice breaks its contract; the first
+                        // delivery stands.
+                        Ok((i, _)) => debug_assert!(false, "expert source delivered plan entry {i} twice"),
+                        Err(ExpertFailure { expert: Some(i), error }) if i < a.experts.len() => {
+                            failures.push((i, error))
+                        }
+                        Err(ExpertFailure { error, .. }) => {
+                            failures.extend((0..a.experts.len()).map(|i| (i, error.clone())));
+                            break;
+                        }
                     }
                 }
-                let y = swiglu(&gathered, w.gate, w.up, w.down);
-                for ((t, g), yrow) in rows.iter().zip(y.chunks(h)) {
-                    for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yrow) {
-                        *o += g * v;
-                    }
-                }
-                Ok(())
+            }
+        }
+        // Every expert neither delivered nor failed (a stream that ended early) fails too.
+        let mut settled = delivered.clone();
+        for &(i, _) in &failures {
+            settled[i] = true;
+        }
+        if let Some(first) = settled.iter().position(|s| !s) {
+            let msg =
+                format!("the expert source ended without delivering expert {}", a.experts[first].expert);
+            let error: ExpertsError = Arc::new(Error::Input(msg));
+            failures.extend((0..settled.len()).filter(|&i| !settled[i]).map(|i| (i, error.clone())));
+        }
+        let failed_rows: FailedRows = failures
+            .into_iter()
+            .filter(|&(i, _)| i < a.experts.len())
+            .flat_map(|(i, error)| {
+                plan.rows_of(i).iter().map(move |&r| (r as usize, error.clone())).collect::<Vec<_>>()
             })
-            .map_err(Error::Experts)?;
+            .collect();
+
+        // Sum in ascending expert order: out[r] += gate * y, expert by expert.
+        let mut out = vec![0.0f32; n * h];
+        for (i, e) in a.experts.iter().enumerate().filter(|&(i, _)| delivered[i]) {
+            for (j, (&r, &g)) in plan.rows_of(i).iter().zip(plan.weights_of(i)).enumerate() {
+                let y = &ys[(e.assigned.start + j) * h..][..h];
+                for (o, v) in out[r as usize * h..(r as usize + 1) * h].iter_mut().zip(y) {
+                    *o += g * v;
+                }
+            }
+        }
         if let Some(s) = &self.shared {
-            let y = s.mlp.forward(index, x);
-            let g = linear(index, x, &s.gate, None);
+            let y = s.mlp.forward(index, backend, x);
+            let g = linear(index, backend, x, &s.gate, None);
             for (t, (orow, yrow)) in out.chunks_mut(h).zip(y.chunks(h)).enumerate() {
                 let gate = 1.0 / (1.0 + (-g[t]).exp());
                 for (o, v) in orow.iter_mut().zip(yrow) {
@@ -166,6 +254,6 @@ impl SparseMoe {
                 }
             }
         }
-        Ok(out)
+        (out, failed_rows)
     }
 }

@@ -1,7 +1,7 @@
 //! Dense weights held by a loaded model: matrices stay in the memory-mapped checkpoint and are
 //! read in place; small vectors (norms, biases) are converted to f32 once at load.
 
-use stevedore_kernels::{DType, Weight};
+use stevedore_kernels::{Backend, DType, Weight};
 
 use crate::{Error, WeightIndex};
 
@@ -37,10 +37,16 @@ pub fn load_vec(index: &WeightIndex, name: &str, len: usize) -> Result<Vec<f32>,
 }
 
 /// `y = x @ w^T (+ bias)` for a batch of rows of `x`.
-pub fn linear(index: &WeightIndex, x: &[f32], w: &Mat, bias: Option<&[f32]>) -> Vec<f32> {
+pub fn linear(
+    index: &WeightIndex,
+    backend: &dyn Backend,
+    x: &[f32],
+    w: &Mat,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let n = x.len() / w.cols;
     let mut out = vec![0.0; n * w.rows];
-    stevedore_kernels::matmul(x, &w.weight(index), &mut out);
+    backend.matmul(x, &w.weight(index), &mut out);
     if let Some(b) = bias {
         for row in out.chunks_mut(w.rows) {
             for (o, b) in row.iter_mut().zip(b) {

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use stevedore_models::{KvCache, MappedExperts, Model};
+use stevedore_models::{Batch, KvPool, MappedExperts, Model};
 
 /// Largest allowed |ours - transformers| for a logit, relative to max(1, |logit|). Both sides
 /// compute in f32 from the same bf16 weights; only summation order differs.
@@ -29,7 +29,7 @@ fn argmax(v: &[f32]) -> u32 {
 fn check(name: &str) {
     let dir = fixture(name);
     let model = Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let experts = MappedExperts::new(&model.index, &model.config);
+    let experts = MappedExperts::new(&model);
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
@@ -39,8 +39,17 @@ fn check(name: &str) {
             |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
         let prompt = ids(&case["prompt_ids"]);
         let expected = ids(&case["generated_ids"]);
-        let mut kv = KvCache::new(&model.config, prompt.len() + max_new);
-        let mut logits = model.forward(&prompt, &mut kv, &experts).unwrap();
+        let positions = prompt.len() + max_new;
+        let mut kv = KvPool::new(&model.config, KvPool::bytes_for(&model.config, 16, positions), 16).unwrap();
+        kv.allocate(0, positions).unwrap();
+        let run = |kv: &mut KvPool, pos: usize, tokens: &[u32]| {
+            let mut batch = Batch::new();
+            batch.push(0, pos, tokens, true);
+            let out = model.forward(&batch, kv, &experts).unwrap();
+            assert!(out.failed.is_empty());
+            out.logits
+        };
+        let mut logits = run(&mut kv, 0, &prompt);
         let mut got = Vec::new();
         for (step, s) in case["steps"].as_array().unwrap().iter().enumerate() {
             for (id, want) in ids(&s["top5_ids"]).iter().zip(s["top5_logits"].as_array().unwrap()) {
@@ -58,7 +67,7 @@ fn check(name: &str) {
             if got.len() == expected.len() {
                 break;
             }
-            logits = model.forward(&[next], &mut kv, &experts).unwrap();
+            logits = run(&mut kv, prompt.len() + got.len() - 1, &[next]);
         }
         assert_eq!(got, expected, "{name}: greedy ids for prompt {prompt:?}");
     }
