@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use stevedore_cache::LookaheadParams;
+use stevedore_cache::{AnticipationParams, PolicyKind};
 use stevedore_predictor::{OnlineKind, PathModel, PathPredictor, RoutePredictor, RoutingShape};
 
 use crate::size::Size;
@@ -25,6 +25,7 @@ pub struct Config {
     pub tiers: Tiers,
     pub cache: CacheConfig,
     pub predictor: PredictorConfig,
+    pub engine: EngineSection,
     pub simulator: SimulatorConfig,
 }
 
@@ -50,27 +51,10 @@ impl Default for TierConfig {
     }
 }
 
-/// Replacement policy, by the name the cache crate gives it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyName {
-    Lru,
-    Lfu,
-    #[default]
-    Predictive,
-}
-
-impl PolicyName {
-    pub const ALL: [PolicyName; 3] = [PolicyName::Lru, PolicyName::Lfu, PolicyName::Predictive];
-
-    /// The name `stevedore_cache::policy::by_name` takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyName::Lru => "lru",
-            PolicyName::Lfu => "lfu",
-            PolicyName::Predictive => "predictive",
-        }
-    }
+/// A policy name (`stevedore_cache::PolicyKind` keeps the one list of names).
+fn policy<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyKind, D::Error> {
+    let name = String::deserialize(d)?;
+    PolicyKind::parse(&name).map_err(de::Error::custom)
 }
 
 /// Whether all MoE layers share one cache or each gets an equal slice of the budget.
@@ -82,11 +66,38 @@ pub enum Split {
     PerLayer,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
-    pub policy: PolicyName,
+    #[serde(deserialize_with = "policy")]
+    pub policy: PolicyKind,
     pub split: Split,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { policy: PolicyKind::Predictive, split: Split::Shared }
+    }
+}
+
+/// How the engine batches and reads: `[engine]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// Most sequences in one forward pass.
+    pub max_batch: usize,
+    /// Most token rows in one forward pass: longer prompts are prefilled in chunks.
+    pub max_batch_tokens: usize,
+    /// Bytes of the paged KV cache; `None`: what the requests need (`generate`).
+    pub kv_cache: Option<Size>,
+    /// Expert reader threads.
+    pub readers: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection { max_batch: 32, max_batch_tokens: 512, kv_cache: None, readers: 1 }
+    }
 }
 
 /// Routing predictor steering the `predictive` policy.
@@ -211,10 +222,10 @@ impl<'de> Deserialize<'de> for Layers {
 
 impl PredictorConfig {
     /// Protection and prefetch settings for a model of `shape`, for
-    /// [`stevedore_cache::Lookahead`]: lifts become score thresholds.
-    pub fn lookahead_params(&self, shape: RoutingShape) -> LookaheadParams {
+    /// [`stevedore_cache::Anticipation`]: lifts become score thresholds.
+    pub fn anticipation_params(&self, shape: RoutingShape) -> AnticipationParams {
         let chance = shape.top_k as f32 / shape.num_experts.max(1) as f32;
-        LookaheadParams {
+        AnticipationParams {
             protect_min_score: (self.protect_min_lift * chance).min(1.0),
             prefetch_min_score: (self.prefetch_min_lift * chance).min(1.0),
             prefetch_depth: self.prefetch_depth,
@@ -262,13 +273,13 @@ impl PredictorSource {
                 let model =
                     self.model.as_ref().ok_or("predictor.model: kind = \"path\" needs a model file")?;
                 let trained = model.shape();
-                if (trained.num_layers, trained.num_experts) != (shape.num_layers, shape.num_experts) {
+                if (trained.moe_layers, trained.num_experts) != (shape.moe_layers, shape.num_experts) {
                     return Err(format!(
                         "predictor.model {}: trained for {} MoE layers x {} experts, but this model has {} x {}",
                         self.model_path.as_deref().unwrap_or(Path::new("?")).display(),
-                        trained.num_layers,
+                        trained.moe_layers,
                         trained.num_experts,
-                        shape.num_layers,
+                        shape.moe_layers,
                         shape.num_experts
                     ));
                 }
@@ -320,6 +331,25 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.tiers.host.budget == Size::Bytes(0) {
             return Err("tiers.host.budget: must be more than 0 bytes".into());
+        }
+        let e = &self.engine;
+        for (key, v, max) in [
+            ("engine.max_batch", e.max_batch, 1 << 16),
+            ("engine.max_batch_tokens", e.max_batch_tokens, 1 << 20),
+            ("engine.readers", e.readers, 64),
+        ] {
+            if v == 0 || v > max {
+                return Err(format!("{key}: {v} is not between 1 and {max}"));
+            }
+        }
+        match e.kv_cache {
+            Some(Size::Percent(_)) => {
+                return Err(
+                    "engine.kv_cache: must be a size in bytes (e.g. \"2GiB\"), not a percentage".into()
+                )
+            }
+            Some(Size::Bytes(0)) => return Err("engine.kv_cache: must be more than 0 bytes".into()),
+            _ => {}
         }
         let p = &self.predictor;
         match p.depth {
@@ -408,6 +438,18 @@ max_protected = "75%"
 # Trained model file for kind = "path", relative to this file.
 # model = "path-model.bin"
 
+[engine]
+# Most sequences in one forward pass (continuous batching: sequences join and leave between
+# passes, and every expert read serves all the tokens routed to it).
+max_batch = 32
+# Most token rows in one forward pass: a longer prompt is prefilled in chunks of this many,
+# beside the decode tokens of other sequences.
+max_batch_tokens = 512
+# Bytes of the paged KV cache. Without it, `generate` takes what its requests need at once.
+# kv_cache = "2GiB"
+# Threads reading experts from disk (more keep more reads in flight: NVMe drives reward it).
+readers = 1
+
 [simulator]
 # Bytes of one routed expert, for `stevedore simulate` without --model DIR.
 # expert_bytes = "336MiB"
@@ -461,7 +503,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.tiers.host.budget, Size::Bytes(2 << 30));
-        assert_eq!((cfg.cache.policy, cfg.cache.split), (PolicyName::Lfu, Split::PerLayer));
+        assert_eq!((cfg.cache.policy, cfg.cache.split), (PolicyKind::Lfu, Split::PerLayer));
         assert_eq!((cfg.predictor.kind, cfg.predictor.depth), (PredictorKind::Path, Layers::Count(3)));
         assert_eq!(cfg.predictor.prefetch_top, Some(4));
         let depth = Config::parse("[predictor]\ndepth = \"50%\"\n").unwrap().predictor.depth;
@@ -478,7 +520,10 @@ mod tests {
             ("[cache]\npolcy = \"lru\"\n", "unknown field `polcy`"),
             ("[cahce]\n", "unknown field `cahce`"),
             ("[tiers.gpu]\nbudget = \"1GiB\"\n", "unknown field `gpu`"),
-            ("[cache]\npolicy = \"mru\"\n", "unknown variant `mru`"),
+            ("[cache]\npolicy = \"mru\"\n", "`mru` is not a policy (expected one of: lru, lfu, predictive)"),
+            ("[engine]\nmax_batch = 0\n", "engine.max_batch: 0 is not between 1 and 65536"),
+            ("[engine]\nreaders = 100\n", "engine.readers: 100 is not between 1 and 64"),
+            ("[engine]\nkv_cache = \"10%\"\n", "engine.kv_cache: must be a size in bytes"),
             ("[tiers.host]\nbudget = \"12XB\"\n", "unknown unit `xb`"),
             ("[tiers.host]\nbudget = \"150%\"\n", "a percentage must be in (0, 100]"),
             ("[tiers.host]\nbudget = 0\n", "tiers.host.budget: must be more than 0"),

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use stevedore_predictor::{
     evaluate, replay, split_holdout, train_path_model, Hits, OnlineKind, PathModel, PathPredictor, Report,
-    RoutePredictor, RoutingShape, Split, Trace, TrainConfig,
+    RoutePredictor, RoutingShape, SequenceCursors, Split, Trace, TrainConfig,
 };
 
 use crate::commands::CliError;
@@ -130,9 +130,9 @@ fn train(args: &TrainArgs) -> Result<(), CliError> {
         model.num_token_rows()
     );
     if !split.test.is_empty() {
-        let mut p = PathPredictor::new(Arc::new(model));
-        replay(&mut p, &split.train);
-        let r = evaluate(&mut p, &split.test, 1, shape.top_k);
+        let (mut p, mut cursors) = (PathPredictor::new(Arc::new(model)), SequenceCursors::new(shape));
+        replay(&mut p, &mut cursors, &split.train);
+        let r = evaluate(&mut p, &mut cursors, &split.test, 1, shape.top_k);
         let d = &r.distances[0];
         println!(
             "held out {} tokens: next-layer recall@{} {:.3} within the token, {:.3} overall",
@@ -199,8 +199,10 @@ pub fn evaluate_all(
             OnlineKind::ALL.iter().map(|kind| kind.build(shape)).collect();
         predictors.push(Box::new(PathPredictor::new(model.clone())));
         for p in &mut predictors {
-            replay(p.as_mut(), &split.train);
-            reports.push(evaluate(p.as_mut(), &split.test, depth, k));
+            // One cursor per traced sequence, carried from the training part into the test part.
+            let mut cursors = SequenceCursors::new(shape);
+            replay(p.as_mut(), &mut cursors, &split.train);
+            reports.push(evaluate(p.as_mut(), &mut cursors, &split.test, depth, k));
         }
     }
     Ok(Evaluation { train_tokens: split.train.len(), test_tokens: split.test.len(), path_model, reports })
@@ -383,7 +385,7 @@ mod tests {
         train(&TrainArgs { trace: trace.clone(), out: out.clone(), holdout: 0.2, train: flags.clone() })
             .unwrap();
         let model = read_path_model(&out).unwrap();
-        assert_eq!((model.shape().num_layers, model.shape().num_experts, model.max_depth()), (32, 8, 2));
+        assert_eq!((model.shape().moe_layers, model.shape().num_experts, model.max_depth()), (32, 8, 2));
         let loaded = crate::trace::load(&trace).unwrap();
         let ev = evaluate_all(&loaded, Some((model, "file".into())), 0.2, 2, &[2], &flags.config()).unwrap();
         assert_eq!(ev.reports.len(), 4);
@@ -447,6 +449,7 @@ mod tests {
                 .map(|pos| TokenRouting {
                     seq: 0,
                     pos,
+                    step: None,
                     token_id: None,
                     phase: Phase::Prefill,
                     layers: vec![Some(LayerChoice { experts: vec![pos % 4], weights: vec![] }); layers],

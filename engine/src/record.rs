@@ -1,99 +1,84 @@
-//! Recording routing while generating (`stevedore generate --trace FILE`): an [`Experts`] wrapper
-//! that notes each MoE layer's choices and hands the weights through untouched.
+//! Recording routing while generating (`--trace FILE`): every token of every forward pass, with
+//! its sequence, position, step and each MoE layer's choice, in stevedore's trace format
+//! (`docs/traces.md`). The simulator replays such a trace with the engine's own schedule.
 
 use std::path::Path;
-use std::sync::Mutex;
 
-use stevedore_models::{ExpertWeights, Experts, ExpertsError, LayerRouting, ModelConfig};
+use stevedore_models::{ExpertPlan, LayerMap, ModelConfig};
 
 use crate::trace::{LayerChoice, Phase, TokenRouting, TraceError, TraceMeta, TraceWriter};
 
-pub struct RoutingRecorder<'a> {
-    inner: &'a dyn Experts,
-    /// Decoder layer id of each MoE layer.
-    layer_ids: Vec<u32>,
-    state: Mutex<State>,
+/// One row of a forward pass as the recorder needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordRow {
+    pub seq: u64,
+    pub pos: usize,
+    pub token: u32,
+    pub phase: Phase,
 }
 
-struct State {
-    writer: Option<TraceWriter>,
+pub struct Recorder {
+    writer: TraceWriter,
+    /// Forward passes begun so far.
+    step: u64,
     /// The tokens of the forward pass in progress, filled layer by layer.
     pending: Vec<TokenRouting>,
-    first_pos: usize,
 }
 
-impl<'a> RoutingRecorder<'a> {
+impl Recorder {
     pub fn create(
         path: &Path,
         model_name: &str,
         cfg: &ModelConfig,
-        inner: &'a dyn Experts,
+        layers: &LayerMap,
     ) -> Result<Self, TraceError> {
-        let layer_ids: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
         let meta = TraceMeta {
             model: model_name.to_owned(),
             num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
-            layer_ids: layer_ids.clone(),
+            layer_ids: layers.moe_layers().iter().map(|l| l.0 as u32).collect(),
         };
         let writer = TraceWriter::create(path, &meta)?;
-        Ok(RoutingRecorder {
-            inner,
-            layer_ids,
-            state: Mutex::new(State { writer: Some(writer), pending: Vec::new(), first_pos: 0 }),
-        })
+        Ok(Recorder { writer, step: 0, pending: Vec::new() })
     }
 
-    /// Ends a forward pass: writes its tokens' routing to the trace.
-    pub fn end_forward(&self, phase: Phase) -> Result<(), TraceError> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let pending = std::mem::take(&mut st.pending);
-        let writer = st.writer.as_mut().expect("writer present until finish");
-        for mut t in pending {
-            t.phase = phase;
-            writer.write_token(&t)?;
+    /// A forward pass begins with `rows`.
+    pub fn begin_step(&mut self, rows: &[RecordRow], moe_layers: usize) {
+        self.pending = rows
+            .iter()
+            .map(|r| TokenRouting {
+                seq: r.seq,
+                pos: r.pos as u32,
+                step: Some(self.step),
+                token_id: Some(r.token),
+                phase: r.phase,
+                layers: vec![None; moe_layers],
+            })
+            .collect();
+        self.step += 1;
+    }
+
+    /// An MoE layer routed the pass's rows (those of failed sequences are left unrecorded).
+    pub fn record(&mut self, plan: &ExpertPlan<'_>) {
+        for (r, tok) in self.pending.iter_mut().enumerate() {
+            if plan.routed.get(r).copied().unwrap_or(false) {
+                let (experts, weights) = plan.choice(r);
+                tok.layers[plan.moe.0] =
+                    Some(LayerChoice { experts: experts.to_vec(), weights: weights.to_vec() });
+            }
+        }
+    }
+
+    /// The forward pass ended: writes its tokens.
+    pub fn end_step(&mut self) -> Result<(), TraceError> {
+        for t in std::mem::take(&mut self.pending) {
+            self.writer.write_token(&t)?;
         }
         Ok(())
     }
 
+    /// Flushes the file.
     pub fn finish(self) -> Result<(), TraceError> {
-        let st = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
-        st.writer.expect("writer present until finish").finish()
-    }
-}
-
-impl Experts for RoutingRecorder<'_> {
-    fn for_each(
-        &self,
-        routing: &LayerRouting<'_>,
-        f: &mut dyn FnMut(u32, ExpertWeights<'_>) -> Result<(), ExpertsError>,
-    ) -> Result<(), ExpertsError> {
-        {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let moe = self.layer_ids.iter().position(|&l| l as usize == routing.layer).ok_or_else(|| {
-                format!("layer {} routed experts but the config marks it dense", routing.layer)
-            })?;
-            let n = routing.n_tokens();
-            if st.pending.is_empty() || st.first_pos != routing.first_pos {
-                st.first_pos = routing.first_pos;
-                st.pending = (0..n)
-                    .map(|t| TokenRouting {
-                        seq: 0,
-                        pos: (routing.first_pos + t) as u32,
-                        token_id: routing.tokens.get(t).copied(),
-                        phase: Phase::Prefill,
-                        layers: vec![None; self.layer_ids.len()],
-                    })
-                    .collect();
-            }
-            let k = routing.top_k;
-            for (t, tok) in st.pending.iter_mut().enumerate() {
-                tok.layers[moe] = Some(LayerChoice {
-                    experts: routing.topk_ids[t * k..(t + 1) * k].to_vec(),
-                    weights: routing.topk_weights[t * k..(t + 1) * k].to_vec(),
-                });
-            }
-        }
-        self.inner.for_each(routing, f)
+        self.writer.finish()
     }
 }

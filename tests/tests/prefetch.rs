@@ -126,12 +126,13 @@ fn predictive_prefetches_and_some_prefetches_are_used() {
     assert_eq!(cache["policy"], "predictive", "{cache}");
     assert!(u64_at(cache, "prefetch_reads") > 0, "nothing prefetched: {cache}");
     assert!(u64_at(cache, "prefetch_hits") > 0, "no prefetch was used: {cache}");
-    let steps = u64_at(&out["stats"]["prefetcher"], "steps");
-    // One prediction per decode MoE layer (3 of them), one for the prompt.
-    assert_eq!(steps, 1 + 3 * (ids(&out["generated_ids"]).len() as u64 - 1), "{}", out["stats"]);
+    let predictions = u64_at(&out["stats"]["forecast"], "predictions");
+    // Per decode step one prediction at the token's start and one per MoE layer (3 of them);
+    // one for the prompt, once all its layers are routed.
+    assert_eq!(predictions, 1 + 4 * (ids(&out["generated_ids"]).len() as u64 - 1), "{}", out["stats"]);
     let lru = generate_ids(&dir, &prompt, 48, &["--config", config.to_str().unwrap(), "--policy", "lru"]);
     assert_eq!(lru["generated_ids"], out["generated_ids"]);
-    assert!(lru["stats"]["prefetcher"].is_null());
+    assert!(lru["stats"]["forecast"].is_null());
 }
 
 #[test]
@@ -148,20 +149,20 @@ fn the_config_sets_budget_and_policy_and_flags_override_it() {
     let s = run(&["--config", config]);
     assert_eq!(s["expert_cache"]["policy"], "lfu");
     assert_eq!(u64_at(&s["expert_cache"], "budget_bytes"), (all as f64 * 0.5).round() as u64);
-    assert!(s["prefetcher"].is_null());
+    assert!(s["forecast"].is_null());
 
     let min = u64_at(&info, "min_host_cache_bytes").to_string();
     let s = run(&["--config", config, "--policy", "predictive", "--host-cache", &min]);
     assert_eq!(s["expert_cache"]["policy"], "predictive");
     assert_eq!(u64_at(&s["expert_cache"], "budget_bytes").to_string(), min);
-    assert_eq!(s["prefetcher"]["predictor"], "transition");
+    assert_eq!(s["forecast"]["predictor"], "transition");
 
     // No config: LRU, and the automatic budget unless given; an empty config file is the
     // default config, whose policy is predictive.
     let s = run(&["--host-cache", "100%"]);
     assert_eq!(s["expert_cache"]["policy"], "lru");
     assert_eq!(u64_at(&s["expert_cache"], "budget_bytes"), all);
-    assert!(s["prefetcher"].is_null());
+    assert!(s["forecast"].is_null());
     let empty = write_config(tmp.path(), "empty.toml", "");
     let s = run(&["--config", empty.to_str().unwrap()]);
     assert_eq!(s["expert_cache"]["policy"], "predictive");

@@ -1,26 +1,23 @@
-//! `stevedore generate`: load a model, stream its experts through the host cache, generate.
+//! `stevedore generate`: one prompt, streamed as it is generated, or a file of prompts
+//! (`--batch`) run together as one continuous batch.
 //!
-//! Settings come from the config file (`--config`, `docs/config.md`) or its defaults; the
-//! `--host-cache` and `--policy` flags override it. With the `predictive` policy a
-//! [`Prefetcher`] steers the store with the configured routing predictor.
+//! The command turns flags and the config file (`--config`, `docs/config.md`) into an
+//! [`EngineConfig`] and calls the [`Engine`]; everything else happens there.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde_json::json;
-use stevedore_models::Experts;
-use tokenizers::Tokenizer;
+use serde_json::{json, Value};
+use stevedore_cache::PolicyKind;
+use stevedore_models::SeqId;
 
-use super::{load_model, parse_size, CliError};
-use crate::config::{Config, PolicyName, Split};
-use crate::generate::{check_context, generate, kv_positions, GenerateRequest};
-use crate::prefetch::{routing_shape, Prefetcher};
-use crate::record::RoutingRecorder;
+use super::{parse_size, CliError};
+use crate::config::{Config, Split};
+use crate::engine::{Completion, Engine, EngineConfig, EngineError, EngineStats, Event, Loaded, Request};
 use crate::sampling::SamplingParams;
 use crate::size::{human, Size};
-use crate::store::{ExpertStore, StoreError, StoreOptions};
-use stevedore_models::KvCache;
+use crate::store::StoreError;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -28,11 +25,15 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt text (needs tokenizer.json in the model directory).
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(long, conflicts_with_all = ["prompt_ids", "batch"], required_unless_present_any = ["prompt_ids", "batch"])]
     pub prompt: Option<String>,
     /// Prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "batch")]
     pub prompt_ids: Option<Vec<u32>>,
+    /// A JSONL file of requests, one a line: `{"prompt": "..."}` or `{"prompt_ids": [..]}`, with
+    /// an optional `max_new_tokens`. All run together as one continuous batch.
+    #[arg(long, value_name = "FILE")]
+    pub batch: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
@@ -51,7 +52,7 @@ pub struct GenerateArgs {
     /// memory allows after dense weights and the KV cache.
     #[arg(long, value_parser = parse_size)]
     pub host_cache: Option<Size>,
-    /// Config file (TOML, `stevedore config --print-default`): cache budget, policy, predictor.
+    /// Config file (TOML, `stevedore config --print-default`): budgets, policy, predictor, batching.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Expert cache policy: `lru`, `lfu` or `predictive` (LRU order, steered by a routing
@@ -59,8 +60,15 @@ pub struct GenerateArgs {
     /// Default: the config's `cache.policy` (`predictive` unless the file says otherwise);
     /// without `--config`, `lru`: prefetching reads more bytes in all, which costs decode speed
     /// where disk reads are the bottleneck, so it is something to turn on and tune.
-    #[arg(long, value_parser = parse_policy)]
-    pub policy: Option<PolicyName>,
+    #[arg(long, value_parser = PolicyKind::parse)]
+    pub policy: Option<PolicyKind>,
+    /// Most sequences in one forward pass (default: the config's `engine.max_batch`, 32).
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Bytes of the KV cache, e.g. `1GiB` (default: what the requests need at once, up to
+    /// `--max-batch` of them). Requests wait for blocks when it is smaller.
+    #[arg(long, value_parser = parse_size)]
+    pub kv_cache: Option<Size>,
     /// Read experts through the page cache instead of O_DIRECT.
     #[arg(long)]
     pub buffered_io: bool,
@@ -72,27 +80,17 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Memory kept free for the OS and everything else when the budget is automatic.
-const AUTO_RESERVE: u64 = 1 << 30;
-
 /// The policy without `--config` or `--policy`. Not the config file's default (`predictive`):
 /// its prefetches add reads, and on a disk-bound decode every extra byte costs time (on a
 /// random-routing 32-expert model at 25%, the default predictive settings read 1.3x LRU's
 /// bytes and decoded 1.3x slower), so the engine prefetches only when asked to.
-const NO_CONFIG_POLICY: PolicyName = PolicyName::Lru;
+const NO_CONFIG_POLICY: PolicyKind = PolicyKind::Lru;
 
-fn parse_policy(s: &str) -> Result<PolicyName, String> {
-    PolicyName::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
-        let names: Vec<_> = PolicyName::ALL.iter().map(|p| p.as_str()).collect();
-        format!("`{s}` is not a policy (expected one of: {})", names.join(", "))
-    })
-}
-
-/// Refuses what the config file asks for that the live engine cannot do yet, naming the key.
+/// Refuses what the config file asks for that the live engine cannot do, naming the key.
 fn check_live(cfg: &Config, path: &Path) -> Result<(), CliError> {
     if cfg.cache.split != Split::Shared {
         return Err(format!(
-            "{}: cache.split = \"per-layer\" is not supported by `stevedore generate` yet (only by \
+            "{}: cache.split = \"per-layer\" is not supported by `stevedore generate` (only by \
              `stevedore simulate`); use \"shared\"",
             path.display()
         )
@@ -101,16 +99,70 @@ fn check_live(cfg: &Config, path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-fn load_tokenizer(dir: &Path) -> Result<Tokenizer, CliError> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Err(format!(
-            "{}: not found; --prompt needs a tokenizer (or pass --prompt-ids)",
-            path.display()
-        )
-        .into());
+/// One request of the run, with the line of `--batch` it came from.
+struct Job {
+    line: Option<usize>,
+    req: Request,
+}
+
+/// Reads `--batch`: one JSON object a line (blank lines skipped); errors name file and line.
+fn read_batch(
+    path: &Path,
+    loaded: &Loaded,
+    max_new_tokens: usize,
+    sampling: &SamplingParams,
+) -> Result<Vec<Job>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut jobs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |msg: String| format!("{}:{n}: {msg}", path.display());
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Line {
+            prompt: Option<String>,
+            prompt_ids: Option<Vec<u32>>,
+            max_new_tokens: Option<usize>,
+        }
+        let l: Line = serde_json::from_str(line).map_err(|e| at(format!("not a request: {e}")))?;
+        let prompt_ids = match (l.prompt, l.prompt_ids) {
+            (Some(p), None) => {
+                let t = loaded.text().ok_or_else(|| {
+                    at("`prompt` needs tokenizer.json in the model directory; use `prompt_ids`".into())
+                })?;
+                t.encode(&p).map_err(at)?
+            }
+            (None, Some(ids)) => ids,
+            _ => return Err(at("give exactly one of `prompt` and `prompt_ids`".into()).into()),
+        };
+        let max_new_tokens = l.max_new_tokens.unwrap_or(max_new_tokens);
+        jobs.push(Job {
+            line: Some(n),
+            req: Request { prompt_ids, max_new_tokens, sampling: sampling.clone() },
+        });
     }
-    Tokenizer::from_file(&path).map_err(|e| format!("{}: cannot load tokenizer: {e}", path.display()).into())
+    if jobs.is_empty() {
+        return Err(format!("{}: no requests", path.display()).into());
+    }
+    Ok(jobs)
+}
+
+fn load_prompt(args: &GenerateArgs, loaded: &Loaded) -> Result<Vec<u32>, CliError> {
+    match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => match loaded.text() {
+            Some(t) => Ok(t.encode(text)?),
+            None => Err(format!(
+                "{}: not found; --prompt needs a tokenizer (or pass --prompt-ids)",
+                args.model.join("tokenizer.json").display()
+            )
+            .into()),
+        },
+        (None, Some(ids)) => Ok(ids.clone()),
+        (None, None) => unreachable!("clap requires one of --prompt, --prompt-ids, --batch"),
+    }
 }
 
 pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
@@ -120,33 +172,6 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(format!("--temperature must be >= 0, got {}", args.temperature).into());
     }
-    let model = load_model(&args.model)?;
-    let tokenizer = match (&args.prompt, args.model.join("tokenizer.json").exists()) {
-        (Some(_), _) | (None, true) => Some(load_tokenizer(&args.model)?),
-        (None, false) => None,
-    };
-    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => {
-            let tok = tokenizer.as_ref().expect("loaded above");
-            tok.encode(text.as_str(), true)
-                .map_err(|e| format!("cannot tokenize the prompt: {e}"))?
-                .get_ids()
-                .to_vec()
-        }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => unreachable!("clap requires one of --prompt, --prompt-ids"),
-    };
-    let req = GenerateRequest {
-        prompt_ids,
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-    };
-
     let config = match &args.config {
         Some(path) => {
             let cfg = Config::load(path)?;
@@ -161,150 +186,277 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
         Some(path) => format!("{}: {msg}", path.display()),
         None => msg,
     };
-
-    let fp = ExpertStore::footprint(&model.index, &model.config)?;
-    check_context(&model, &req)?;
-    let kv_bytes = KvCache::bytes_for(&model.config, kv_positions(&req));
-    let budget = match (args.host_cache, &config) {
-        (Some(size), _) => size.bytes(fp.total_bytes),
-        (None, Some(cfg)) => cfg.tiers.host.budget.bytes(fp.total_bytes),
-        (None, None) => {
-            let avail = crate::sys::available_memory_bytes()
-                .ok_or("cannot read MemAvailable from /proc/meminfo; pass --host-cache")?;
-            let room = avail.saturating_sub(model.dense_bytes() + kv_bytes + AUTO_RESERVE);
-            let budget = room.min(fp.total_bytes).max(fp.min_budget);
-            eprintln!(
-                "host cache: {} automatic (available {} - dense {} - KV {} - reserve {}; experts total {})",
-                human(budget),
-                human(avail),
-                human(model.dense_bytes()),
-                human(kv_bytes),
-                human(AUTO_RESERVE),
-                human(fp.total_bytes)
-            );
-            budget
-        }
-    };
-    let policy = args.policy.unwrap_or(match &config {
-        Some(cfg) => cfg.cache.policy,
-        None => NO_CONFIG_POLICY,
-    });
-    let mut store = ExpertStore::new(
-        &model.index,
-        &model.config,
-        budget,
-        stevedore_cache::policy::by_name(policy.as_str()).expect("every PolicyName names a policy"),
-        StoreOptions { force_buffered: args.buffered_io, ..StoreOptions::default() },
-    )
-    .map_err(|e| match e {
-        StoreError::BudgetTooSmall { .. } if args.host_cache.is_none() => {
-            in_config(format!("tiers.host.budget: {e}")).into()
-        }
-        e => CliError::from(e),
-    })?;
-    let steering = match policy {
-        PolicyName::Predictive => {
-            let p = &settings.predictor;
-            let shape = routing_shape(&model.config);
-            let predictor = p.source()?.build(shape).map_err(in_config)?;
-            store.set_lookahead(p.lookahead_params(shape), p.prefetch_budget.bytes(budget));
-            Some((predictor, p.depth.of(shape.num_layers)))
-        }
-        PolicyName::Lru | PolicyName::Lfu => None,
-    };
-    let prefetcher = match steering {
-        Some((predictor, depth)) => Some(Prefetcher::new(&store, &model.config, predictor, depth)?),
-        None => None,
-    };
-    let experts: &dyn Experts = match &prefetcher {
-        Some(p) => p,
-        None => &store,
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
     };
 
-    let mut stdout = std::io::stdout().lock();
-    let mut printed = String::new();
-    let mut so_far: Vec<u32> = Vec::new();
-    let stream = !args.json;
-    let mut stream_err = None;
-    let mut on_token = |id: u32| {
-        if !stream {
-            return;
-        }
-        so_far.push(id);
-        let res = match &tokenizer {
-            // Print what the decoded text gained, holding back an incomplete UTF-8 sequence.
-            Some(tok) => match tok.decode(&so_far, true) {
-                Ok(text) if !text.ends_with('\u{FFFD}') && text.starts_with(&printed) => {
-                    let new = text[printed.len()..].to_owned();
-                    printed = text;
-                    write!(stdout, "{new}").and_then(|_| stdout.flush())
-                }
-                _ => Ok(()),
-            },
-            None => write!(stdout, "{id} ").and_then(|_| stdout.flush()),
-        };
-        if let Err(e) = res {
-            stream_err.get_or_insert(e);
+    let loaded = Loaded::load(&args.model)?;
+    let jobs = match &args.batch {
+        Some(path) => read_batch(path, &loaded, args.max_new_tokens, &sampling)?,
+        None => {
+            let prompt_ids = load_prompt(args, &loaded)?;
+            let req = Request { prompt_ids, max_new_tokens: args.max_new_tokens, sampling };
+            loaded.check(&req)?;
+            vec![Job { line: None, req }]
         }
     };
-    let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let recorder = match &args.trace {
-        Some(path) => Some(RoutingRecorder::create(path, &model_name, &model.config, experts)?),
-        None => None,
-    };
-    let out = generate(&model, experts, recorder.as_ref(), &req, &mut on_token)?;
-    if let Some(r) = recorder {
-        r.finish()?;
+    let max_batch = args.max_batch.unwrap_or(settings.engine.max_batch);
+    if max_batch == 0 {
+        return Err("--max-batch must be at least 1".into());
     }
-    if let Some(e) = stream_err {
+    // KV: what the largest `max_batch` requests need at once, unless given.
+    let kv_cache = match args.kv_cache.or(settings.engine.kv_cache) {
+        Some(Size::Percent(_)) => {
+            return Err("--kv-cache must be a size in bytes (e.g. 1GiB), not a percentage".into())
+        }
+        Some(Size::Bytes(b)) => b,
+        None => {
+            let limit = loaded.model().config.max_positions();
+            let mut need: Vec<usize> = jobs
+                .iter()
+                .map(|j| (j.req.prompt_ids.len().saturating_add(j.req.max_new_tokens)).min(limit))
+                .collect();
+            need.sort_unstable_by(|a, b| b.cmp(a));
+            loaded.kv_bytes_for(need.into_iter().take(max_batch))
+        }
+    };
+    let engine_config = EngineConfig {
+        host_cache: args.host_cache.or(config.as_ref().map(|c| c.tiers.host.budget)),
+        policy: args.policy.unwrap_or(match &config {
+            Some(cfg) => cfg.cache.policy,
+            None => NO_CONFIG_POLICY,
+        }),
+        predictor: settings.predictor.clone(),
+        kv_cache,
+        max_batch,
+        max_batch_tokens: settings.engine.max_batch_tokens,
+        force_buffered: args.buffered_io,
+        readers: settings.engine.readers,
+        trace: args.trace.clone(),
+    };
+    let engine = loaded.start(&engine_config).map_err(|e| -> CliError {
+        match e {
+            EngineError::Store(e @ StoreError::BudgetTooSmall { .. })
+                if args.host_cache.is_none() && config.is_some() =>
+            {
+                in_config(format!("tiers.host.budget: {e}")).into()
+            }
+            EngineError::Config(msg) => in_config(msg).into(),
+            e => e.into(),
+        }
+    })?;
+    let budgets = engine.budgets();
+    if let Some(a) = budgets.host_auto {
+        eprintln!(
+            "host cache: {} automatic (available {} - dense {} - KV {} - reserve {}; experts total {})",
+            human(budgets.host),
+            human(a.available),
+            human(a.dense),
+            human(a.kv_cache),
+            human(a.reserve),
+            human(engine.footprint().total_bytes)
+        );
+    }
+    match args.batch {
+        Some(_) => run_batch(args, engine, jobs),
+        None => run_one(args, engine, jobs.into_iter().next().expect("one job").req),
+    }
+}
+
+/// The stats every run reports.
+fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
+    json!({
+        "peak_rss_bytes": crate::sys::peak_rss_bytes(),
+        "dense_bytes": dense_bytes,
+        "kv_cache_bytes": engine_stats.budgets.kv_cache,
+        "steps": engine_stats.steps,
+        "expert_cache": engine_stats.expert_cache,
+        "forecast": engine_stats.forecast,
+    })
+}
+
+fn run_one(args: &GenerateArgs, engine: Engine, req: Request) -> Result<(), CliError> {
+    let prompt_ids = req.prompt_ids.clone();
+    let handle = engine.submit(req)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err = None;
+    let mut write = |s: &str| {
+        if let Err(e) = write!(stdout, "{s}").and_then(|_| stdout.flush()) {
+            write_err.get_or_insert(e);
+        }
+    };
+    let stream = !args.json;
+    let has_text = engine.text().is_some();
+    let mut done: Option<Completion> = None;
+    for event in handle.events().expect("own channel").iter() {
+        match event {
+            Event::Token { id, text } if stream => write(&if has_text { text } else { format!("{id} ") }),
+            Event::Token { .. } => {}
+            Event::Finished(c) => {
+                if stream {
+                    write(&c.tail);
+                }
+                done = Some(c);
+                break;
+            }
+            Event::Failed(msg) => return Err(msg.into()),
+        }
+    }
+    let c = done.ok_or(EngineError::Stopped)?;
+    if let Some(e) = write_err {
         return Err(format!("writing to stdout: {e}").into());
     }
-    let text = match &tokenizer {
-        Some(tok) => {
-            Some(tok.decode(&out.generated_ids, true).map_err(|e| format!("cannot decode the output: {e}"))?)
-        }
-        None => None,
-    };
-    let stats = store.stats();
-    let peak_rss = crate::sys::peak_rss_bytes();
+    let dense = engine.model().dense_bytes();
+    let stats = engine.finish()?;
+    let mut s = stats_json(&stats, dense);
+    let extra = json!({
+        "prompt_tokens": c.prompt_tokens,
+        "generated_tokens": c.generated_ids.len(),
+        "finish_reason": c.finish_reason,
+        "prefill_seconds": c.prefill_seconds,
+        "decode_seconds": c.decode_seconds,
+        "prefill_tokens_per_s": c.prefill_tokens_per_s(),
+        "decode_tokens_per_s": c.decode_tokens_per_s(),
+    });
+    merge(&mut s, extra);
     if args.json {
-        let v = json!({
-            "prompt_ids": req.prompt_ids,
-            "generated_ids": out.generated_ids,
-            "text": text,
-            "stats": {
-                "prompt_tokens": req.prompt_ids.len(),
-                "generated_tokens": out.generated_ids.len(),
-                "prefill_seconds": out.prefill_seconds,
-                "decode_seconds": out.decode_seconds,
-                "prefill_tokens_per_s": out.prefill_tokens_per_s(req.prompt_ids.len()),
-                "decode_tokens_per_s": out.decode_tokens_per_s(),
-                "peak_rss_bytes": peak_rss,
-                "dense_bytes": model.dense_bytes(),
-                "kv_cache_bytes": kv_bytes,
-                "expert_cache": stats,
-                "prefetcher": prefetcher.as_ref().map(Prefetcher::stats),
-            }
-        });
-        println!("{v}");
+        println!(
+            "{}",
+            json!({"prompt_ids": prompt_ids, "generated_ids": c.generated_ids, "text": c.text, "stats": s})
+        );
     } else {
         println!();
+        let cache = &stats.expert_cache;
         eprintln!(
             "prefill {:.1} tok/s, decode {:.2} tok/s; expert cache {} {} budget, peak {}, {} hits, {} misses, \
              {} prefetched ({} used), {} read ({}), peak RSS {}",
-            out.prefill_tokens_per_s(req.prompt_ids.len()),
-            out.decode_tokens_per_s(),
-            stats.policy,
-            human(stats.budget_bytes),
-            human(stats.peak_bytes),
-            stats.hits,
-            stats.misses,
-            stats.prefetch_reads,
-            stats.prefetch_hits,
-            human(stats.bytes_read),
-            if stats.direct_io { "O_DIRECT" } else { "buffered" },
-            peak_rss.map(human).unwrap_or_else(|| "unknown".into()),
+            c.prefill_tokens_per_s(),
+            c.decode_tokens_per_s(),
+            cache.policy,
+            human(cache.budget_bytes),
+            human(cache.peak_bytes),
+            cache.hits,
+            cache.misses,
+            cache.prefetch_reads,
+            cache.prefetch_hits,
+            human(cache.bytes_read),
+            if cache.direct_io { "O_DIRECT" } else { "buffered" },
+            crate::sys::peak_rss_bytes().map(human).unwrap_or_else(|| "unknown".into()),
         );
+    }
+    Ok(())
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}
+
+fn run_batch(args: &GenerateArgs, engine: Engine, jobs: Vec<Job>) -> Result<(), CliError> {
+    let t0 = std::time::Instant::now();
+    let (tx, rx) = crossbeam_channel::unbounded::<(SeqId, Event)>();
+    // Kept until the end: dropping a handle cancels its request.
+    let mut handles = Vec::with_capacity(jobs.len());
+    let mut by_id = std::collections::HashMap::new();
+    let mut results: Vec<Option<Result<Completion, String>>> = vec![None; jobs.len()];
+    for (i, job) in jobs.iter().enumerate() {
+        match engine.submit_to(job.req.clone(), &tx) {
+            Ok(h) => {
+                by_id.insert(h.id(), i);
+                handles.push(h);
+            }
+            Err(e) => results[i] = Some(Err(e.to_string())),
+        }
+    }
+    drop(tx);
+    let mut stdout = std::io::stdout().lock();
+    let mut print = |i: usize, r: &Result<Completion, String>| -> Result<(), CliError> {
+        if args.json {
+            return Ok(());
+        }
+        let line = jobs[i].line.expect("batch jobs carry their line");
+        let out = match r {
+            Ok(c) => match &c.text {
+                Some(t) => serde_json::to_string(t).expect("a string serialises"),
+                None => format!("{:?}", c.generated_ids),
+            },
+            Err(msg) => format!("error: {msg}"),
+        };
+        writeln!(stdout, "[line {line}] {out}").map_err(|e| format!("writing to stdout: {e}").into())
+    };
+    for (i, r) in results.iter().enumerate() {
+        if let Some(r) = r {
+            print(i, r)?;
+        }
+    }
+    let mut left = by_id.len();
+    for (id, event) in rx.iter() {
+        if left == 0 {
+            break;
+        }
+        let i = by_id[&id];
+        let r = match event {
+            Event::Token { .. } => continue,
+            Event::Failed(msg) => Err(msg),
+            Event::Finished(c) => Ok(c),
+        };
+        print(i, &r)?;
+        results[i] = Some(r);
+        left -= 1;
+        if left == 0 {
+            break;
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    drop(handles);
+    let dense = engine.model().dense_bytes();
+    let stats = engine.finish()?;
+    let results: Vec<Result<Completion, String>> =
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(EngineError::Stopped.to_string()))).collect();
+    let done: Vec<&Completion> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let failed = results.len() - done.len();
+    let generated: usize = done.iter().map(|c| c.generated_ids.len()).sum();
+    let mut s = stats_json(&stats, dense);
+    merge(
+        &mut s,
+        json!({
+            "requests": results.len(),
+            "failed_requests": failed,
+            "prompt_tokens": done.iter().map(|c| c.prompt_tokens).sum::<usize>(),
+            "generated_tokens": generated,
+            "wall_seconds": wall,
+            "generated_tokens_per_s": generated as f64 / wall.max(1e-9),
+        }),
+    );
+    if args.json {
+        let results: Vec<Value> = jobs
+            .iter()
+            .zip(&results)
+            .map(|(j, r)| match r {
+                Ok(c) => {
+                    json!({"line": j.line, "prompt_ids": j.req.prompt_ids, "generated_ids": c.generated_ids,
+                                "text": c.text, "finish_reason": c.finish_reason})
+                }
+                Err(msg) => json!({"line": j.line, "prompt_ids": j.req.prompt_ids, "error": msg}),
+            })
+            .collect();
+        println!("{}", json!({"results": results, "stats": s}));
+    } else {
+        eprintln!(
+            "{} requests ({failed} failed), {generated} tokens in {wall:.1} s ({:.2} tok/s), {} forward passes, \
+             up to {} sequences at once",
+            results.len(),
+            generated as f64 / wall.max(1e-9),
+            stats.steps.steps,
+            stats.steps.max_batch_seen
+        );
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {} requests failed (see their lines above)", results.len()).into());
     }
     Ok(())
 }

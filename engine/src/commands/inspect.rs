@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{load_model, parse_size, CliError};
 use crate::size::{human, Size};
-use crate::store::ExpertStore;
+use crate::store::Layouts;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -24,7 +24,7 @@ pub struct InspectArgs {
 pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     let model = load_model(&args.model)?;
     let cfg = &model.config;
-    let fp = ExpertStore::footprint(&model.index, cfg)?;
+    let fp = Layouts::of(&model).footprint();
     let expert_tensor_bytes = model.index.bytes_where(stevedore_models::names::is_expert_tensor);
     let dense = model.dense_bytes();
     let moe_layers: Vec<usize> = cfg.moe_layers().collect();

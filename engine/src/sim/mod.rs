@@ -10,9 +10,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use serde::Serialize;
+use stevedore_cache::PolicyKind;
 use stevedore_predictor::{split_holdout, RoutingShape};
 
-pub use replay::{demand_sequence, replay, Contender, RunStats, Steering};
+pub use replay::{layer_steps, replay, steps, Contender, RunStats, Steering};
 pub use sizes::ExpertSizes;
 
 use crate::config::{Config, ConfigError};
@@ -103,9 +104,9 @@ pub struct Policies {
 impl Policies {
     pub fn get(&self, c: Contender) -> &PolicyReport {
         match c {
-            Contender::Lru => &self.lru,
-            Contender::Lfu => &self.lfu,
-            Contender::Predictive => &self.predictive,
+            Contender::Policy(PolicyKind::Lru) => &self.lru,
+            Contender::Policy(PolicyKind::Lfu) => &self.lfu,
+            Contender::Policy(PolicyKind::Predictive) => &self.predictive,
             Contender::Belady => &self.belady,
         }
     }
@@ -176,9 +177,9 @@ pub fn simulate(
         let budget = capacity.bytes(total);
         let run = |c: Contender| -> Result<PolicyReport, SimError> {
             let steering = match c {
-                Contender::Predictive => Some(Steering {
+                Contender::Policy(PolicyKind::Predictive) => Some(Steering {
                     predictor: source.build(RoutingShape::from(&trace.meta)).map_err(SimError::Invalid)?,
-                    params: cfg.predictor.lookahead_params(RoutingShape::from(&trace.meta)),
+                    params: cfg.predictor.anticipation_params(RoutingShape::from(&trace.meta)),
                     depth: cfg.predictor.depth.of(trace.num_layers()),
                     prefetch_budget: cfg.predictor.prefetch_budget.bytes(budget),
                 }),
@@ -187,9 +188,9 @@ pub fn simulate(
             Ok(replay(trace, sizes, budget, cfg.cache.split, c, steering, warmup)?.into())
         };
         let policies = Policies {
-            lru: run(Contender::Lru)?,
-            lfu: run(Contender::Lfu)?,
-            predictive: run(Contender::Predictive)?,
+            lru: run(Contender::Policy(PolicyKind::Lru))?,
+            lfu: run(Contender::Policy(PolicyKind::Lfu))?,
+            predictive: run(Contender::Policy(PolicyKind::Predictive))?,
             belady: run(Contender::Belady)?,
         };
         reports.push(CapacityReport {
@@ -207,7 +208,7 @@ pub fn simulate(
         num_experts: trace.meta.num_experts,
         top_k: trace.meta.top_k,
         expert_bytes_total: total,
-        configured: cfg.cache.policy.as_str(),
+        configured: cfg.cache.policy.name(),
         split: match cfg.cache.split {
             crate::config::Split::Shared => "shared",
             crate::config::Split::PerLayer => "per-layer",
@@ -291,7 +292,7 @@ pub fn render(r: &Report) -> String {
         for p in Contender::ALL {
             let s = c.policies.get(p);
             let mark = if p.name() == r.configured { '*' } else { ' ' };
-            let (issued, useful) = if p == Contender::Predictive {
+            let (issued, useful) = if p == Contender::Policy(PolicyKind::Predictive) {
                 (s.prefetches_issued.to_string(), s.prefetches_useful.to_string())
             } else {
                 ("-".into(), "-".into())

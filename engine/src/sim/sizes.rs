@@ -1,12 +1,13 @@
-//! Bytes of each routed expert, from a model checkpoint's safetensors headers or from the
-//! config's `simulator.expert_bytes`.
+//! Bytes of each routed expert, from a model checkpoint (as the live store accounts them) or
+//! from the config's `simulator.expert_bytes`.
 
 use std::path::Path;
 
-use stevedore_models::names::expert_tensor_names;
-use stevedore_models::{ModelConfig, WeightIndex};
+use stevedore_cache::ExpertKey;
+use stevedore_models::{LayerId, Model};
 
 use super::SimError;
+use crate::store::Layouts;
 use crate::trace::TraceMeta;
 
 /// `bytes[moe_layer][expert]`: what loading that expert moves.
@@ -21,11 +22,13 @@ impl ExpertSizes {
         ExpertSizes { bytes: vec![vec![bytes; meta.num_experts]; meta.layer_ids.len()] }
     }
 
-    /// Sizes from the checkpoint in `dir` (config.json and safetensors headers; no weights are
-    /// read). The model must match the trace: same number of routed experts, and every traced
-    /// layer a sparse layer of the model.
+    /// Sizes from the checkpoint in `dir`, as the live store accounts them: each expert's
+    /// 4 KiB-aligned buffer (so that "25%" is the same budget live and simulated). The model must
+    /// match the trace: same number of routed experts, and every traced layer a sparse layer of
+    /// the model.
     pub fn from_model(dir: &Path, meta: &TraceMeta) -> Result<Self, SimError> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let model = Model::load(dir)?;
+        let cfg = &model.config;
         if cfg.num_experts != meta.num_experts {
             return Err(SimError::Invalid(format!(
                 "the model in {} has {} routed experts per layer but the trace ({}) has {}",
@@ -35,22 +38,20 @@ impl ExpertSizes {
                 meta.num_experts
             )));
         }
-        let index = WeightIndex::open(dir)?;
+        let layouts = Layouts::of(&model);
         let mut bytes = Vec::with_capacity(meta.layer_ids.len());
         for &layer in &meta.layer_ids {
             let layer = layer as usize;
-            if layer >= cfg.num_hidden_layers || !cfg.is_moe_layer(layer) {
+            if model.layers.moe(LayerId(layer)).is_none() {
                 return Err(SimError::Invalid(format!(
                     "the trace routes decoder layer {layer}, which is not a sparse layer of the model in {}",
                     dir.display()
                 )));
             }
             let per_expert = (0..meta.num_experts)
-                .map(|e| {
-                    let names = expert_tensor_names(cfg.arch, layer, e);
-                    names.iter().try_fold(0u64, |sum, n| Ok::<_, SimError>(sum + index.info(n)?.len))
-                })
-                .collect::<Result<Vec<u64>, _>>()?;
+                .map(|e| layouts.check(ExpertKey::new(layer, e)).map(|l| l.alloc as u64))
+                .collect::<Result<Vec<u64>, _>>()
+                .map_err(|e| SimError::Invalid(e.to_string()))?;
             bytes.push(per_expert);
         }
         Ok(ExpertSizes { bytes })

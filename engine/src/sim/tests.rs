@@ -1,14 +1,15 @@
 use std::path::Path;
 
-use stevedore_cache::LookaheadParams;
-use stevedore_predictor::{OnlineKind, Prediction, RoutePredictor, RoutingShape};
+use stevedore_cache::{AnticipationParams, ExpertKey, PolicyKind};
+use stevedore_predictor::{OnlineKind, Prediction, RouteCursor, RoutePredictor, RoutingShape};
 
 use super::*;
 use crate::config::{Layers, Split};
 use crate::trace::tests::shared_traces;
 use crate::trace::{LayerChoice, Phase, TokenRouting, TraceMeta};
 
-/// A trace of one sequence over `paths[token][moe_layer]` (experts chosen).
+/// A trace of one sequence over `paths[token][moe_layer]` (experts chosen); each token's id is
+/// its position.
 fn trace(num_experts: usize, paths: &[&[&[u32]]]) -> Trace {
     let layers = paths[0].len();
     Trace {
@@ -22,7 +23,8 @@ fn trace(num_experts: usize, paths: &[&[&[u32]]]) -> Trace {
             .map(|(pos, path)| TokenRouting {
                 seq: 0,
                 pos: pos as u32,
-                token_id: None,
+                step: None,
+                token_id: Some(pos as u32),
                 phase: Phase::Decode,
                 layers: path
                     .iter()
@@ -42,12 +44,12 @@ fn run(t: &Trace, slots: u64, c: Contender, steering: Option<Steering>) -> RunSt
 fn lru_and_belady_on_a_loop_larger_than_the_cache() {
     // One layer, experts 0,1,2 in a loop, two slots: LRU always evicts the next one needed.
     let t = trace(4, &[&[&[0]], &[&[1]], &[&[2]], &[&[0]], &[&[1]], &[&[2]]]);
-    let lru = run(&t, 2, Contender::Lru, None);
+    let lru = run(&t, 2, Contender::Policy(PolicyKind::Lru), None);
     assert_eq!((lru.accesses, lru.hits, lru.demand_bytes, lru.tokens), (6, 0, 60, 6));
     // Belady keeps 0 for position 3, then 2 for position 5.
     let belady = run(&t, 2, Contender::Belady, None);
     assert_eq!((belady.hits, belady.bytes_moved()), (2, 40));
-    assert_eq!(run(&t, 2, Contender::Lfu, None).hits, 0);
+    assert_eq!(run(&t, 2, Contender::Policy(PolicyKind::Lfu), None).hits, 0);
 }
 
 #[test]
@@ -55,35 +57,28 @@ fn a_layer_never_evicts_the_experts_it_is_using() {
     // Two slots, top-2. Token 2 needs {2, 0}: 0 is resident and must survive loading 2, even
     // though 0 is the least recently used entry.
     let t = trace(4, &[&[&[0, 1]], &[&[2, 0]]]);
-    let s = run(&t, 2, Contender::Lru, None);
+    let s = run(&t, 2, Contender::Policy(PolicyKind::Lru), None);
     assert_eq!((s.hits, s.accesses), (1, 4));
 }
 
-/// Knows the trace and predicts every next layer exactly, with score 1.
+/// Knows the trace (of one sequence, token ids = positions) and predicts every next layer
+/// exactly, with score 1.
 struct Oracle {
     trace: Trace,
-    token: Option<usize>,
-    after: Option<usize>,
 }
 
 impl RoutePredictor for Oracle {
     fn name(&self) -> &'static str {
         "oracle"
     }
-    fn begin_token(&mut self, _: Option<u32>) {
-        self.token = Some(self.token.map_or(0, |t| t + 1));
-        self.after = None;
-    }
-    fn observe(&mut self, layer: usize, _: &[u32], _: &[f32]) {
-        self.after = Some(layer);
-    }
-    fn predict(&self, depth: usize) -> Vec<Prediction> {
+    fn learn(&mut self, _: &RouteCursor, _: usize) {}
+    fn predict(&self, cursor: &RouteCursor, depth: usize) -> Vec<Prediction> {
         let layers = self.trace.num_layers();
-        let first = self.after.map_or(0, |l| l + 1);
+        let first = cursor.last_layer().map_or(0, |l| l + 1);
         (1..=depth)
             .filter_map(|distance| {
                 let pos = first + distance - 1;
-                let token = self.trace.tokens.get(self.token? + pos / layers)?;
+                let token = self.trace.tokens.get(cursor.token_id()? as usize + pos / layers)?;
                 let choice = token.layers[pos % layers].as_ref()?;
                 let experts = choice.experts.iter().map(|&e| (e, 1.0)).collect();
                 Some(Prediction { distance, layer: pos % layers, next_token: pos >= layers, experts })
@@ -95,7 +90,7 @@ impl RoutePredictor for Oracle {
 fn steering(predictor: Box<dyn RoutePredictor>, prefetch_depth: usize, budget: u64) -> Steering {
     Steering {
         predictor,
-        params: LookaheadParams {
+        params: AnticipationParams {
             protect_min_score: 0.0,
             prefetch_min_score: 0.5,
             prefetch_depth,
@@ -114,16 +109,16 @@ fn perfect_prefetch_hits_every_access_and_moves_each_expert_once() {
     let refs: Vec<Vec<&[u32]>> = paths.iter().map(|p| p.iter().map(|e| &e[..]).collect()).collect();
     let refs: Vec<&[&[u32]]> = refs.iter().map(|p| &p[..]).collect();
     let t = trace(4, &refs);
-    let oracle = || Box::new(Oracle { trace: t.clone(), token: None, after: None });
-    let lru = run(&t, 2, Contender::Lru, None);
+    let oracle = || Box::new(Oracle { trace: t.clone() });
+    let lru = run(&t, 2, Contender::Policy(PolicyKind::Lru), None);
     // Prefetch issued one step ahead is in time: every access hits, every load was a prefetch.
-    let s = run(&t, 2, Contender::Predictive, Some(steering(oracle(), 1, 10)));
+    let s = run(&t, 2, Contender::Policy(PolicyKind::Predictive), Some(steering(oracle(), 1, 10)));
     assert_eq!((s.hits, s.accesses, s.demand_bytes), (24, 24, 0));
     assert_eq!(s.prefetches_useful, s.prefetches_issued);
     assert!(s.bytes_moved() <= lru.bytes_moved());
     // Without prefetch (depth 0) or without budget, the predictive policy is LRU.
     for st in [steering(oracle(), 0, 10), steering(oracle(), 1, 0)] {
-        let s = run(&t, 2, Contender::Predictive, Some(st));
+        let s = run(&t, 2, Contender::Policy(PolicyKind::Predictive), Some(st));
         assert_eq!((s.hits, s.bytes_moved(), s.prefetches_issued), (lru.hits, lru.bytes_moved(), 0));
     }
 }
@@ -140,9 +135,9 @@ fn transition_predictor_learns_fixed_paths_online() {
     let refs: Vec<Vec<&[u32]>> = paths.iter().map(|p| p.iter().map(|e| &e[..]).collect()).collect();
     let refs: Vec<&[&[u32]]> = refs.iter().map(|p| &p[..]).collect();
     let t = trace(8, &refs);
-    let lru = run(&t, 4, Contender::Lru, None);
+    let lru = run(&t, 4, Contender::Policy(PolicyKind::Lru), None);
     let p = OnlineKind::Transition.build(RoutingShape::from(&t.meta));
-    let s = run(&t, 4, Contender::Predictive, Some(steering(p, 1, 10)));
+    let s = run(&t, 4, Contender::Policy(PolicyKind::Predictive), Some(steering(p, 1, 10)));
     // Layers 1..4 become hits once the transitions are learned: well over half of all uses.
     assert!(s.hit_rate() > 0.8 && lru.hit_rate() < 0.4, "predictive {} lru {}", s.hit_rate(), lru.hit_rate());
     assert!(s.prefetches_useful as f64 > 0.9 * s.prefetches_issued as f64);
@@ -152,7 +147,7 @@ fn transition_predictor_learns_fixed_paths_online() {
 fn warmup_tokens_are_not_counted() {
     let t = trace(4, &[&[&[0]], &[&[1]], &[&[0]], &[&[1]]]);
     let sizes = ExpertSizes::uniform(&t.meta, 10);
-    let s = replay(&t, &sizes, 20, Split::Shared, Contender::Lru, None, 2).unwrap();
+    let s = replay(&t, &sizes, 20, Split::Shared, Contender::Policy(PolicyKind::Lru), None, 2).unwrap();
     assert_eq!((s.tokens, s.accesses, s.hits, s.bytes_moved()), (2, 2, 2, 0));
 }
 
@@ -166,10 +161,16 @@ fn per_layer_split_gives_each_layer_its_share() {
     let sizes = ExpertSizes::uniform(&t.meta, 10);
     // Shared, 2 slots: layer 0's loop pushes layer 1's expert out half the time; per layer,
     // layer 1 keeps its slot and hits 8 of 9 times while layer 0 never hits.
-    let per_layer = replay(&t, &sizes, 20, Split::PerLayer, Contender::Lru, None, 0).unwrap();
+    let per_layer =
+        replay(&t, &sizes, 20, Split::PerLayer, Contender::Policy(PolicyKind::Lru), None, 0).unwrap();
     assert_eq!(per_layer.hits, 8);
-    let err = replay(&t, &sizes, 19, Split::PerLayer, Contender::Lru, None, 0).unwrap_err().to_string();
-    assert!(err.contains("a cache of 9 bytes cannot hold the 1 experts MoE layer 0 uses"), "{err}");
+    let err = replay(&t, &sizes, 19, Split::PerLayer, Contender::Policy(PolicyKind::Lru), None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a cache of 9 bytes cannot hold the 1 experts one token uses at MoE layer 0"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -178,8 +179,13 @@ fn expert_sizes_come_from_the_checkpoint() {
     // The fixture: 3 sparse layers of 8 experts, hidden 64, intermediate 48, bf16.
     let meta = TraceMeta { model: "fixture".into(), num_experts: 8, top_k: 2, layer_ids: vec![0, 2] };
     let sizes = ExpertSizes::from_model(&dir, &meta).unwrap();
-    assert_eq!(sizes.get(1, 7), 3 * 64 * 48 * 2);
-    assert_eq!(sizes.total(), 2 * 8 * 3 * 64 * 48 * 2);
+    // As the live store accounts them: each expert's 4 KiB-aligned buffer.
+    let model = stevedore_models::Model::load(&dir).unwrap();
+    let layouts = crate::store::Layouts::of(&model);
+    let alloc = |l: usize, e: usize| layouts.get(ExpertKey::new(l, e)).unwrap().alloc as u64;
+    assert_eq!(sizes.get(1, 7), alloc(2, 7));
+    assert!(sizes.get(1, 7) >= 3 * 64 * 48 * 2 && sizes.get(1, 7).is_multiple_of(4096));
+    assert_eq!(sizes.total(), (0..8).map(|e| alloc(0, e) + alloc(2, e)).sum::<u64>());
     let bad = TraceMeta { num_experts: 64, ..meta.clone() };
     let err = ExpertSizes::from_model(&dir, &bad).unwrap_err().to_string();
     assert!(err.contains("has 8 routed experts per layer but the trace (fixture) has 64"), "{err}");
@@ -235,7 +241,7 @@ fn predictive_meets_the_bars_on_the_shared_traces() {
         "qwen1.5-moe-a2.7b/qwen15moe_gsm8k25_5layers.csv",
     ];
     let cfg = Config::default();
-    assert_eq!((cfg.cache.policy.as_str(), cfg.predictor.depth), ("predictive", Layers::Percent(60.0)));
+    assert_eq!((cfg.cache.policy.name(), cfg.predictor.depth), ("predictive", Layers::Percent(60.0)));
     for file in files {
         let t = crate::trace::load(&dir.join(file)).unwrap();
         let sizes = ExpertSizes::uniform(&t.meta, 1 << 20);

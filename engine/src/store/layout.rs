@@ -1,10 +1,10 @@
 //! Where each expert's bytes lie: on disk (shard, aligned spans) and in its one buffer. Built
-//! once from the weight index; this and the expert keys are all the store knows of the model.
+//! once from the expert tensors the model checked at load; this and the expert keys are all the
+//! store knows of the model.
 
 use stevedore_cache::ExpertKey;
-use stevedore_kernels::{DType, Weight};
-use stevedore_models::names::{expert_tensor_names, expert_tensor_shapes};
-use stevedore_models::{Error as ModelError, ExpertWeights, ModelConfig, WeightIndex};
+use stevedore_kernels::{DType, SwiGlu, Weight};
+use stevedore_models::{ExpertTensors, ExpertWeights, LayerId, LayerMap, Model, TensorLoc};
 
 use super::StoreError;
 use crate::io::{Span, ALIGN};
@@ -48,104 +48,108 @@ impl ExpertLayout {
             rows: t.rows,
             cols: t.cols,
         };
-        ExpertWeights { gate: w(&self.tensors[0]), up: w(&self.tensors[1]), down: w(&self.tensors[2]) }
+        SwiGlu { gate: w(&self.tensors[0]), up: w(&self.tensors[1]), down: w(&self.tensors[2]) }
     }
 }
 
-/// Every routed expert of every MoE layer.
-pub(crate) struct Layouts {
+/// Every routed expert of every MoE layer, planned once from the tensors the model checked at
+/// load, and what they cost the store.
+pub struct Layouts {
     /// Indexed by decoder layer; `None` for dense layers.
     by_layer: Vec<Option<Vec<ExpertLayout>>>,
-    pub num_experts: usize,
-    /// The largest expert buffer.
-    pub max_alloc: usize,
+    num_experts: usize,
+    footprint: ExpertFootprint,
+}
+
+/// What a checkpoint's routed experts cost the store, in accounted (aligned) bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExpertFootprint {
+    /// Routed experts over all MoE layers.
+    pub experts: u64,
+    /// The largest expert's buffer.
+    pub max_expert_bytes: u64,
+    /// All experts' buffers: a budget of this much holds every expert at once.
+    pub total_bytes: u64,
+    /// The smallest budget the store accepts: `top_k` times `max_expert_bytes`, one layer's
+    /// active experts for one token.
+    pub min_budget: u64,
 }
 
 impl Layouts {
-    pub fn build(index: &WeightIndex, cfg: &ModelConfig) -> Result<Self, StoreError> {
-        let shapes = expert_tensor_shapes(cfg);
-        let mut by_layer = vec![None; cfg.num_hidden_layers];
+    /// Layouts of `model`'s experts.
+    pub fn of(model: &Model) -> Self {
+        Self::new(&model.experts, &model.layers, model.config.num_experts_per_tok)
+    }
+
+    /// Layouts of `tensors`, for a model of `map`'s layers whose router picks `top_k` experts.
+    pub fn new(tensors: &ExpertTensors, map: &LayerMap, top_k: usize) -> Self {
+        let mut by_layer = vec![None; map.num_decoder_layers()];
         let mut max_alloc = 0;
-        for layer in cfg.moe_layers() {
-            let mut experts = Vec::with_capacity(cfg.num_experts);
-            for expert in 0..cfg.num_experts {
-                let names = expert_tensor_names(cfg.arch, layer, expert);
-                let layout = expert_layout(index, &names, &shapes)?;
-                max_alloc = max_alloc.max(layout.alloc);
-                experts.push(layout);
-            }
-            by_layer[layer] = Some(experts);
+        let (mut experts, mut total) = (0u64, 0u64);
+        for (moe, e, tensors) in tensors.iter() {
+            let layer = map.decoder(moe).expect("expert tensors exist for MoE layers only");
+            let layout = expert_layout(tensors);
+            max_alloc = max_alloc.max(layout.alloc);
+            experts += 1;
+            total += layout.alloc as u64;
+            let slot: &mut Option<Vec<ExpertLayout>> = &mut by_layer[layer.0];
+            let v = slot.get_or_insert_with(Vec::new);
+            debug_assert_eq!(v.len(), e);
+            v.push(layout);
         }
-        Ok(Layouts { by_layer, num_experts: cfg.num_experts, max_alloc })
+        let top_k = top_k as u64;
+        let footprint = ExpertFootprint {
+            experts,
+            max_expert_bytes: max_alloc as u64,
+            total_bytes: total,
+            min_budget: top_k * max_alloc as u64,
+        };
+        Layouts { by_layer, num_experts: tensors.num_experts, footprint }
     }
 
-    /// Every expert of every MoE layer.
-    pub fn iter(&self) -> impl Iterator<Item = &ExpertLayout> {
-        self.by_layer.iter().flatten().flatten()
+    pub fn footprint(&self) -> ExpertFootprint {
+        self.footprint
     }
 
-    pub fn get(&self, key: ExpertKey) -> Option<&ExpertLayout> {
+    pub(crate) fn get(&self, key: ExpertKey) -> Option<&ExpertLayout> {
         self.by_layer.get(key.layer as usize)?.as_ref()?.get(key.expert as usize)
     }
 
     /// Checks that `key` names a routed expert of this model.
-    pub fn check(&self, key: ExpertKey) -> Result<&ExpertLayout, StoreError> {
-        let layer = key.layer as usize;
-        match self.by_layer.get(layer) {
+    pub(crate) fn check(&self, key: ExpertKey) -> Result<&ExpertLayout, StoreError> {
+        let layer = LayerId(key.layer as usize);
+        match self.by_layer.get(layer.0) {
             Some(Some(experts)) => experts.get(key.expert as usize).ok_or(StoreError::NoSuchExpert {
-                layer,
+                layer: layer.0,
                 expert: key.expert as usize,
                 num_experts: self.num_experts,
             }),
-            _ => Err(StoreError::NotMoeLayer { layer, num_layers: self.by_layer.len() }),
+            _ => Err(StoreError::NotMoeLayer { layer: layer.0, num_layers: self.by_layer.len() }),
         }
     }
 }
 
-/// Looks up and checks an expert's three tensors, and plans its reads: tensors of the same
-/// shard whose aligned blocks touch or overlap are read as one span (the usual case: a
-/// checkpoint stores an expert's projections side by side), others separately.
-fn expert_layout(
-    index: &WeightIndex,
-    names: &[String; 3],
-    shapes: &[[usize; 2]; 3],
-) -> Result<ExpertLayout, StoreError> {
-    struct Found {
-        tensor: usize,
-        dtype: DType,
-        shard: usize,
-        offset: u64,
-        len: usize,
-    }
-    let mut found = Vec::with_capacity(3);
-    for (tensor, (name, shape)) in names.iter().zip(shapes).enumerate() {
-        let (info, dtype) = index.check(name, shape)?;
-        let len = shape[0] * shape[1] * dtype.size();
-        if info.len != len as u64 {
-            return Err(ModelError::Tensor {
-                path: index.shards[info.shard].path.clone(),
-                name: name.clone(),
-                msg: format!("holds {} bytes, but {shape:?} {} needs {len}", info.len, dtype.name()),
-            }
-            .into());
-        }
-        found.push(Found { tensor, dtype, shard: info.shard, offset: info.offset, len });
-    }
-    found.sort_by_key(|f| (f.shard, f.offset));
+/// Plans an expert's reads: tensors of the same shard whose aligned blocks touch or overlap are
+/// read as one span (the usual case: a checkpoint stores an expert's projections side by side),
+/// others separately.
+fn expert_layout(tensors: &[TensorLoc; 3]) -> ExpertLayout {
+    let mut found: Vec<(usize, &TensorLoc)> = tensors.iter().enumerate().collect();
+    found.sort_by_key(|(_, t)| (t.shard, t.offset));
 
     // Group tensors into reads: (shard, first offset, end offset, members).
-    let mut groups: Vec<(usize, u64, u64, Vec<&Found>)> = Vec::new();
-    for f in &found {
-        let end = f.offset + f.len as u64;
+    type Group<'a> = (usize, u64, u64, Vec<(usize, &'a TensorLoc)>);
+    let mut groups: Vec<Group> = Vec::new();
+    for &(i, t) in &found {
+        let end = t.offset + t.len;
         match groups.last_mut() {
             Some((shard, _, group_end, members))
-                if *shard == f.shard
-                    && f.offset - f.offset % ALIGN as u64 <= group_end.next_multiple_of(ALIGN as u64) =>
+                if *shard == t.shard
+                    && t.offset - t.offset % ALIGN as u64 <= group_end.next_multiple_of(ALIGN as u64) =>
             {
                 *group_end = (*group_end).max(end);
-                members.push(f);
+                members.push((i, t));
             }
-            _ => groups.push((f.shard, f.offset, end, vec![f])),
+            _ => groups.push((t.shard, t.offset, end, vec![(i, t)])),
         }
     }
 
@@ -154,10 +158,10 @@ fn expert_layout(
     let mut at = 0;
     for (shard, start, end, members) in groups {
         let span = Span::enclosing(start, (end - start) as usize);
-        for f in members {
-            let [rows, cols] = shapes[f.tensor];
-            let pos = at + (f.offset - span.start) as usize;
-            slots[f.tensor] = Some(TensorSlot { dtype: f.dtype, rows, cols, at: pos, len: f.len });
+        for (i, t) in members {
+            let pos = at + (t.offset - span.start) as usize;
+            slots[i] =
+                Some(TensorSlot { dtype: t.dtype, rows: t.rows, cols: t.cols, at: pos, len: t.len as usize });
         }
         segments.push(Segment { shard, span, at });
         at += span.padded;
@@ -165,5 +169,5 @@ fn expert_layout(
     let [Some(gate), Some(up), Some(down)] = slots else {
         unreachable!("each of the three tensors joins one group")
     };
-    Ok(ExpertLayout { tensors: [gate, up, down], segments, alloc: at })
+    ExpertLayout { tensors: [gate, up, down], segments, alloc: at }
 }

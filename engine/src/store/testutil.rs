@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
-use stevedore_cache::LruPolicy;
+use stevedore_cache::AnticipationParams;
 use stevedore_kernels::DType;
 use stevedore_models::names::{expert_tensor_names, expert_tensor_shapes};
-use stevedore_models::Arch;
+use stevedore_models::{
+    Arch, ExpertPlan, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights, LayerId, LayerMap, ModelConfig,
+    MoeIndex, Row, WeightIndex,
+};
 
 use super::*;
 
@@ -132,12 +135,39 @@ impl Fixture {
         Fixture { dir, cfg, index, files }
     }
 
-    pub(crate) fn min_budget(&self) -> u64 {
-        ExpertStore::min_budget_for(&self.index, &self.cfg).unwrap()
+    pub(crate) fn layouts(&self) -> Layouts {
+        let map = LayerMap::new(&self.cfg);
+        let tensors = ExpertTensors::load(&self.index, &self.cfg, &map).unwrap();
+        Layouts::new(&tensors, &map, self.cfg.num_experts_per_tok)
     }
 
+    pub(crate) fn min_budget(&self) -> u64 {
+        self.layouts().footprint().min_budget
+    }
+
+    fn shards(&self) -> Vec<std::path::PathBuf> {
+        self.index.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
+    /// A store of `budget` bytes with `opts` (no anticipation).
     pub(crate) fn store(&self, budget: u64, opts: StoreOptions) -> ExpertStore {
-        ExpertStore::new(&self.index, &self.cfg, budget, Box::new(LruPolicy::new()), opts).unwrap()
+        self.try_store(budget, opts, None).unwrap()
+    }
+
+    pub(crate) fn try_store(
+        &self,
+        budget: u64,
+        opts: StoreOptions,
+        anticipation: Option<(AnticipationParams, u64)>,
+    ) -> Result<ExpertStore, StoreError> {
+        ExpertStore::new(
+            self.layouts(),
+            &self.shards(),
+            budget,
+            opts,
+            anticipation,
+            self.cfg.num_experts_per_tok,
+        )
     }
 
     /// The file's bytes of `name`, read without the store.
@@ -158,32 +188,103 @@ impl Fixture {
     }
 }
 
-/// Runs one `for_each` over `experts` of `layer`, checking every expert's bytes and the call
-/// order. Returns the experts in the order `f` saw them.
+/// The plan of one MoE layer step: `rows[r]` routes to `choices[r]` (weights equal).
+pub(crate) struct PlanData {
+    layer: usize,
+    top_k: usize,
+    rows: Vec<Row>,
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    routed: Vec<bool>,
+    uses: Vec<ExpertUse>,
+    assigned_rows: Vec<u32>,
+    assigned_weights: Vec<f32>,
+}
+
+impl PlanData {
+    /// One row per expert of `experts` (top-1 routing), the fixture's layers all MoE.
+    pub(crate) fn new(layer: usize, experts: &[u32]) -> Self {
+        let choices: Vec<Vec<u32>> = experts.iter().map(|&e| vec![e]).collect();
+        Self::rows(layer, &choices)
+    }
+
+    /// Rows with the given choices (each row's experts, best first; equal top-k).
+    pub(crate) fn rows(layer: usize, choices: &[Vec<u32>]) -> Self {
+        let top_k = choices.first().map_or(1, Vec::len);
+        let rows = (0..choices.len()).map(|i| Row { seq: i as u64, token: 0, pos: 0 }).collect();
+        let ids: Vec<u32> = choices.iter().flatten().copied().collect();
+        let weights = vec![1.0 / top_k as f32; ids.len()];
+        let mut experts: Vec<u32> = ids.clone();
+        experts.sort_unstable();
+        experts.dedup();
+        let (mut uses, mut assigned_rows, mut assigned_weights) = (Vec::new(), Vec::new(), Vec::new());
+        for &e in &experts {
+            let start = assigned_rows.len();
+            for (r, c) in choices.iter().enumerate() {
+                if c.contains(&e) {
+                    assigned_rows.push(r as u32);
+                    assigned_weights.push(1.0 / top_k as f32);
+                }
+            }
+            uses.push(ExpertUse { expert: e, assigned: start..assigned_rows.len() });
+        }
+        PlanData {
+            layer,
+            top_k,
+            routed: vec![true; choices.len()],
+            rows,
+            ids,
+            weights,
+            uses,
+            assigned_rows,
+            assigned_weights,
+        }
+    }
+
+    pub(crate) fn plan(&self) -> ExpertPlan<'_> {
+        ExpertPlan {
+            layer: LayerId(self.layer),
+            moe: MoeIndex(self.layer),
+            top_k: self.top_k,
+            rows: &self.rows,
+            topk_ids: &self.ids,
+            topk_weights: &self.weights,
+            routed: &self.routed,
+            experts: &self.uses,
+            assigned_rows: &self.assigned_rows,
+            assigned_weights: &self.assigned_weights,
+        }
+    }
+}
+
+/// Streams every expert of `plan` from `store` with `candidates`, checking each one's bytes;
+/// returns the experts in the order they came. The first failure ends it.
+pub(crate) fn stream_all(
+    fx: &Fixture,
+    store: &ExpertStore,
+    plan: &ExpertPlan<'_>,
+    candidates: &[stevedore_cache::Candidate],
+) -> Result<Vec<u32>, String> {
+    let mut s = store.stream(plan, candidates).map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    while let Some(item) = s.next() {
+        let (i, w) = item.map_err(|f| f.error.to_string())?;
+        let e = plan.experts[i].expert;
+        fx.check(plan.layer.0, e, &w);
+        seen.push(e);
+    }
+    Ok(seen)
+}
+
+/// One layer step over `experts` of `layer` (one row each); the experts in delivery order.
 pub(crate) fn route(
     fx: &Fixture,
     store: &ExpertStore,
     layer: usize,
     experts: &[u32],
-) -> Result<Vec<u32>, ExpertsError> {
-    let weights = vec![1.0; experts.len()];
-    let tokens = vec![0; experts.len()];
-    let routing = LayerRouting {
-        layer,
-        first_pos: 0,
-        tokens: &tokens,
-        topk_ids: experts,
-        topk_weights: &weights,
-        top_k: 1,
-        experts,
-    };
-    let mut seen = Vec::new();
-    store.for_each(&routing, &mut |e, w| {
-        fx.check(layer, e, &w);
-        seen.push(e);
-        Ok(())
-    })?;
-    Ok(seen)
+) -> Result<Vec<u32>, String> {
+    let data = PlanData::new(layer, experts);
+    stream_all(fx, store, &data.plan(), &[])
 }
 
 /// A deterministic mix of decode steps (top_k experts) and prefill batches (most experts).
@@ -204,14 +305,15 @@ pub(crate) fn workload(fx: &Fixture, steps: usize) -> Vec<(usize, Vec<u32>)> {
     out
 }
 
-/// Waits for reads in flight to finish, then says whether the store holds no pin at all (every
-/// byte of the budget could be reclaimed).
+/// Waits for queued reads to land, then says whether the store holds no pin and no buffer
+/// beyond its accounted entries (every byte of the budget could be reclaimed).
 pub(crate) fn nothing_pinned(store: &ExpertStore) -> bool {
-    let mut st = store.shared.lock();
-    while st.counters.reads < st.counters.misses + st.counters.prefetch_reads {
-        st = store.shared.wait(st);
+    let shared = &store.shared;
+    let mut st = shared.lock();
+    while st.slots.busy() {
+        st = shared.wait(&shared.landed, st);
     }
-    st.cache.can_make_room(st.cache.budget(), &|_| false)
+    st.tier.cache().pinned_bytes() == 0
 }
 
 pub(crate) fn all_experts(fx: &Fixture) -> Vec<u32> {

@@ -12,8 +12,9 @@ use super::{validate_meta, validate_token, LayerChoice, Phase, TokenRouting, Tra
 
 /// Value of the header's `format` field.
 pub const FORMAT_NAME: &str = "stevedore-trace";
-/// Version this code writes and reads. Bump it on any change an older reader would misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version this code writes. Bump it on any change an older reader would misread. Version 2
+/// added the tokens' optional `step`; version 1 files (without it) are read too.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,8 +39,10 @@ enum PhaseName {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenLine {
-    seq: u32,
+    seq: u64,
     pos: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    step: Option<u64>,
     token_id: Option<u32>,
     phase: PhaseName,
     experts: Vec<Option<Vec<u32>>>,
@@ -64,6 +67,7 @@ impl From<&TokenRouting> for TokenLine {
         TokenLine {
             seq: t.seq,
             pos: t.pos,
+            step: t.step,
             token_id: t.token_id,
             phase: match t.phase {
                 Phase::Prefill => PhaseName::Prefill,
@@ -95,7 +99,14 @@ impl TokenLine {
             PhaseName::Prefill => Phase::Prefill,
             PhaseName::Decode => Phase::Decode,
         };
-        Ok(TokenRouting { seq: self.seq, pos: self.pos, token_id: self.token_id, phase, layers })
+        Ok(TokenRouting {
+            seq: self.seq,
+            pos: self.pos,
+            step: self.step,
+            token_id: self.token_id,
+            phase,
+            layers,
+        })
     }
 }
 
@@ -167,9 +178,9 @@ pub fn read(path: &Path) -> Result<Trace, TraceError> {
                 if h.format != FORMAT_NAME {
                     return Err(bad(format!("`format` is `{}`, expected `{FORMAT_NAME}`", h.format)));
                 }
-                if h.version != FORMAT_VERSION {
+                if !(1..=FORMAT_VERSION).contains(&h.version) {
                     return Err(bad(format!(
-                        "trace format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                        "trace format version {} is not supported (this build reads versions 1 to {FORMAT_VERSION})",
                         h.version
                     )));
                 }

@@ -101,12 +101,12 @@ struct Row {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct TokenKey {
     decode: bool,
-    seq: u32,
+    seq: u64,
     pos: u32,
 }
 
 impl TokenKey {
-    fn new(phase: Phase, seq: u32, pos: u32) -> Self {
+    fn new(phase: Phase, seq: u64, pos: u32) -> Self {
         TokenKey { decode: phase == Phase::Decode, seq, pos }
     }
 
@@ -139,6 +139,7 @@ fn assemble(
             tokens.push(TokenRouting {
                 seq: row.token.seq,
                 pos: row.token.pos,
+                step: None,
                 token_id: token_ids.get(&row.token).copied(),
                 phase: row.token.phase(),
                 layers: vec![None; layer_ids.len()],
@@ -376,12 +377,17 @@ fn qwen(path: &Path) -> Result<Trace, TraceError> {
         let layer = parse(path, *line, "layer", &f[layer_col])?;
         rows.push(Row {
             line: *line,
-            token: TokenKey::new(ph, seq, pos),
+            token: TokenKey::new(ph, seq as u64, pos),
             layer,
             choice: choice(path, *line, f, &cols)?,
         });
     }
-    assemble(path, "Qwen1.5-MoE-A2.7B", 60, cols.0.len(), rows, &HashMap::new())
+    let mut trace = assemble(path, "Qwen1.5-MoE-A2.7B", 60, cols.0.len(), rows, &HashMap::new())?;
+    // The decode rows of one step ran as one batch in vLLM: replay them as one step.
+    for t in trace.tokens.iter_mut().filter(|t| t.phase == Phase::Decode) {
+        t.step = Some(t.pos as u64);
+    }
+    Ok(trace)
 }
 
 #[derive(serde::Deserialize)]
@@ -426,7 +432,7 @@ fn mixtral_jsonl(path: &Path) -> Result<Trace, TraceError> {
             .collect::<Result<Vec<_>, _>>()?;
         top_k = top_k.max(experts.len());
         let count = counts.entry((r.problem_id, r.layer)).or_insert(0);
-        let token = TokenKey::new(Phase::Prefill, r.problem_id, *count);
+        let token = TokenKey::new(Phase::Prefill, r.problem_id as u64, *count);
         *count += 1;
         rows.push(Row {
             line: n,
@@ -437,7 +443,7 @@ fn mixtral_jsonl(path: &Path) -> Result<Trace, TraceError> {
     }
     // Group so that each problem's tokens are in position order, problems in order of first
     // appearance (records come layer by layer, so first appearance alone would not do that).
-    let mut problems: Vec<u32> = Vec::new();
+    let mut problems: Vec<u64> = Vec::new();
     for r in &rows {
         if !problems.contains(&r.token.seq) {
             problems.push(r.token.seq);

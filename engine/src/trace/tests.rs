@@ -18,10 +18,11 @@ fn meta() -> TraceMeta {
     TraceMeta { model: "tiny".into(), num_experts: 4, top_k: 2, layer_ids: vec![1, 3] }
 }
 
-fn token(seq: u32, pos: u32, phase: Phase, layers: Vec<Option<(Vec<u32>, Vec<f32>)>>) -> TokenRouting {
+fn token(seq: u64, pos: u32, phase: Phase, layers: Vec<Option<(Vec<u32>, Vec<f32>)>>) -> TokenRouting {
     TokenRouting {
         seq,
         pos,
+        step: None,
         token_id: if pos < 4 { Some(pos * 10) } else { None },
         phase,
         layers: layers
@@ -106,8 +107,8 @@ fn reader_errors_name_file_and_line() {
             "bad.jsonl:2: bad token line: unknown field `sequence`",
         ),
         (
-            header.replace("\"version\":1", "\"version\":2"),
-            "bad.jsonl:1: trace format version 2 is not supported",
+            header.replace("\"version\":1", "\"version\":3"),
+            "bad.jsonl:1: trace format version 3 is not supported",
         ),
         ("# only a comment\n".into(), "bad.jsonl: empty file"),
     ];

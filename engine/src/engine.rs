@@ -1,0 +1,540 @@
+//! The [`Engine`]: one loaded model serving many requests. It owns the model, the expert store,
+//! the routing forecaster, the tokenizer, the KV cache and the statistics, and runs a worker
+//! thread whose scheduler admits requests as KV blocks allow and steps every running sequence
+//! through shared forward passes (continuous batching: prefill chunks of some sequences beside
+//! the decode tokens of others). Callers submit requests and receive their tokens as events.
+//!
+//! Building is two-phase so that a caller can tokenize prompts and size the KV cache before
+//! anything is started: [`Loaded::load`] loads the model and tokenizer, [`Loaded::start`] makes
+//! the store and starts the worker. [`Engine::build`] does both.
+
+mod scheduler;
+mod source;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
+use stevedore_cache::PolicyKind;
+use stevedore_models::{KvPool, Model, SeqId};
+use stevedore_predictor::RoutingShape;
+
+use crate::config::PredictorConfig;
+use crate::forecast::{ForecastStats, Forecaster};
+use crate::record::Recorder;
+use crate::sampling::SamplingParams;
+use crate::size::Size;
+use crate::store::{ExpertFootprint, ExpertStore, Layouts, StoreError, StoreOptions, StoreStats};
+use crate::text::Text;
+use scheduler::{Scheduler, Sequence};
+
+/// Memory kept free for the OS and everything else when the host budget is automatic.
+pub const AUTO_RESERVE: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] stevedore_models::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Trace(#[from] crate::trace::TraceError),
+    #[error("{0}")]
+    Config(String),
+    /// A request the engine cannot run; the message says why.
+    #[error("{0}")]
+    Request(String),
+    /// The request failed while running (an expert read, say); the others go on.
+    #[error("{0}")]
+    Failed(String),
+    #[error("the engine stopped before finishing the request")]
+    Stopped,
+}
+
+/// How an engine runs: budgets, policy, batching, I/O. The CLI and the server build one from
+/// flags and the config file.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Host RAM for cached experts: bytes, or a percentage of all expert bytes; `None`: what
+    /// available memory allows after the dense weights, the KV cache and [`AUTO_RESERVE`].
+    pub host_cache: Option<Size>,
+    pub policy: PolicyKind,
+    /// The routing predictor's settings (used by the predictive policy).
+    pub predictor: PredictorConfig,
+    /// Bytes of the paged KV cache.
+    pub kv_cache: u64,
+    /// Most sequences in one forward pass.
+    pub max_batch: usize,
+    /// Most token rows in one forward pass (prompts longer than this are prefilled in chunks).
+    pub max_batch_tokens: usize,
+    pub force_buffered: bool,
+    pub readers: usize,
+    /// Record every forward pass's routing to this trace file.
+    pub trace: Option<PathBuf>,
+}
+
+/// How the host budget was chosen, when it was automatic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AutoBudget {
+    pub available: u64,
+    pub dense: u64,
+    pub kv_cache: u64,
+    pub reserve: u64,
+}
+
+/// One generation request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// It produced a stop (EOS) id, which ends its output.
+    Stop,
+    /// It reached its `max_new_tokens`.
+    Length,
+}
+
+/// A finished request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Completion {
+    pub prompt_tokens: usize,
+    pub generated_ids: Vec<u32>,
+    /// The decoded output (`None` without a tokenizer).
+    pub text: Option<String>,
+    /// Text held back at the end of the stream (an incomplete character), not yet sent in a
+    /// [`Event::Token`].
+    pub tail: String,
+    pub finish_reason: FinishReason,
+    /// Submission to admission (waiting for a batch slot or KV blocks).
+    pub queue_seconds: f64,
+    /// Admission to the first token: the prompt's prefill.
+    pub prefill_seconds: f64,
+    /// First token to the last: decode steps.
+    pub decode_seconds: f64,
+}
+
+impl Completion {
+    /// Tokens produced by decode steps (every generated token after the first).
+    pub fn decode_tokens(&self) -> usize {
+        self.generated_ids.len().saturating_sub(1)
+    }
+
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_seconds)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.decode_tokens(), self.decode_seconds)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// What a request's owner hears.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A new token, and the text it completes (empty while a character is incomplete, or
+    /// without a tokenizer).
+    Token {
+        id: u32,
+        text: String,
+    },
+    Finished(Completion),
+    Failed(String),
+}
+
+/// Where a sequence's events go.
+pub(crate) enum Sink {
+    Own(Sender<Event>),
+    Shared(Sender<(SeqId, Event)>),
+}
+
+impl Sink {
+    /// Sends; false when the receiver is gone (the owner stopped listening).
+    fn send(&self, id: SeqId, e: Event) -> bool {
+        match self {
+            Sink::Own(tx) => tx.send(e).is_ok(),
+            Sink::Shared(tx) => tx.send((id, e)).is_ok(),
+        }
+    }
+}
+
+/// A submitted request: its id, its events (unless they go to a shared channel), and the
+/// means to cancel it. Dropping the handle cancels the request.
+pub struct RequestHandle {
+    id: SeqId,
+    events: Option<Receiver<Event>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
+    /// The request's events, unless it was submitted with a shared channel.
+    pub fn events(&self) -> Option<&Receiver<Event>> {
+        self.events.as_ref()
+    }
+
+    /// Stops the request: it leaves the batch and frees its KV blocks before the next step.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the request to finish (its own channel only).
+    pub fn wait(self) -> Result<Completion, EngineError> {
+        let rx = self.events.as_ref().ok_or(EngineError::Request("events go to a shared channel".into()))?;
+        for e in rx.iter() {
+            match e {
+                Event::Token { .. } => {}
+                Event::Finished(c) => return Ok(c),
+                Event::Failed(msg) => return Err(EngineError::Failed(msg)),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// A model and tokenizer, loaded and checked; nothing started yet.
+pub struct Loaded {
+    dir: PathBuf,
+    model: Model,
+    text: Option<Text>,
+    layouts: Layouts,
+}
+
+impl Loaded {
+    /// Loads `dir`'s config, weight index (dense weights mapped, every tensor checked) and
+    /// tokenizer (if it has one).
+    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        let t = Instant::now();
+        let model = Model::load(dir)?;
+        let text = Text::load(dir).map_err(EngineError::Config)?;
+        let layouts = Layouts::of(&model);
+        tracing::info!(
+            arch = model.config.arch.hf_name(),
+            dense = %crate::size::human(model.dense_bytes()),
+            seconds = t.elapsed().as_secs_f64(),
+            "loaded {}",
+            dir.display()
+        );
+        Ok(Loaded { dir: dir.to_owned(), model, text, layouts })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn text(&self) -> Option<&Text> {
+        self.text.as_ref()
+    }
+
+    pub fn footprint(&self) -> ExpertFootprint {
+        self.layouts.footprint()
+    }
+
+    /// Checks `req` against the model (see [`check_request`]).
+    pub fn check(&self, req: &Request) -> Result<(), EngineError> {
+        check_request(&self.model, req)
+    }
+
+    /// KV bytes for sequences of `positions` running at once (whole blocks each).
+    pub fn kv_bytes_for(&self, positions: impl IntoIterator<Item = usize>) -> u64 {
+        positions.into_iter().map(|p| KvPool::bytes_for(&self.model.config, KV_BLOCK, p)).sum()
+    }
+
+    /// The host budget `config` asks for, and how it was chosen when automatic.
+    pub fn host_budget(&self, config: &EngineConfig) -> Result<(u64, Option<AutoBudget>), EngineError> {
+        let fp = self.footprint();
+        match config.host_cache {
+            Some(size) => Ok((size.bytes(fp.total_bytes), None)),
+            None => {
+                let available = crate::sys::available_memory_bytes().ok_or_else(|| {
+                    EngineError::Config(
+                        "cannot read MemAvailable from /proc/meminfo; give a host cache budget".into(),
+                    )
+                })?;
+                let dense = self.model.dense_bytes();
+                let room = available.saturating_sub(dense + config.kv_cache + AUTO_RESERVE);
+                let auto = AutoBudget { available, dense, kv_cache: config.kv_cache, reserve: AUTO_RESERVE };
+                Ok((room.min(fp.total_bytes).max(fp.min_budget), Some(auto)))
+            }
+        }
+    }
+
+    /// Makes the expert store, the forecaster (predictive policy), the trace recorder and the
+    /// KV cache, and starts the worker.
+    pub fn start(self, config: &EngineConfig) -> Result<Engine, EngineError> {
+        let (budget, auto) = self.host_budget(config)?;
+        let cfg = &self.model.config;
+        let shape = RoutingShape {
+            moe_layers: self.model.layers.num_moe_layers(),
+            num_experts: cfg.num_experts,
+            top_k: cfg.num_experts_per_tok,
+        };
+        let (forecaster, anticipation) = match config.policy {
+            PolicyKind::Predictive => {
+                let p = &config.predictor;
+                let predictor = p.source().map_err(|e| EngineError::Config(e.to_string()))?.build(shape);
+                let predictor = predictor.map_err(EngineError::Config)?;
+                let layer_ids = self.model.layers.moe_layers().iter().map(|l| l.0).collect();
+                let f = Forecaster::new(predictor, shape, layer_ids, p.depth.of(shape.moe_layers));
+                (Some(Mutex::new(f)), Some((p.anticipation_params(shape), p.prefetch_budget.bytes(budget))))
+            }
+            PolicyKind::Lru | PolicyKind::Lfu => (None, None),
+        };
+        let shards: Vec<PathBuf> = self.model.index.shards.iter().map(|s| s.path.clone()).collect();
+        let opts = StoreOptions {
+            policy: config.policy,
+            force_buffered: config.force_buffered,
+            readers: config.readers,
+        };
+        let store =
+            ExpertStore::new(self.layouts, &shards, budget, opts, anticipation, cfg.num_experts_per_tok)?;
+        let recorder = match &config.trace {
+            Some(path) => {
+                let name = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some(Recorder::create(path, &name, cfg, &self.model.layers)?)
+            }
+            None => None,
+        };
+        let kv =
+            KvPool::new(cfg, config.kv_cache, KV_BLOCK).map_err(|e| EngineError::Config(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            model: self.model,
+            text: self.text,
+            store,
+            forecaster,
+            recorder: Mutex::new(recorder),
+            stats: Mutex::new(StepStats::default()),
+            trace_error: Mutex::new(None),
+            budgets: Budgets { host: budget, host_auto: auto, kv_cache: kv.bytes(), kv_block: KV_BLOCK },
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let scheduler = Scheduler::new(kv, config.max_batch.max(1), config.max_batch_tokens.max(1));
+        let worker_inner = Arc::clone(&inner);
+        let worker = std::thread::Builder::new()
+            .name("stevedore-engine".into())
+            .spawn(move || scheduler.run(&worker_inner, rx))
+            .map_err(|e| EngineError::Config(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine { inner, tx, worker: Some(worker), next_id: Mutex::new(0) })
+    }
+}
+
+/// Checks `req` against `model`: a prompt, token ids in the vocabulary, and prompt plus new tokens
+/// within the context the model runs exactly.
+pub fn check_request(model: &Model, req: &Request) -> Result<(), EngineError> {
+    let cfg = &model.config;
+    if req.prompt_ids.is_empty() {
+        return Err(EngineError::Request("the prompt is empty".into()));
+    }
+    if let Some(&t) = req.prompt_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        return Err(EngineError::Request(format!(
+            "prompt token id {t} is outside the vocabulary ({} ids)",
+            cfg.vocab_size
+        )));
+    }
+    let limit = cfg.max_positions();
+    if req.prompt_ids.len().saturating_add(req.max_new_tokens) > limit {
+        return Err(EngineError::Request(format!(
+            "the prompt's {} tokens plus {} new tokens exceed the model's context of {limit} positions \
+             (max_position_embeddings{})",
+            req.prompt_ids.len(),
+            req.max_new_tokens,
+            if cfg.sliding_window.is_some() { " or sliding_window" } else { "" }
+        )));
+    }
+    Ok(())
+}
+
+/// Tokens per KV block.
+pub const KV_BLOCK: usize = stevedore_models::kv::DEFAULT_BLOCK_SIZE;
+
+/// The budgets the engine runs with.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Budgets {
+    pub host: u64,
+    pub host_auto: Option<AutoBudget>,
+    pub kv_cache: u64,
+    pub kv_block: usize,
+}
+
+/// Counts of the forward passes run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepStats {
+    /// Forward passes.
+    pub steps: u64,
+    /// Token rows run: prompt tokens (prefill) and generated tokens fed back (decode).
+    pub prefill_rows: u64,
+    pub decode_rows: u64,
+    /// Generated tokens (sampled from logits).
+    pub generated_tokens: u64,
+    /// Most sequences in one forward pass.
+    pub max_batch_seen: usize,
+    /// Most KV blocks in use at once.
+    pub kv_blocks_peak: usize,
+    /// Time in forward passes, and in whole steps (forward passes plus scheduling and sampling).
+    pub forward_seconds: f64,
+    pub busy_seconds: f64,
+    pub requests_finished: u64,
+    pub requests_failed: u64,
+}
+
+/// Everything the engine reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineStats {
+    pub steps: StepStats,
+    pub budgets: Budgets,
+    pub expert_cache: StoreStats,
+    pub forecast: Option<ForecastStats>,
+}
+
+/// What the engine and its worker share.
+pub(crate) struct Inner {
+    pub model: Model,
+    pub text: Option<Text>,
+    pub store: ExpertStore,
+    pub forecaster: Option<Mutex<Forecaster>>,
+    /// Present with `--trace`; taken out when the engine finishes.
+    pub recorder: Mutex<Option<Recorder>>,
+    pub stats: Mutex<StepStats>,
+    /// The first trace write error, reported when the engine finishes.
+    pub trace_error: Mutex<Option<crate::trace::TraceError>>,
+    pub budgets: Budgets,
+}
+
+/// Locks `m`, using the data even if a panic elsewhere poisoned it (counters and forecasts stay
+/// usable).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) enum Command {
+    Submit(Box<Sequence>),
+    Shutdown,
+}
+
+/// One model serving requests. See the module docs.
+pub struct Engine {
+    inner: Arc<Inner>,
+    tx: Sender<Command>,
+    worker: Option<JoinHandle<()>>,
+    next_id: Mutex<SeqId>,
+}
+
+impl Engine {
+    /// Loads `model_dir` and starts an engine on it with `config`.
+    pub fn build(model_dir: &Path, config: &EngineConfig) -> Result<Engine, EngineError> {
+        Loaded::load(model_dir)?.start(config)
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.inner.model
+    }
+
+    pub fn text(&self) -> Option<&Text> {
+        self.inner.text.as_ref()
+    }
+
+    pub fn budgets(&self) -> Budgets {
+        self.inner.budgets
+    }
+
+    pub fn footprint(&self) -> ExpertFootprint {
+        self.inner.store.footprint()
+    }
+
+    /// Checks `req` against the model (see [`check_request`]).
+    pub fn check(&self, req: &Request) -> Result<(), EngineError> {
+        check_request(&self.inner.model, req)
+    }
+
+    fn enqueue(&self, req: Request, sink: Sink) -> Result<RequestHandle, EngineError> {
+        self.check(&req)?;
+        let id = {
+            let mut n = lock(&self.next_id);
+            *n += 1;
+            *n - 1
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let seq = Sequence::new(id, req, self.inner.text.is_some(), sink, Arc::clone(&cancel));
+        self.tx.send(Command::Submit(Box::new(seq))).map_err(|_| EngineError::Stopped)?;
+        Ok(RequestHandle { id, events: None, cancel })
+    }
+
+    /// Submits `req`; its events arrive on the handle.
+    pub fn submit(&self, req: Request) -> Result<RequestHandle, EngineError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut h = self.enqueue(req, Sink::Own(tx))?;
+        h.events = Some(rx);
+        Ok(h)
+    }
+
+    /// Submits `req` with its events going to `events`, tagged with the request's id (one
+    /// channel for many requests).
+    pub fn submit_to(
+        &self,
+        req: Request,
+        events: &Sender<(SeqId, Event)>,
+    ) -> Result<RequestHandle, EngineError> {
+        self.enqueue(req, Sink::Shared(events.clone()))
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            steps: lock(&self.inner.stats).clone(),
+            budgets: self.inner.budgets,
+            expert_cache: self.inner.store.stats(),
+            forecast: self.inner.forecaster.as_ref().map(|f| lock(f).stats()),
+        }
+    }
+
+    /// Stops the worker (requests not finished fail) and flushes the trace; returns the stats.
+    pub fn finish(mut self) -> Result<EngineStats, EngineError> {
+        self.stop();
+        if let Some(e) = lock(&self.inner.trace_error).take() {
+            return Err(e.into());
+        }
+        let stats = self.stats();
+        if let Some(recorder) = lock(&self.inner.recorder).take() {
+            recorder.finish()?;
+        }
+        Ok(stats)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

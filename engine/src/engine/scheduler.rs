@@ -1,0 +1,341 @@
+//! The engine's worker: a continuous-batching scheduler over the paged KV cache.
+//!
+//! Each step: cancelled sequences leave (their KV blocks freed at once); waiting requests are
+//! admitted in order while a batch slot is free and the KV cache has blocks for the whole
+//! request (prompt plus `max_new_tokens`, reserved up front so that a running sequence never
+//! runs out); then one forward pass runs every running sequence's next rows: a decode token for
+//! each sequence past its prompt, and prompt chunks of the others within the step's row budget.
+//! Sampled tokens go to their owners as they are chosen; a sequence that stops (EOS or length)
+//! or fails (an expert it needed could not be read) frees its blocks, and the others go on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use stevedore_models::{Batch, KvPool, SeqId};
+
+use super::source::StepSource;
+use super::{lock, Command, Completion, Event, FinishReason, Inner, Request, Sink};
+use crate::forecast::StepRow;
+use crate::record::RecordRow;
+use crate::sampling::Sampler;
+use crate::text::Detokenizer;
+use crate::trace::Phase;
+
+/// One request's state, from submission to its last token.
+pub(crate) struct Sequence {
+    id: SeqId,
+    req: Request,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Prompt tokens already run.
+    fed: usize,
+    detok: Option<Detokenizer>,
+    sink: Sink,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    pub fn new(id: SeqId, req: Request, text: bool, sink: Sink, cancel: Arc<AtomicBool>) -> Self {
+        Sequence {
+            id,
+            sampler: Sampler::new(req.sampling.clone()),
+            req,
+            generated: Vec::new(),
+            fed: 0,
+            detok: text.then(Detokenizer::new),
+            sink,
+            cancel,
+            submitted: Instant::now(),
+            admitted: None,
+            first_token: None,
+        }
+    }
+
+    /// Positions the sequence can reach: its reservation.
+    fn positions(&self) -> usize {
+        self.req.prompt_ids.len() + self.req.max_new_tokens
+    }
+
+    fn prefilled(&self) -> bool {
+        self.fed == self.req.prompt_ids.len()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn completion(&mut self, inner: &Inner, reason: FinishReason) -> Completion {
+        let now = Instant::now();
+        let admitted = self.admitted.unwrap_or(now);
+        let first = self.first_token.unwrap_or(now);
+        let (text, tail) = match (&inner.text, self.detok.as_mut()) {
+            (Some(t), Some(d)) => (t.decode(&self.generated).ok(), d.finish(t).unwrap_or_default()),
+            _ => (None, String::new()),
+        };
+        Completion {
+            prompt_tokens: self.req.prompt_ids.len(),
+            generated_ids: std::mem::take(&mut self.generated),
+            text,
+            tail,
+            finish_reason: reason,
+            queue_seconds: (admitted - self.submitted).as_secs_f64(),
+            prefill_seconds: (first - admitted).as_secs_f64(),
+            decode_seconds: (now - first).as_secs_f64(),
+        }
+    }
+}
+
+pub(crate) struct Scheduler {
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    kv: KvPool,
+    max_batch: usize,
+    max_batch_tokens: usize,
+}
+
+impl Scheduler {
+    pub fn new(kv: KvPool, max_batch: usize, max_batch_tokens: usize) -> Self {
+        Scheduler { waiting: VecDeque::new(), running: Vec::new(), kv, max_batch, max_batch_tokens }
+    }
+
+    /// The worker loop: takes commands, steps while there is work, stops on shutdown or when
+    /// the engine is gone. Requests still open then fail.
+    pub fn run(mut self, inner: &Inner, rx: Receiver<Command>) {
+        loop {
+            let idle = self.waiting.is_empty() && self.running.is_empty();
+            let cmd = if idle { rx.recv().ok() } else { rx.try_recv().ok() };
+            match cmd {
+                Some(Command::Submit(seq)) => {
+                    self.submit(inner, *seq);
+                    continue;
+                }
+                Some(Command::Shutdown) => break,
+                None if idle => break,
+                None => {}
+            }
+            self.step(inner);
+        }
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            s.sink.send(s.id, Event::Failed("the engine stopped before finishing this request".into()));
+        }
+    }
+
+    fn submit(&mut self, inner: &Inner, mut seq: Sequence) {
+        if seq.req.max_new_tokens == 0 {
+            seq.admitted = Some(Instant::now());
+            let c = seq.completion(inner, FinishReason::Length);
+            seq.sink.send(seq.id, Event::Finished(c));
+            return;
+        }
+        self.waiting.push_back(seq);
+    }
+
+    fn fail(&mut self, inner: &Inner, seq: Sequence, msg: String) {
+        self.kv.release(seq.id);
+        if let Some(f) = &inner.forecaster {
+            lock(f).end_sequence(seq.id);
+        }
+        lock(&inner.stats).requests_failed += 1;
+        seq.sink.send(seq.id, Event::Failed(msg));
+    }
+
+    fn finish(&mut self, inner: &Inner, mut seq: Sequence, reason: FinishReason) {
+        self.kv.release(seq.id);
+        if let Some(f) = &inner.forecaster {
+            lock(f).end_sequence(seq.id);
+        }
+        lock(&inner.stats).requests_finished += 1;
+        let c = seq.completion(inner, reason);
+        seq.sink.send(seq.id, Event::Finished(c));
+    }
+
+    /// Admits waiting requests in order while a batch slot and KV blocks allow.
+    fn admit(&mut self, inner: &Inner) {
+        while self.running.len() < self.max_batch {
+            let Some(front) = self.waiting.front() else { break };
+            let positions = front.positions();
+            if self.kv.blocks_for(positions) > self.kv.total_blocks() {
+                let seq = self.waiting.pop_front().expect("front exists");
+                let msg = format!(
+                    "the request needs {positions} positions ({} KV blocks of {} tokens, {} bytes), but the KV cache \
+                     holds only {} blocks ({} bytes); give it more room (--kv-cache or engine.kv_cache)",
+                    self.kv.blocks_for(positions),
+                    self.kv.block_size(),
+                    KvPool::bytes_for(&inner.model.config, self.kv.block_size(), positions),
+                    self.kv.total_blocks(),
+                    self.kv.bytes()
+                );
+                self.fail(inner, seq, msg);
+                continue;
+            }
+            if !self.kv.can_allocate(positions) {
+                break; // waits for a running sequence to free its blocks
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            self.kv.allocate(seq.id, positions).expect("checked above");
+            seq.admitted = Some(Instant::now());
+            self.running.push(seq);
+        }
+        let used = self.kv.total_blocks() - self.kv.free_blocks();
+        let mut stats = lock(&inner.stats);
+        stats.kv_blocks_peak = stats.kv_blocks_peak.max(used);
+    }
+
+    /// One forward pass over every running sequence. See the module docs.
+    fn step(&mut self, inner: &Inner) {
+        // Cancelled sequences leave first: their blocks may admit someone now.
+        for i in (0..self.running.len()).rev() {
+            if self.running[i].cancelled() {
+                let s = self.running.swap_remove(i);
+                self.kv.release(s.id);
+                if let Some(f) = &inner.forecaster {
+                    lock(f).end_sequence(s.id);
+                }
+            }
+        }
+        self.running.sort_by_key(|s| s.id);
+        self.waiting.retain(|s| !s.cancelled());
+        self.admit(inner);
+        if self.running.is_empty() {
+            return;
+        }
+
+        // Decode tokens first (one row each), then prompt chunks within the row budget.
+        let mut batch = Batch::new();
+        let mut rows: Vec<(usize, usize)> = Vec::new(); // (sequence index, rows)
+        let mut budget = self.max_batch_tokens;
+        for (i, s) in self.running.iter().enumerate().filter(|(_, s)| s.prefilled()) {
+            let pos = s.req.prompt_ids.len() + s.generated.len() - 1;
+            batch.push(s.id, pos, &s.generated[s.generated.len() - 1..], true);
+            rows.push((i, 1));
+            budget = budget.saturating_sub(1);
+        }
+        for (i, s) in self.running.iter().enumerate().filter(|(_, s)| !s.prefilled()) {
+            let take = (s.req.prompt_ids.len() - s.fed).min(budget);
+            if take == 0 {
+                break;
+            }
+            let done = s.fed + take == s.req.prompt_ids.len();
+            batch.push(s.id, s.fed, &s.req.prompt_ids[s.fed..s.fed + take], done);
+            rows.push((i, take));
+            budget -= take;
+        }
+
+        let t0 = Instant::now();
+        let step_rows: Vec<StepRow> =
+            batch.rows().iter().map(|r| StepRow { seq: r.seq, token: Some(r.token) }).collect();
+        if let Some(f) = &inner.forecaster {
+            let candidates = lock(f).begin_step(&step_rows);
+            inner.store.begin_step(&candidates);
+        }
+        if let Some(r) = lock(&inner.recorder).as_mut() {
+            let record: Vec<RecordRow> = batch
+                .rows()
+                .iter()
+                .zip(rows.iter().flat_map(|&(i, n)| std::iter::repeat_n(i, n)))
+                .map(|(r, i)| RecordRow {
+                    seq: r.seq,
+                    pos: r.pos,
+                    token: r.token,
+                    phase: if self.running[i].prefilled() { Phase::Decode } else { Phase::Prefill },
+                })
+                .collect();
+            r.begin_step(&record, inner.model.layers.num_moe_layers());
+        }
+        let source = StepSource {
+            store: &inner.store,
+            forecaster: inner.forecaster.as_ref(),
+            recorder: &inner.recorder,
+        };
+        let span = tracing::debug_span!("step", rows = batch.len(), sequences = rows.len()).entered();
+        let result = inner.model.forward(&batch, &mut self.kv, &source);
+        drop(span);
+        if let Some(r) = lock(&inner.recorder).as_mut() {
+            if let Err(e) = r.end_step() {
+                lock(&inner.trace_error).get_or_insert(e);
+            }
+        }
+        let forward_seconds = t0.elapsed().as_secs_f64();
+
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                // The batch as a whole was refused: every sequence in it fails.
+                let msg = e.to_string();
+                let mut ids: Vec<usize> = rows.iter().map(|&(i, _)| i).collect();
+                ids.sort_unstable();
+                for i in ids.into_iter().rev() {
+                    let s = self.running.remove(i);
+                    self.fail(inner, s, msg.clone());
+                }
+                return;
+            }
+        };
+        {
+            let mut st = lock(&inner.stats);
+            st.steps += 1;
+            st.forward_seconds += forward_seconds;
+            st.max_batch_seen = st.max_batch_seen.max(rows.len());
+            for &(i, n) in &rows {
+                if self.running[i].prefilled() {
+                    st.decode_rows += n as u64;
+                } else {
+                    st.prefill_rows += n as u64;
+                }
+            }
+        }
+
+        // Sample each sequence whose logits came back; note prompt progress.
+        let vocab = inner.model.config.vocab_size;
+        let eos = &inner.model.config.eos_token_ids;
+        let mut logits = out.logits.chunks_exact(vocab);
+        let mut ended: Vec<(usize, Option<FinishReason>, Option<String>)> = Vec::new();
+        for &(i, n) in &rows {
+            let s = &mut self.running[i];
+            let wants_logits = s.prefilled() || s.fed + n == s.req.prompt_ids.len();
+            let l = if wants_logits { logits.next() } else { None };
+            if let Some((_, e)) = out.failed.iter().find(|(id, _)| *id == s.id) {
+                ended.push((i, None, Some(format!("{e}"))));
+                continue;
+            }
+            if !s.prefilled() {
+                s.fed += n;
+            }
+            let Some(l) = l else { continue };
+            let id = s.sampler.sample(l);
+            s.generated.push(id);
+            if s.first_token.is_none() {
+                s.first_token = Some(Instant::now());
+            }
+            let text = match (&inner.text, s.detok.as_mut()) {
+                (Some(t), Some(d)) => d.push(t, id).unwrap_or_default(),
+                _ => String::new(),
+            };
+            lock(&inner.stats).generated_tokens += 1;
+            if !s.sink.send(s.id, Event::Token { id, text }) {
+                s.cancel.store(true, Ordering::Relaxed);
+            }
+            if eos.contains(&id) {
+                ended.push((i, Some(FinishReason::Stop), None));
+            } else if s.generated.len() >= s.req.max_new_tokens {
+                ended.push((i, Some(FinishReason::Length), None));
+            }
+        }
+        ended.sort_by_key(|&(i, ..)| std::cmp::Reverse(i));
+        for (i, reason, error) in ended {
+            let s = self.running.remove(i);
+            match (reason, error) {
+                (Some(r), _) => self.finish(inner, s, r),
+                (None, e) => self.fail(inner, s, e.unwrap_or_default()),
+            }
+        }
+        let mut st = lock(&inner.stats);
+        st.busy_seconds += t0.elapsed().as_secs_f64();
+    }
+}

@@ -1,0 +1,33 @@
+//! The expert source of one forward pass: each MoE layer's plan is recorded (with `--trace`),
+//! fed to the forecaster (predictive policy), and streamed from the store with the forecast.
+
+use std::sync::{Arc, Mutex};
+
+use stevedore_models::{ExpertPlan, ExpertSource, ExpertStream, ExpertsError};
+
+use super::lock;
+use crate::forecast::Forecaster;
+use crate::record::Recorder;
+use crate::store::ExpertStore;
+
+pub(crate) struct StepSource<'a> {
+    pub store: &'a ExpertStore,
+    pub forecaster: Option<&'a Mutex<Forecaster>>,
+    pub recorder: &'a Mutex<Option<Recorder>>,
+}
+
+impl ExpertSource for StepSource<'_> {
+    fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {
+        if let Some(r) = lock(self.recorder).as_mut() {
+            r.record(plan);
+        }
+        let candidates = match self.forecaster {
+            Some(f) => lock(f).observe(plan.moe.0, |r| plan.routed[r].then(|| plan.choice(r))),
+            None => Vec::new(),
+        };
+        match self.store.stream(plan, &candidates) {
+            Ok(s) => Ok(Box::new(s)),
+            Err(e) => Err(Arc::new(e)),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Routing forecasts for the predictive policy: turns each step's routing into the
+//! [`Candidate`]s the expert tier protects and prefetches. One [`Forecaster`] serves a whole
+//! batch: the routing predictor (and what it learns) is shared, and every sequence keeps its own
+//! [`RouteCursor`]. The live engine and the simulator drive it the same way, step by step, which
+//! is why they count the same hits and misses:
+//!
+//! - [`Forecaster::begin_step`] at the start of a forward pass, with its rows. A sequence with
+//!   one row in the step (a decode token, or a one-token prompt chunk) begins its token on its
+//!   cursor, and the cursors predict the token's first layers.
+//! - [`Forecaster::observe`] at each MoE layer, with the router's choice for the step's rows.
+//!   One-row sequences feed their cursor at once and predict the layers ahead. A sequence with
+//!   several rows (a prompt chunk) cannot walk its cursor token by token layer by layer, so its
+//!   routing is kept until the step's last MoE layer and fed then, token-major; it predicts from
+//!   there (the next step's first layers).
+//!
+//! Predictions of several sequences for the same expert combine as the chance that at least one
+//! of them routes there (`1 - prod(1 - p)`), at the nearest distance any of them gives.
+//!
+//! The predictor stays pure and the store stays "keys and byte ranges": this is the only place
+//! where the two meet. Cost: per MoE layer and sequence, one `learn` and one `predict`
+//! (microseconds; see [`ForecastStats::seconds`]), nothing per expert.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use serde::Serialize;
+use stevedore_cache::{Candidate, ExpertKey};
+use stevedore_predictor::{observe, Prediction, RouteCursor, RoutePredictor, RoutingShape};
+
+/// What the forecaster did, for the stats JSON.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ForecastStats {
+    pub predictor: &'static str,
+    /// MoE layers looked ahead.
+    pub depth: usize,
+    /// Predictions made, one per sequence per step where it predicted.
+    pub predictions: u64,
+    /// Time spent feeding the predictor and building candidates, in all.
+    pub seconds: f64,
+}
+
+/// One row of a step as the forecaster needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepRow {
+    pub seq: u64,
+    pub token: Option<u32>,
+}
+
+/// One row's choice at one layer: experts best first and their gate weights.
+type Choice = (Vec<u32>, Vec<f32>);
+
+/// A prompt chunk's routing, kept until the step's last MoE layer.
+struct Chunk {
+    seq: u64,
+    /// Its rows in the step.
+    rows: Vec<usize>,
+    /// `[moe layer]`: per row, the experts and weights (`None` where a layer was not routed).
+    layers: Vec<Vec<Option<Choice>>>,
+}
+
+/// See the module docs.
+pub struct Forecaster {
+    predictor: Box<dyn RoutePredictor>,
+    shape: RoutingShape,
+    depth: usize,
+    /// Decoder layer of each MoE layer, for the candidates' keys.
+    layer_ids: Vec<usize>,
+    cursors: HashMap<u64, RouteCursor>,
+    /// This step's rows, and for each the index of its sequence's chunk (multi-row sequences).
+    rows: Vec<StepRow>,
+    chunk_of: Vec<Option<usize>>,
+    chunks: Vec<Chunk>,
+    stats: ForecastStats,
+}
+
+impl Forecaster {
+    /// A forecaster for a model whose MoE layers are the decoder layers `layer_ids`, looking
+    /// `depth` MoE layers ahead.
+    pub fn new(
+        predictor: Box<dyn RoutePredictor>,
+        shape: RoutingShape,
+        layer_ids: Vec<usize>,
+        depth: usize,
+    ) -> Self {
+        let stats = ForecastStats { predictor: predictor.name(), depth, predictions: 0, seconds: 0.0 };
+        Forecaster {
+            predictor,
+            shape,
+            depth,
+            layer_ids,
+            cursors: HashMap::new(),
+            rows: Vec::new(),
+            chunk_of: Vec::new(),
+            chunks: Vec::new(),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> ForecastStats {
+        self.stats.clone()
+    }
+
+    /// A sequence ended: its cursor goes.
+    pub fn end_sequence(&mut self, seq: u64) {
+        self.cursors.remove(&seq);
+    }
+
+    fn cursor(&mut self, seq: u64) -> &mut RouteCursor {
+        let shape = self.shape;
+        self.cursors.entry(seq).or_insert_with(|| RouteCursor::new(shape))
+    }
+
+    /// The start of a step with `rows` (one per token, a sequence's rows contiguous). Returns
+    /// the candidates for the step's first layers.
+    pub fn begin_step(&mut self, rows: &[StepRow]) -> Vec<Candidate> {
+        let t0 = Instant::now();
+        self.rows.clear();
+        self.rows.extend_from_slice(rows);
+        self.chunks.clear();
+        self.chunk_of.clear();
+        let mut single = Vec::new();
+        let mut i = 0;
+        while i < rows.len() {
+            let seq = rows[i].seq;
+            let end = i + rows[i..].iter().take_while(|r| r.seq == seq).count();
+            if end - i == 1 {
+                self.chunk_of.push(None);
+                self.cursor(seq).begin_token(rows[i].token);
+                single.push(seq);
+            } else {
+                let layers = vec![vec![None; end - i]; self.shape.moe_layers];
+                self.chunks.push(Chunk { seq, rows: (i..end).collect(), layers });
+                self.chunk_of.extend(std::iter::repeat_n(Some(self.chunks.len() - 1), end - i));
+            }
+            i = end;
+        }
+        self.finish(&single, t0)
+    }
+
+    /// MoE layer `moe` routed the step's rows: `choice(r)` is row `r`'s experts (best first)
+    /// and gate weights, or `None` where the row was not routed. Returns the candidates for the
+    /// layers ahead.
+    pub fn observe<'a>(
+        &mut self,
+        moe: usize,
+        choice: impl Fn(usize) -> Option<(&'a [u32], &'a [f32])>,
+    ) -> Vec<Candidate> {
+        let t0 = Instant::now();
+        let mut single = Vec::new();
+        for r in 0..self.rows.len() {
+            let Some((experts, weights)) = choice(r) else { continue };
+            match self.chunk_of[r] {
+                None => {
+                    let seq = self.rows[r].seq;
+                    let cursor = self.cursors.get_mut(&seq).expect("begin_step made it");
+                    observe(&mut *self.predictor, cursor, moe, experts, weights);
+                    single.push(seq);
+                }
+                Some(c) => {
+                    let chunk = &mut self.chunks[c];
+                    let at = r - chunk.rows[0];
+                    chunk.layers[moe][at] = Some((experts.to_vec(), weights.to_vec()));
+                }
+            }
+        }
+        if moe + 1 == self.shape.moe_layers {
+            for chunk in std::mem::take(&mut self.chunks) {
+                for (at, &r) in chunk.rows.iter().enumerate() {
+                    let token = self.rows[r].token;
+                    let shape = self.shape;
+                    let cursor = self.cursors.entry(chunk.seq).or_insert_with(|| RouteCursor::new(shape));
+                    cursor.begin_token(token);
+                    for (l, layer) in chunk.layers.iter().enumerate() {
+                        if let Some((experts, weights)) = &layer[at] {
+                            observe(&mut *self.predictor, cursor, l, experts, weights);
+                        }
+                    }
+                }
+                single.push(chunk.seq);
+            }
+        }
+        self.finish(&single, t0)
+    }
+
+    /// The sequences' predictions combined into candidates (nearest distance, then layer and
+    /// expert, first).
+    fn finish(&mut self, seqs: &[u64], t0: Instant) -> Vec<Candidate> {
+        // (moe layer, expert) -> (distance, contributors, first score, prod(1 - p)).
+        let mut combined: BTreeMap<(usize, u32), (usize, u32, f32, f32)> = BTreeMap::new();
+        for seq in seqs {
+            let Some(cursor) = self.cursors.get(seq) else { continue };
+            let predictions: Vec<Prediction> = self.predictor.predict(cursor, self.depth);
+            self.stats.predictions += 1;
+            for p in predictions {
+                for &(e, score) in &p.experts {
+                    let s = score.clamp(0.0, 1.0);
+                    let entry = combined.entry((p.layer, e)).or_insert((p.distance, 0, s, 1.0));
+                    entry.0 = entry.0.min(p.distance);
+                    entry.1 += 1;
+                    entry.3 *= 1.0 - s;
+                }
+            }
+        }
+        let mut out: Vec<Candidate> = combined
+            .into_iter()
+            .filter_map(|((moe, e), (distance, n, first, none))| {
+                let layer = *self.layer_ids.get(moe)?;
+                // One sequence's score is used as is (1 - (1 - p) would round it).
+                let score = if n == 1 { first } else { 1.0 - none };
+                Some(Candidate { key: ExpertKey::new(layer, e as usize), distance, score, bytes: 0 })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.distance.cmp(&b.distance).then(b.score.total_cmp(&a.score)).then(a.key.cmp(&b.key))
+        });
+        self.stats.seconds += t0.elapsed().as_secs_f64();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

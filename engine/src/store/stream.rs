@@ -1,0 +1,161 @@
+//! One layer's experts pulled from the store: the live side of a [`Tier`] layer step. The
+//! stream computes nothing; it admits, queues reads, waits, and hands out pinned weights in the
+//! demand's order (hits first, then misses as their reads land).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use stevedore_cache::{Candidate, Demand, ExpertKey};
+use stevedore_models::{ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertWeights, ExpertsError};
+
+use super::{fill, ExpertStore, State, StoreError};
+use crate::io::AlignedBuf;
+
+/// The experts of one [`ExpertPlan`], delivered as they become ready; dropping it releases
+/// every pin it still holds (also on error or panic).
+pub struct StoreStream<'p> {
+    store: &'p ExpertStore,
+    plan: &'p ExpertPlan<'p>,
+    demand: Demand,
+    /// The buffer of the expert handed out last, kept alive until the next call.
+    current: Option<Arc<AlignedBuf>>,
+    /// Whether the front of the demand was handed out and is to be released on the next call.
+    holding: bool,
+}
+
+fn failure(expert: Option<usize>, e: StoreError) -> ExpertFailure {
+    ExpertFailure { expert, error: Arc::new(e) }
+}
+
+impl ExpertStore {
+    /// Starts `plan`'s layer step: protection moves onto `candidates` (predictions for the
+    /// layers ahead), the layer's experts are looked up (hits pinned at once), and the misses
+    /// that fit are admitted and their reads queued, demand reads before any prefetch.
+    pub fn stream<'p>(
+        &'p self,
+        plan: &'p ExpertPlan<'_>,
+        candidates: &[Candidate],
+    ) -> Result<StoreStream<'p>, StoreError> {
+        let layouts = &self.shared.layouts;
+        let mut keys = Vec::with_capacity(plan.experts.len());
+        for e in plan.experts {
+            let key = ExpertKey::new(plan.layer.0, e.expert as usize);
+            keys.push((key, layouts.check(key)?.alloc as u64));
+        }
+        let candidates = self.sized(candidates);
+        let mut guard = self.shared.lock();
+        let State { tier, slots, .. } = &mut *guard;
+        // An entry whose read failed is read again by the next layer that needs it.
+        for (key, _) in &keys {
+            if let Some(&id) = tier.peek(key) {
+                if slots.failed(id) && !tier.cache().is_pinned(key) {
+                    tier.remove(key);
+                    slots.release(id);
+                }
+            }
+        }
+        tier.steer(&candidates);
+        let mut demand = tier.begin(&keys);
+        for key in demand.pinned() {
+            slots.raise(*tier.peek(&key).expect("pinned keys are resident"));
+        }
+        let advanced = tier.advance(&mut demand, &mut |f| fill(slots, layouts, f));
+        if let Err(e) = advanced {
+            tier.abandon(&mut demand);
+            return Err(e.into());
+        }
+        drop(guard);
+        self.shared.work.notify_all();
+        // The plan's contents outlive 'p; narrowing its lifetime parameter to 'p is a coercion.
+        let plan: &'p ExpertPlan<'p> = plan;
+        Ok(StoreStream { store: self, plan, demand, current: None, holding: false })
+    }
+}
+
+impl StoreStream<'_> {
+    fn index_of(&self, key: ExpertKey) -> usize {
+        self.plan
+            .experts
+            .binary_search_by_key(&key.expert, |u| u.expert)
+            .expect("the demand's keys are the plan's experts")
+    }
+}
+
+impl ExpertStream for StoreStream<'_> {
+    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>> {
+        let shared = &self.store.shared;
+        let layouts = &shared.layouts;
+        let mut st = shared.lock();
+        if std::mem::take(&mut self.holding) {
+            self.current = None;
+            st.tier.release(&mut self.demand);
+            shared.landed.notify_all();
+        }
+        let mut stalled: Option<Instant> = None;
+        let result = loop {
+            let State { tier, slots, .. } = &mut *st;
+            if let Err(e) = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f)) {
+                break Some(Err(failure(None, e.into())));
+            }
+            shared.work.notify_all();
+            if self.demand.is_done() {
+                break None;
+            }
+            if let Some(key) = self.demand.front() {
+                let id = *tier.peek(&key).expect("the demand pins its front");
+                match slots.data(id) {
+                    Some(Ok(buf)) => {
+                        self.current = Some(Arc::clone(buf));
+                        self.holding = true;
+                        break Some(Ok(self.index_of(key)));
+                    }
+                    Some(Err(e)) => {
+                        let error = StoreError::Read { key, source: e.clone() };
+                        tier.release(&mut self.demand);
+                        break Some(Err(failure(Some(self.index_of(key)), error)));
+                    }
+                    None => {}
+                }
+            }
+            // Waiting for a read to land, or (when other streams hold the room) for a release.
+            if st.readers_alive == 0 {
+                break Some(Err(failure(None, StoreError::IoStopped)));
+            }
+            stalled.get_or_insert_with(Instant::now);
+            st = shared.wait(&shared.landed, st);
+        };
+        if let Some(t) = stalled {
+            st.io.stall_seconds += t.elapsed().as_secs_f64();
+        }
+        drop(st);
+        match result? {
+            Ok(i) => {
+                let key = ExpertKey::new(self.plan.layer.0, self.plan.experts[i].expert as usize);
+                let layout = layouts.get(key).expect("checked when the stream began");
+                let buf = self.current.as_ref().expect("set with the index");
+                Some(Ok((i, layout.weights(buf.as_slice()))))
+            }
+            Err(f) => Some(Err(f)),
+        }
+    }
+}
+
+impl Drop for StoreStream<'_> {
+    fn drop(&mut self) {
+        self.current = None;
+        let mut st = self.store.shared.lock();
+        st.tier.abandon(&mut self.demand);
+        drop(st);
+        self.store.shared.landed.notify_all();
+    }
+}
+
+impl ExpertSource for ExpertStore {
+    /// A layer step without predictions (the predictive policy then protects nothing).
+    fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {
+        match ExpertStore::stream(self, plan, &[]) {
+            Ok(s) => Ok(Box::new(s)),
+            Err(e) => Err(Arc::new(e)),
+        }
+    }
+}
