@@ -310,15 +310,10 @@ mod tests {
     use super::*;
     use stevedore_predictor::{LayerChoice, Phase, TokenRouting, TraceMeta};
 
-    /// A shared real trace (`../shared/traces` from the repo root), or `None` with a message.
+    /// A shared real trace (`../shared/traces` from the repo root), or `None` after saying
+    /// `skipped: ...`.
     fn shared_trace(rel: &str) -> Option<PathBuf> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces").join(rel);
-        if path.exists() {
-            Some(path)
-        } else {
-            println!("skipping: no shared trace at {} (see issue 3)", path.display());
-            None
-        }
+        crate::trace::tests::shared_traces().map(|dir| dir.join(rel))
     }
 
     fn within(ev: &Evaluation, predictor: &str, k: usize, distance: usize) -> f64 {

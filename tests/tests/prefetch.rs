@@ -12,14 +12,10 @@ use std::path::{Path, PathBuf};
 use common::{fixture_dir, generate_ids, ids, inspect, reference, stevedore, u64_at, FIXTURES, PYDOC_MOE};
 use serde_json::Value;
 
-/// The fixtures to run: the four random ones and the trained one when it is present.
+/// The fixtures to run: the four random ones and the trained one.
 fn fixtures() -> Vec<&'static str> {
     let mut v = FIXTURES.to_vec();
-    if fixture_dir(PYDOC_MOE).join("reference.json").exists() {
-        v.push(PYDOC_MOE);
-    } else {
-        eprintln!("note: {PYDOC_MOE} is absent; running the random fixtures only");
-    }
+    v.push(PYDOC_MOE);
     v
 }
 

@@ -1,9 +1,7 @@
 //! The trained tiny model (`tests/fixtures/pydoc-moe/`, with tokenizer.json): text prompts are
 //! tokenized as transformers' reference did, greedy ids match it, streamed text is the decoded
 //! output, and realistic (non-random) routing gives the same tokens at the minimum cache budget.
-//!
-//! The model is made by `tests/fixtures/train_tiny.py`; until it is committed these tests print
-//! a note and pass without checking anything.
+//! The model is made by `tests/fixtures/train_tiny.py`.
 
 mod common;
 
@@ -12,14 +10,8 @@ use std::path::PathBuf;
 use common::{fixture_dir, ids, inspect, reference, stevedore, u64_at, Case, PYDOC_MOE};
 use serde_json::Value;
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = fixture_dir(PYDOC_MOE);
-    if dir.join("reference.json").exists() {
-        Some(dir)
-    } else {
-        eprintln!("note: {} is absent; skipping the pydoc-moe tests", dir.display());
-        None
-    }
+fn model_dir() -> PathBuf {
+    fixture_dir(PYDOC_MOE)
 }
 
 fn prompt(case: &Case) -> &str {
@@ -38,7 +30,7 @@ fn generate_text(dir: &std::path::Path, text: &str, max_new_tokens: u64, extra: 
 
 #[test]
 fn prompt_text_matches_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let reference = reference(PYDOC_MOE);
     for case in &reference.cases {
         let out: Value =
@@ -63,7 +55,7 @@ fn prompt_text_matches_transformers() {
 
 #[test]
 fn streamed_text_is_the_decoded_output() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let reference = reference(PYDOC_MOE);
     let case = &reference.cases[0];
     let json: Value =
@@ -76,7 +68,7 @@ fn streamed_text_is_the_decoded_output() {
 
 #[test]
 fn minimum_budget_gives_the_same_tokens() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let reference = reference(PYDOC_MOE);
     let min = u64_at(&inspect(&dir, &[]), "min_host_cache_bytes").to_string();
     for case in &reference.cases {

@@ -1,17 +1,19 @@
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::*;
 
-/// The shared real traces (`../shared/traces` from the repo root), or `None` with a message when
-/// this checkout has none beside it.
+/// The shared real traces (`../shared/traces` from the repo root), or `None` after saying
+/// `skipped: ...` on the terminal. Written straight to stderr, past the test harness's capture,
+/// so that a run without the traces shows which tests checked nothing.
 pub(crate) fn shared_traces() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces");
     if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipping: no shared traces at {} (see issue 3)", dir.display());
-        None
+        return Some(dir);
     }
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: no shared traces at {}", dir.display());
+    None
 }
 
 fn meta() -> TraceMeta {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 /// The four random-weight fixtures with transformers references.
 pub const FIXTURES: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 
-/// The trained tiny model (with tokenizer.json); it may be absent while it is being made.
+/// The trained tiny model (with tokenizer.json and golden.json).
 pub const PYDOC_MOE: &str = "pydoc-moe";
 
 pub fn fixture_dir(name: &str) -> PathBuf {
