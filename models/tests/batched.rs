@@ -5,24 +5,11 @@
 //! and batched together. Experts are read in place (`MappedExperts`); the engine's streamed
 //! store is checked the same way end to end in `tests/`.
 
-use std::path::PathBuf;
+mod common;
 
+use common::{argmax, fixture};
 use serde_json::Value;
 use stevedore_models::{Batch, KvPool, MappedExperts, Model, SeqId};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// One sequence of a run: its prompt, the step it joins at, how many tokens to generate.
 #[derive(Clone)]

@@ -3,28 +3,15 @@
 //! expert read in place (`MappedExperts`). The streamed store is checked against the same
 //! references end to end in `tests/`.
 
-use std::path::PathBuf;
+mod common;
 
+use common::{argmax, fixture};
 use serde_json::Value;
 use stevedore_models::{Batch, KvPool, MappedExperts, Model};
 
 /// Largest allowed |ours - transformers| for a logit, relative to max(1, |logit|). Both sides
 /// compute in f32 from the same bf16 weights; only summation order differs.
 const LOGIT_TOL: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 fn check(name: &str) {
     let dir = fixture(name);

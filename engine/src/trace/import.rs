@@ -347,8 +347,9 @@ fn mixtral_csv(path: &Path) -> Result<Trace, TraceError> {
 /// Qwen1.5-MoE-A2.7B (60 routed experts): `phase,pos,slot,layer,e0..e3,w0..w3`, 25 prompts
 /// batched. Prefill rows index the concatenation of all prompts (boundaries were not recorded):
 /// they become sequence 0 at position `pos`. Decode rows become sequence `slot` at position
-/// `pos` (the decode step). Slots are batch slots, not request ids: they are re-packed as
-/// requests finish, so a slot's later tokens may belong to another request.
+/// `pos` (the decode step), and the rows of one decode step one `step`: vLLM ran them as one
+/// batch. Slots are batch slots, not request ids: they are re-packed as requests finish, so a
+/// slot's later tokens may belong to another request.
 fn qwen(path: &Path) -> Result<Trace, TraceError> {
     let csv = Csv::read(path)?;
     let (phase_col, pos_col, slot_col, layer_col) = (

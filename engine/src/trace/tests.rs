@@ -45,7 +45,10 @@ fn sample() -> Trace {
                 vec![Some((vec![1, 2], vec![0.6, 0.4])), Some((vec![0, 3], vec![0.1, 1e-7]))],
             ),
             token(0, 1, Phase::Decode, vec![None, Some((vec![2, 1], vec![]))]),
-            token(7, 4, Phase::Decode, vec![Some((vec![3, 0], vec![0.333_333_34, 0.666_666_7])), None]),
+            TokenRouting {
+                step: Some(3),
+                ..token(7, 4, Phase::Decode, vec![Some((vec![3, 0], vec![0.333_333_34, 0.666_666_7])), None])
+            },
         ],
     }
 }
@@ -201,6 +204,11 @@ fn imports_the_shared_traces() {
     assert_eq!(flame.tokens[0].layers[0].as_ref().unwrap().experts, [34, 28, 21, 47, 3, 12]);
     let qwen = load(&dir.join(cases[5].0)).unwrap();
     assert_eq!(qwen.meta.layer_ids, [0, 8, 12, 18, 23]);
+    // Its decode rows of one step ran as one batch: one step each, prefill rows none.
+    let decode: Vec<&TokenRouting> = qwen.tokens.iter().filter(|t| t.phase == Phase::Decode).collect();
+    assert!(decode.iter().all(|t| t.step == Some(t.pos as u64)));
+    assert_eq!(decode.iter().filter(|t| t.step == Some(0)).count(), 25);
+    assert!(qwen.tokens.iter().filter(|t| t.phase == Phase::Prefill).all(|t| t.step.is_none()));
     // Mixtral CSV: about 3% of records were dropped by the collector (199 records carry -1).
     let mixtral = load(&dir.join(cases[2].0)).unwrap();
     let missing = mixtral.tokens.iter().flat_map(|t| &t.layers).filter(|l| l.is_none()).count();
