@@ -5,14 +5,22 @@
 //!   of a few GB ([`checkpoint`]), measures what the machine can do ([`probe`]), runs the real
 //!   `stevedore` binary at several host-cache budgets ([`runner`]) and compares the decode speed
 //!   with what memory and disk allow ([`report`]).
+//! - `src/bin/batch.rs`: the batching benchmark. On the same checkpoint it runs 1, 4, 16 and 64
+//!   concurrent sequences through `stevedore generate --batch` ([`runner`]) and reports generated
+//!   tokens/s and bytes read per generated token against one sequence ([`batch`]).
+//!
+//! [`setup`] holds what both binaries share: shape flags, the binary's path, the checkpoint
+//! directory and its cleanup.
 
 use std::path::{Path, PathBuf};
 
+pub mod batch;
 pub mod checkpoint;
 pub mod direct;
 pub mod probe;
 pub mod report;
 pub mod runner;
+pub mod setup;
 
 /// A directory under the system temp dir, removed on drop unless [`TempDir::keep`] was called.
 pub struct TempDir {

@@ -173,6 +173,19 @@ pub struct Bar {
     pub pass: bool,
 }
 
+impl Bar {
+    /// `- name: PASS (measured .., bar ..)`.
+    pub fn line(&self) -> String {
+        format!(
+            "- {}: {} (measured {:.2}, bar {})",
+            self.name,
+            if self.pass { "PASS" } else { "FAIL" },
+            self.measured,
+            self.threshold
+        )
+    }
+}
+
 /// The issue's two bars; a budget that was not run yields no bar.
 pub fn bars(results: &[BudgetResult], memory: &MemoryBandwidth) -> Vec<Bar> {
     let mut bars = Vec::new();
@@ -223,15 +236,67 @@ pub struct Report {
     pub bars: Vec<Bar>,
 }
 
-fn gb(bytes: f64) -> String {
+/// `- Machine: ...` for a report's header.
+pub fn machine_line(m: &Machine, load_1min_at_end: f64) -> String {
+    format!(
+        "- Machine: {}, {} cores, {:.1} GiB RAM, Linux {}; load average {:.2} at start, {:.2} at end.",
+        m.cpu,
+        m.cores,
+        m.memory_bytes as f64 / (1u64 << 30) as f64,
+        m.kernel,
+        m.load_1min,
+        load_1min_at_end
+    )
+}
+
+/// `- Checkpoint: ...` for a report's header.
+pub fn checkpoint_line(
+    s: &Shape,
+    checkpoint_bytes: u64,
+    expert_bytes_total: u64,
+    expert_bytes: u64,
+) -> String {
+    format!(
+        "- Checkpoint: OLMoE-shaped, bf16, hidden {}, {} layers, {} heads ({} kv), {} experts, top-{}, expert \
+         intermediate {}, vocab {}: {} in {} shards, experts {} ({} each).",
+        s.hidden_size,
+        s.num_hidden_layers,
+        s.num_attention_heads,
+        s.num_key_value_heads,
+        s.num_experts,
+        s.num_experts_per_tok,
+        s.intermediate_size,
+        s.vocab_size,
+        gb(checkpoint_bytes as f64),
+        s.num_hidden_layers.div_ceil(s.layers_per_shard),
+        gb(expert_bytes_total as f64),
+        mib(expert_bytes as f64)
+    )
+}
+
+/// `- Disk {when} ...` for a report's header.
+pub fn disk_line(d: &DiskBandwidth, when: &str) -> String {
+    format!(
+        "- Disk {when} ({}): sequential {:.2} GB/s ({} reads), random whole experts {:.2} GB/s (1 reader), \
+         {:.2} GB/s ({} readers).",
+        if d.direct_io { "O_DIRECT" } else { "buffered, page cache evicted" },
+        d.sequential_gb_s,
+        mib(d.sequential_chunk_bytes as f64),
+        d.random_gb_s,
+        d.random_parallel_gb_s,
+        d.threads,
+    )
+}
+
+pub fn gb(bytes: f64) -> String {
     format!("{:.2} GB", bytes / 1e9)
 }
 
-fn opt(v: Option<f64>) -> String {
+pub fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.2}"))
 }
 
-fn mib(bytes: f64) -> String {
+pub fn mib(bytes: f64) -> String {
     format!("{:.0} MiB", bytes / (1 << 20) as f64)
 }
 
@@ -244,31 +309,8 @@ impl Report {
             out.push_str(&l);
             out.push('\n');
         };
-        line(format!(
-            "- Machine: {}, {} cores, {:.1} GiB RAM, Linux {}; load average {:.2} at start, {:.2} at end.",
-            m.cpu,
-            m.cores,
-            m.memory_bytes as f64 / (1u64 << 30) as f64,
-            m.kernel,
-            m.load_1min,
-            self.load_1min_at_end
-        ));
-        line(format!(
-            "- Checkpoint: OLMoE-shaped, bf16, hidden {}, {} layers, {} heads ({} kv), {} experts, top-{}, expert \
-             intermediate {}, vocab {}: {} in {} shards, experts {} ({} each).",
-            s.hidden_size,
-            s.num_hidden_layers,
-            s.num_attention_heads,
-            s.num_key_value_heads,
-            s.num_experts,
-            s.num_experts_per_tok,
-            s.intermediate_size,
-            s.vocab_size,
-            gb(self.checkpoint_bytes as f64),
-            s.num_hidden_layers.div_ceil(s.layers_per_shard),
-            gb(self.expert_bytes_total as f64),
-            mib(self.expert_bytes as f64)
-        ));
+        line(machine_line(m, self.load_1min_at_end));
+        line(checkpoint_line(s, self.checkpoint_bytes, self.expert_bytes_total, self.expert_bytes));
         line(format!(
             "- Per token: experts touched {}, dense weights {}. Prompt {} tokens; runs of {} and {} new tokens, \
              steady state = the difference.",
@@ -287,16 +329,7 @@ impl Report {
             self.memory.best_gb_s()
         ));
         for (d, when) in self.disk.iter().zip(["before the runs", "after the runs"]) {
-            line(format!(
-                "- Disk {when} ({}): sequential {:.2} GB/s ({} reads), random whole experts {:.2} GB/s (1 reader), \
-                 {:.2} GB/s ({} readers).",
-                if d.direct_io { "O_DIRECT" } else { "buffered, page cache evicted" },
-                d.sequential_gb_s,
-                mib(d.sequential_chunk_bytes as f64),
-                d.random_gb_s,
-                d.random_parallel_gb_s,
-                d.threads,
-            ));
+            line(disk_line(d, when));
         }
         line(format!("- The floor uses the best disk rate measured: {:.2} GB/s.", self.floor_disk_gb_s));
         if let Some(c) = &self.commit {
@@ -337,13 +370,7 @@ impl Report {
             ));
         }
         for b in &self.bars {
-            line(format!(
-                "- {}: {} (measured {:.2}, bar {})",
-                b.name,
-                if b.pass { "PASS" } else { "FAIL" },
-                b.measured,
-                b.threshold
-            ));
+            line(b.line());
         }
         out
     }
@@ -373,6 +400,8 @@ mod tests {
                     direct_io: true,
                     read_seconds: Some(decode_seconds / 2.0),
                     stall_seconds: None,
+                    buffer_peak_bytes: None,
+                    readers: None,
                 },
                 decode_seconds: None,
             },

@@ -3,7 +3,7 @@
 //! The benchmark measures the binary users run, not a library call with a friendlier setup: the
 //! same argument parsing, loading, budget resolution and expert store.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
@@ -24,6 +24,12 @@ pub struct ExpertCacheStats {
     /// Time compute waited for reads, when the engine reports it.
     #[serde(default)]
     pub stall_seconds: Option<f64>,
+    /// Most bytes of expert buffers alive at once, when the engine reports it.
+    #[serde(default)]
+    pub buffer_peak_bytes: Option<u64>,
+    /// Expert reader threads, when the engine reports them.
+    #[serde(default)]
+    pub readers: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -174,12 +180,198 @@ pub fn inspect(bin: &Path, model: &Path) -> Result<String, String> {
 
 fn run(cmd: &mut Command, bin: &Path) -> Result<Output, String> {
     let out = cmd.output().map_err(|e| format!("{}: cannot run: {e}", bin.display()))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-        return Err(format!("{cmd:?} failed ({}):\n{}", out.status, tail.join("\n")));
-    }
+    check_status(cmd, &out)?;
     Ok(out)
+}
+
+/// An error with the command and the end of its stderr unless it succeeded.
+fn check_status(cmd: &Command, out: &Output) -> Result<(), String> {
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+    Err(format!("{cmd:?} failed ({}):\n{}", out.status, tail.join("\n")))
+}
+
+/// The step counters of a `generate --batch` run (`stats.steps`; other fields are ignored).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct StepStats {
+    /// Forward passes.
+    pub steps: u64,
+    pub prefill_rows: u64,
+    pub decode_rows: u64,
+    pub generated_tokens: u64,
+    pub max_batch_seen: usize,
+    pub kv_blocks_peak: usize,
+    pub forward_seconds: f64,
+    /// Whole steps: forward passes plus scheduling and sampling.
+    pub busy_seconds: f64,
+}
+
+/// `stats` of `generate --batch --json`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct BatchStats {
+    pub requests: usize,
+    pub failed_requests: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// From the first submission to the last completion (loading excluded).
+    pub wall_seconds: f64,
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
+    #[serde(default)]
+    pub dense_bytes: Option<u64>,
+    #[serde(default)]
+    pub kv_cache_bytes: Option<u64>,
+    pub steps: StepStats,
+    pub expert_cache: ExpertCacheStats,
+}
+
+/// One request's outcome in `generate --batch --json`: ids, or an error.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct BatchResult {
+    pub line: usize,
+    pub prompt_ids: Vec<u32>,
+    #[serde(default)]
+    pub generated_ids: Vec<u32>,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct BatchJson {
+    pub results: Vec<BatchResult>,
+    pub stats: BatchStats,
+}
+
+/// One line of the request file.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BatchRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+}
+
+/// How a batch is run: greedy, policy `lru` (the engine's default without a config file, named
+/// explicitly), `--host-cache`, `--max-batch`, and with `readers` a config file setting
+/// `[engine] readers`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BatchOptions {
+    pub host_cache: String,
+    pub max_batch: usize,
+    pub readers: Option<usize>,
+}
+
+/// One `stevedore generate --batch` run.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchRun {
+    pub options: BatchOptions,
+    pub results: Vec<BatchResult>,
+    pub stats: BatchStats,
+    /// The whole process, loading included.
+    pub process_wall_seconds: f64,
+    /// Cores' worth of CPU that other processes used meanwhile (see [`CpuMeter`]).
+    pub other_cores: Option<f64>,
+}
+
+/// Parses the single JSON object `generate --batch --json` prints on stdout.
+pub fn parse_batch(stdout: &str) -> Result<BatchJson, String> {
+    serde_json::from_str(stdout.trim()).map_err(|e| {
+        let head: String = stdout.chars().take(300).collect();
+        format!(
+            "`stevedore generate --batch --json` printed something unexpected ({e}); it began with: {head:?}"
+        )
+    })
+}
+
+/// The config file for `readers` reader threads; it also names the policy, since a config file
+/// would otherwise switch it to the file default (`predictive`).
+pub fn readers_config(readers: usize) -> String {
+    format!("# written by the stevedore batch benchmark\n[cache]\npolicy = \"lru\"\n\n[engine]\nreaders = {readers}\n")
+}
+
+/// Runs `bin generate --batch` greedily on `model`: writes the request file (and the config file
+/// for `opts.readers`) to a temporary directory, runs, parses and checks the output: one result
+/// per request, in order, echoing its prompt, none failed.
+pub fn generate_batch(
+    bin: &Path,
+    model: &Path,
+    requests: &[BatchRequest],
+    opts: &BatchOptions,
+) -> Result<BatchRun, String> {
+    let tmp = crate::TempDir::new("batch-run")?;
+    let write = |name: &str, text: String| -> Result<PathBuf, String> {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+        Ok(path)
+    };
+    let lines: Vec<String> =
+        requests.iter().map(|r| serde_json::to_string(r).expect("a request serialises")).collect();
+    let batch = write("requests.jsonl", lines.join("\n") + "\n")?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(model)
+        .arg("--batch")
+        .arg(&batch)
+        .args(["--max-batch", &opts.max_batch.to_string()])
+        .args(["--host-cache", &opts.host_cache])
+        .args(["--policy", "lru"])
+        .args(["--temperature", "0"])
+        .arg("--json");
+    if let Some(r) = opts.readers {
+        cmd.arg("--config").arg(write("config.toml", readers_config(r))?);
+    }
+    let meter = CpuMeter::start();
+    let t0 = Instant::now();
+    let out = cmd.output().map_err(|e| format!("{}: cannot run: {e}", bin.display()))?;
+    let process_wall_seconds = t0.elapsed().as_secs_f64();
+    let other_cores = meter.and_then(|m| m.other_cores(process_wall_seconds));
+    let parsed = parse_batch(&String::from_utf8_lossy(&out.stdout));
+    // A failed request makes the exit status non-zero after the JSON: name it.
+    if let Ok(p) = &parsed {
+        if let Some(r) = p.results.iter().find(|r| r.error.is_some()) {
+            return Err(format!(
+                "{} of {} requests failed; line {}: {}",
+                p.stats.failed_requests,
+                p.results.len(),
+                r.line,
+                r.error.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    check_status(&cmd, &out)?;
+    let parsed = parsed?;
+    check_results(requests, &parsed.results)?;
+    Ok(BatchRun {
+        options: opts.clone(),
+        results: parsed.results,
+        stats: parsed.stats,
+        process_wall_seconds,
+        other_cores,
+    })
+}
+
+/// One result per request, in file order, echoing its prompt.
+fn check_results(requests: &[BatchRequest], results: &[BatchResult]) -> Result<(), String> {
+    if results.len() != requests.len() {
+        return Err(format!("{} requests but {} results", requests.len(), results.len()));
+    }
+    for (i, (q, r)) in requests.iter().zip(results).enumerate() {
+        if r.line != i + 1 || r.prompt_ids != q.prompt_ids {
+            return Err(format!(
+                "result {} is line {} with prompt {:?}; expected line {} with prompt {:?}",
+                i + 1,
+                r.line,
+                r.prompt_ids,
+                i + 1,
+                q.prompt_ids
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -218,6 +410,49 @@ mod tests {
         let mut with_seconds = run.clone();
         with_seconds.stats.decode_seconds = Some(0.7);
         assert_eq!(with_seconds.decode_seconds(), 0.7);
+    }
+
+    const BATCH: &str = r#"{"results":[
+        {"line":1,"prompt_ids":[1,2],"generated_ids":[5,6],"text":null,"finish_reason":"length"},
+        {"line":2,"prompt_ids":[3],"error":"boom"}],
+      "stats":{"requests":2,"failed_requests":1,"prompt_tokens":2,"generated_tokens":2,"wall_seconds":1.5,
+        "generated_tokens_per_s":1.33,"peak_rss_bytes":null,"dense_bytes":10,"kv_cache_bytes":20,
+        "steps":{"steps":3,"prefill_rows":3,"decode_rows":1,"generated_tokens":2,"max_batch_seen":2,
+          "kv_blocks_peak":2,"forward_seconds":1.0,"busy_seconds":1.2,"requests_finished":1,"requests_failed":1},
+        "expert_cache":{"policy":"lru","budget_bytes":500,"peak_bytes":400,"buffer_peak_bytes":450,"hits":1,
+          "misses":2,"bytes_read":4096,"direct_io":true,"readers":2,"read_seconds":0.5,"stall_seconds":0.25},
+        "forecast":null}}"#;
+
+    #[test]
+    fn parses_batch_output() {
+        let b = parse_batch(BATCH).unwrap();
+        assert_eq!(b.results.len(), 2);
+        assert_eq!(b.results[0].generated_ids, vec![5, 6]);
+        assert_eq!(b.results[0].finish_reason.as_deref(), Some("length"));
+        assert_eq!(b.results[1].error.as_deref(), Some("boom"));
+        assert!(b.results[1].generated_ids.is_empty());
+        assert_eq!(b.stats.peak_rss_bytes, None);
+        assert_eq!((b.stats.steps.steps, b.stats.steps.busy_seconds), (3, 1.2));
+        let c = &b.stats.expert_cache;
+        assert_eq!((c.buffer_peak_bytes, c.readers, c.stall_seconds), (Some(450), Some(2), Some(0.25)));
+    }
+
+    #[test]
+    fn batch_results_must_echo_the_requests_in_order() {
+        let b = parse_batch(BATCH).unwrap();
+        let req = |ids: Vec<u32>| BatchRequest { prompt_ids: ids, max_new_tokens: 2 };
+        check_results(&[req(vec![1, 2]), req(vec![3])], &b.results).unwrap();
+        let err = check_results(&[req(vec![3]), req(vec![1, 2])], &b.results).unwrap_err();
+        assert!(err.contains("expected line 1 with prompt [3]"), "{err}");
+        assert!(check_results(&[req(vec![1, 2])], &b.results).unwrap_err().contains("1 requests but 2"));
+    }
+
+    #[test]
+    fn request_lines_and_config_are_what_the_engine_reads() {
+        let r = BatchRequest { prompt_ids: vec![4, 5], max_new_tokens: 64 };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"prompt_ids":[4,5],"max_new_tokens":64}"#);
+        let cfg = readers_config(2);
+        assert!(cfg.contains("[engine]\nreaders = 2\n") && cfg.contains("policy = \"lru\""), "{cfg}");
     }
 
     #[test]

@@ -4,15 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use stevedore_bench::checkpoint::{Plan, Shape};
 use stevedore_bench::probe::{self, DiskProbe};
 use stevedore_bench::report::{self, BudgetRuns, Report, Traffic};
 use stevedore_bench::runner;
-use stevedore_bench::TempDir;
+use stevedore_bench::setup::{self, SHAPE_USAGE};
 
-const USAGE: &str = "\
+const USAGE_HEAD: &str = "\
 usage: e2e [options]
   --dir DIR              write the checkpoint here (default: a new temporary directory); a DIR that
                          already holds the same checkpoint is reused without writing
@@ -25,10 +24,12 @@ usage: e2e [options]
   --threads N            threads for writing and the all-core probes (default: all cores)
   --memory-buffer-mib N  buffer summed by the memory probe (default 1024)
   --disk-sequential-mib N  expert bytes read sequentially by the disk probe (default 2048)
-  --disk-random-reads N  whole-expert reads per random-read pass (default 64)
-  shape: --hidden N --layers N --heads N --kv-heads N --experts N --top-k N --intermediate N
-         --vocab N --layers-per-shard N (defaults: 2048 16 16 4 32 8 768 32000 4)
-Exit status: 0 when every bar passes, 1 when one fails, 2 on an error.";
+  --disk-random-reads N  whole-expert reads per random-read pass (default 64)";
+const USAGE_TAIL: &str = "Exit status: 0 when every bar passes, 1 when one fails, 2 on an error.";
+
+fn usage() -> String {
+    format!("{USAGE_HEAD}\n{SHAPE_USAGE}\n{USAGE_TAIL}")
+}
 
 struct Args {
     dir: Option<PathBuf>,
@@ -70,7 +71,6 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             let v = value()?;
             v.parse::<usize>().map_err(|_| format!("{flag}: `{v}` is not a whole number"))
         };
-        let s = &mut a.shape;
         match flag.as_str() {
             "--dir" => a.dir = Some(value()?.into()),
             "--keep" => a.keep = true,
@@ -83,17 +83,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--memory-buffer-mib" => a.memory_buffer_mib = num()?,
             "--disk-sequential-mib" => a.disk.sequential_bytes = num()? as u64 * (1 << 20),
             "--disk-random-reads" => a.disk.random_reads = num()?,
-            "--hidden" => s.hidden_size = num()?,
-            "--layers" => s.num_hidden_layers = num()?,
-            "--heads" => s.num_attention_heads = num()?,
-            "--kv-heads" => s.num_key_value_heads = num()?,
-            "--experts" => s.num_experts = num()?,
-            "--top-k" => s.num_experts_per_tok = num()?,
-            "--intermediate" => s.intermediate_size = num()?,
-            "--vocab" => s.vocab_size = num()?,
-            "--layers-per-shard" => s.layers_per_shard = num()?,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+            "-h" | "--help" => return Err(usage()),
+            other => match setup::shape_field(&mut a.shape, other) {
+                Some(field) => *field = num()?,
+                None => return Err(format!("unknown argument `{other}`\n{}", usage())),
+            },
         }
     }
     if a.max_new_tokens < 2 {
@@ -107,43 +101,6 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     }
     a.disk.threads = a.threads;
     Ok(a)
-}
-
-/// Deletes the checkpoint's files (never anything else) and then the directory if it is empty.
-struct Cleanup<'a> {
-    dir: PathBuf,
-    plan: &'a Plan,
-    keep: bool,
-}
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("keeping the checkpoint in {}", self.dir.display());
-            return;
-        }
-        let names = ["config.json", "model.safetensors.index.json"];
-        for name in self.plan.shards.iter().map(|s| s.file_name.as_str()).chain(names) {
-            let _ = std::fs::remove_file(self.dir.join(name));
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn default_bin() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this executable: {e}"))?;
-    Ok(exe.with_file_name("stevedore"))
-}
-
-/// The checked-out commit (read-only git calls), or `None` outside a git tree.
-fn git_commit() -> Option<String> {
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git").args(args).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "--short=12", "HEAD"])?;
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    Some(if dirty { format!("{head}+dirty") } else { head })
 }
 
 fn main() -> ExitCode {
@@ -171,32 +128,15 @@ fn run(args: Args) -> Result<bool, String> {
     let plan = Plan::new(args.shape.clone())?;
     let bin = match &args.bin {
         Some(b) => b.clone(),
-        None => default_bin()?,
+        None => setup::default_bin()?,
     };
-    if !args.no_engine && !bin.is_file() {
-        return Err(format!(
-            "{}: no such binary; build it with `cargo build --release -p stevedore-engine` or pass --bin",
-            bin.display()
-        ));
+    if !args.no_engine {
+        setup::check_bin(&bin)?;
     }
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            let mut t = TempDir::new("e2e")?;
-            t.keep(); // `Cleanup` below removes exactly what was written
-            t.path().to_owned()
-        }
-    };
-    let _cleanup = Cleanup { dir: dir.clone(), plan: &plan, keep: args.keep };
     let log = |m: &str| eprintln!("[e2e] {m}");
-    if plan.is_written_in(&dir) {
-        log(&format!("reusing the checkpoint in {}", dir.display()));
-    } else {
-        log(&format!("writing {:.2} GB of checkpoint to {}", plan.total_bytes() as f64 / 1e9, dir.display()));
-        let t0 = Instant::now();
-        plan.write(&dir, args.threads, &mut |m| log(m))?;
-        log(&format!("checkpoint written in {:.1} s", t0.elapsed().as_secs_f64()));
-    }
+    let checkpoint =
+        setup::prepare_checkpoint(&plan, args.dir.as_deref(), args.keep, args.threads, "e2e", &log)?;
+    let dir = checkpoint.dir().to_owned();
     if !args.no_engine {
         log("stevedore inspect:");
         eprint!("{}", runner::inspect(&bin, &dir)?);
@@ -237,7 +177,7 @@ fn run(args: Args) -> Result<bool, String> {
     let bars = report::bars(&budgets, &memory);
     let report = Report {
         command,
-        commit: git_commit(),
+        commit: setup::git_commit(),
         machine,
         load_1min_at_end: probe::load_1min(),
         shape: plan.shape.clone(),

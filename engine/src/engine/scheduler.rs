@@ -228,9 +228,9 @@ impl Scheduler {
         }
 
         let t0 = Instant::now();
-        let step_rows: Vec<StepRow> =
-            batch.rows().iter().map(|r| StepRow { seq: r.seq, token: Some(r.token) }).collect();
         if let Some(f) = &inner.forecaster {
+            let step_rows: Vec<StepRow> =
+                batch.rows().iter().map(|r| StepRow { seq: r.seq, token: Some(r.token) }).collect();
             let candidates = lock(f).begin_step(&step_rows);
             inner.store.begin_step(&candidates);
         }
