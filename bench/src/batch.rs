@@ -692,7 +692,7 @@ mod tests {
             generated_ids: ids,
         };
         let c = compare_baseline(
-            "/tmp/old".into(),
+            "previous/stevedore".into(),
             "100%".into(),
             4,
             vec![run(10.0, vec![1]), run(2.0, vec![1]), run(11.0, vec![1])],

@@ -414,7 +414,7 @@ mod tests {
             "--readers",
             "1,2",
             "--baseline-bin",
-            "/tmp/old",
+            "previous/stevedore",
             "--hidden",
             "512",
             "--experts",
@@ -425,7 +425,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((a.concurrency, a.readers), (vec![1, 4, 16], vec![1, 2]));
-        assert_eq!(a.baseline_bin, Some(PathBuf::from("/tmp/old")));
+        assert_eq!(a.baseline_bin, Some(PathBuf::from("previous/stevedore")));
         assert_eq!((a.shape.hidden_size, a.shape.num_experts, a.seed), (512, 16, 7));
         assert!(!a.disk_probe);
         assert!(args(&["--concurrency", "0"]).is_err());
