@@ -77,11 +77,6 @@ impl Demand {
         self.released == self.order.len()
     }
 
-    /// Experts in compute order.
-    pub fn keys(&self) -> impl Iterator<Item = ExpertKey> + '_ {
-        self.order.iter().map(|&(k, _)| k)
-    }
-
     /// Admitted and not yet released: what this demand pins.
     pub fn pinned(&self) -> impl Iterator<Item = ExpertKey> + '_ {
         self.order[self.released..self.admitted].iter().map(|&(k, _)| k)
@@ -122,10 +117,6 @@ impl<V> Tier<V> {
         self.anticipation = Some(Anticipation::new(params));
         self.prefetch_budget = prefetch_budget;
         self
-    }
-
-    pub fn anticipates(&self) -> bool {
-        self.anticipation.is_some()
     }
 
     pub fn cache(&self) -> &Cache<V> {
@@ -224,7 +215,9 @@ impl<V> Tier<V> {
                     self.unused_prefetch.remove(k);
                 }
                 let value = make(Fill { key, bytes, prefetch: false, evicted });
-                self.cache.insert(key, value, bytes)?;
+                // Room was made and the key is absent: an insert cannot fail here, and failing
+                // would lose the value `make` created.
+                self.cache.insert(key, value, bytes).expect("room was made for an absent key");
                 self.stats.demand_bytes += bytes;
             }
             // Resident since `begin` only if another demand admitted it meanwhile.
@@ -260,19 +253,19 @@ impl<V> Tier<V> {
     fn prefetch(&mut self, make: &mut dyn FnMut(Fill<V>) -> V) {
         let Some(a) = &mut self.anticipation else { return };
         for c in a.plan_prefetch(&self.cache, self.prefetch_budget) {
-            let Ok((evicted, false)) = a.make_room(&mut self.cache, c.key, c.bytes) else {
-                debug_assert!(false, "a planned prefetch of {} needed to break protection", c.key);
+            // The plan only takes room no pinned or protected entry holds; a prefetch never
+            // breaks protection, so one that would is skipped (nothing is evicted for it).
+            let Ok(evicted) = self.cache.evict_for(c.key, c.bytes, &|k| a.protects(k) && *k != c.key) else {
                 continue;
             };
             for (k, _) in &evicted {
                 self.unused_prefetch.remove(k);
             }
             let value = make(Fill { key: c.key, bytes: c.bytes, prefetch: true, evicted });
-            if self.cache.insert(c.key, value, c.bytes).is_ok() {
-                self.unused_prefetch.insert(c.key);
-                self.stats.prefetches += 1;
-                self.stats.prefetch_bytes += c.bytes;
-            }
+            self.cache.insert(c.key, value, c.bytes).expect("evict_for made room and the key was absent");
+            self.unused_prefetch.insert(c.key);
+            self.stats.prefetches += 1;
+            self.stats.prefetch_bytes += c.bytes;
         }
     }
 

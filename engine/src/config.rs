@@ -86,7 +86,7 @@ impl Default for CacheConfig {
 pub struct EngineSection {
     /// Most sequences in one forward pass.
     pub max_batch: usize,
-    /// Most token rows in one forward pass: longer prompts are prefilled in chunks.
+    /// The row budget of one forward pass: decode tokens first, then prompt chunks up to it.
     pub max_batch_tokens: usize,
     /// Bytes of the paged KV cache; `None`: what the requests need (`generate`).
     pub kv_cache: Option<Size>,
@@ -442,8 +442,8 @@ max_protected = "75%"
 # Most sequences in one forward pass (continuous batching: sequences join and leave between
 # passes, and every expert read serves all the tokens routed to it).
 max_batch = 32
-# Most token rows in one forward pass: a longer prompt is prefilled in chunks of this many,
-# beside the decode tokens of other sequences.
+# Rows of one forward pass: every running sequence's decode token, then prompt chunks until
+# this many rows in all (a longer prompt is prefilled over several passes).
 max_batch_tokens = 512
 # Bytes of the paged KV cache. Without it, `generate` takes what its requests need at once.
 # kv_cache = "2GiB"

@@ -323,6 +323,18 @@ impl Loaded {
             }
             None => None,
         };
+        // The pool is allocated (lazily mapped) at once: refuse one larger than memory up front
+        // rather than let the allocator abort.
+        if let Some(available) = crate::sys::available_memory_bytes() {
+            if config.kv_cache > available {
+                return Err(EngineError::Config(format!(
+                    "a KV cache of {} is more than the {} of memory available; give a smaller one \
+                     (--kv-cache or engine.kv_cache)",
+                    crate::size::human(config.kv_cache),
+                    crate::size::human(available)
+                )));
+            }
+        }
         let kv =
             KvPool::new(cfg, config.kv_cache, KV_BLOCK).map_err(|e| EngineError::Config(e.to_string()))?;
         let inner = Arc::new(Inner {
@@ -403,6 +415,7 @@ pub struct StepStats {
     pub busy_seconds: f64,
     pub requests_finished: u64,
     pub requests_failed: u64,
+    pub requests_cancelled: u64,
 }
 
 /// Everything the engine reports.

@@ -29,6 +29,8 @@ pub enum IoError {
     Read { path: PathBuf, start: u64, end: u64, msg: String },
     #[error("cannot allocate an aligned buffer of {bytes} bytes")]
     Alloc { bytes: usize },
+    #[error("{what}: the reader thread panicked (a bug; the read is reported failed)")]
+    Panicked { what: String },
 }
 
 /// A zero-initialised heap buffer whose address and length are multiples of [`ALIGN`], as

@@ -126,7 +126,14 @@ impl KvPool {
 
     /// Bytes of the whole pool.
     pub fn bytes(&self) -> u64 {
-        (self.num_blocks * self.block_size * self.kv_dim * self.num_layers * 2 * 4) as u64
+        self.bytes_of(self.num_blocks)
+    }
+
+    /// Bytes of `blocks` blocks over all layers (keys and values, f32).
+    fn bytes_of(&self, blocks: usize) -> u64 {
+        [blocks, self.block_size, self.kv_dim, self.num_layers, 2, 4]
+            .iter()
+            .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 
     /// Blocks that `positions` positions occupy.
@@ -170,7 +177,7 @@ impl KvPool {
             return Err(KvError::OutOfBlocks {
                 positions,
                 need,
-                need_bytes: (need * self.block_size * self.kv_dim * self.num_layers * 2 * 4) as u64,
+                need_bytes: self.bytes_of(need),
                 free: self.free.len(),
                 total: self.num_blocks,
                 block_size: self.block_size,
@@ -202,11 +209,6 @@ impl KvPool {
 
     pub fn contains(&self, seq: SeqId) -> bool {
         self.tables.contains_key(&seq)
-    }
-
-    /// Sequences holding blocks.
-    pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
-        self.tables.keys().copied()
     }
 
     /// Marks positions `..len` of `seq` as written (after a forward pass wrote them).
@@ -369,7 +371,7 @@ mod tests {
             assert_eq!(p.key(0, p.slot(100, pos).unwrap())[3], pos as f32);
         }
         assert_partition(&p);
-        for seq in p.sequences().collect::<Vec<_>>() {
+        for seq in (0..8).chain([100]) {
             p.release(seq);
         }
         assert_eq!(p.free_blocks(), 8);

@@ -29,19 +29,19 @@ impl std::fmt::Display for MoeIndex {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerMap {
     /// The decoder layer of each MoE layer, ascending.
-    decoder: Vec<LayerId>,
+    moe_layers: Vec<LayerId>,
     /// The MoE index of each decoder layer; `None` for dense ones.
     moe: Vec<Option<MoeIndex>>,
 }
 
 impl LayerMap {
     pub fn new(cfg: &ModelConfig) -> Self {
-        let decoder: Vec<LayerId> = cfg.moe_layers().map(LayerId).collect();
+        let moe_layers: Vec<LayerId> = cfg.moe_layers().map(LayerId).collect();
         let mut moe = vec![None; cfg.num_hidden_layers];
-        for (m, l) in decoder.iter().enumerate() {
+        for (m, l) in moe_layers.iter().enumerate() {
             moe[l.0] = Some(MoeIndex(m));
         }
-        LayerMap { decoder, moe }
+        LayerMap { moe_layers, moe }
     }
 
     pub fn num_decoder_layers(&self) -> usize {
@@ -49,12 +49,12 @@ impl LayerMap {
     }
 
     pub fn num_moe_layers(&self) -> usize {
-        self.decoder.len()
+        self.moe_layers.len()
     }
 
     /// The decoder layers with routed experts, in order (index `m` is [`MoeIndex`] `m`).
     pub fn moe_layers(&self) -> &[LayerId] {
-        &self.decoder
+        &self.moe_layers
     }
 
     /// The MoE index of decoder layer `layer`, or `None` if it is dense or out of range.
@@ -64,7 +64,7 @@ impl LayerMap {
 
     /// The decoder layer of MoE layer `m`, or `None` past the last.
     pub fn decoder(&self, m: MoeIndex) -> Option<LayerId> {
-        self.decoder.get(m.0).copied()
+        self.moe_layers.get(m.0).copied()
     }
 }
 

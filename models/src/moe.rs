@@ -187,9 +187,12 @@ impl SparseMoe {
         let mut delivered = vec![false; a.experts.len()];
         let mut failures: Vec<(usize, ExpertsError)> = Vec::new();
         let mut gathered = Vec::new();
-        match source.stream(&plan) {
-            Err(error) => failures.extend((0..a.experts.len()).map(|i| (i, error.clone()))),
-            Ok(mut stream) => {
+        // No routed rows (every sequence of the batch already failed): nothing to ask for.
+        let stream = if a.experts.is_empty() { None } else { Some(source.stream(&plan)) };
+        match stream {
+            None => {}
+            Some(Err(error)) => failures.extend((0..a.experts.len()).map(|i| (i, error.clone()))),
+            Some(Ok(mut stream)) => {
                 while let Some(item) = stream.next() {
                     match item {
                         Ok((i, w)) if i < a.experts.len() && !delivered[i] => {

@@ -136,20 +136,22 @@ impl Scheduler {
         self.waiting.push_back(seq);
     }
 
-    fn fail(&mut self, inner: &Inner, seq: Sequence, msg: String) {
+    /// A sequence leaves: its KV blocks and its routing cursor go.
+    fn retire(&mut self, inner: &Inner, seq: &Sequence) {
         self.kv.release(seq.id);
         if let Some(f) = &inner.forecaster {
             lock(f).end_sequence(seq.id);
         }
+    }
+
+    fn fail(&mut self, inner: &Inner, seq: Sequence, msg: String) {
+        self.retire(inner, &seq);
         lock(&inner.stats).requests_failed += 1;
         seq.sink.send(seq.id, Event::Failed(msg));
     }
 
     fn finish(&mut self, inner: &Inner, mut seq: Sequence, reason: FinishReason) {
-        self.kv.release(seq.id);
-        if let Some(f) = &inner.forecaster {
-            lock(f).end_sequence(seq.id);
-        }
+        self.retire(inner, &seq);
         lock(&inner.stats).requests_finished += 1;
         let c = seq.completion(inner, reason);
         seq.sink.send(seq.id, Event::Finished(c));
@@ -189,18 +191,20 @@ impl Scheduler {
 
     /// One forward pass over every running sequence. See the module docs.
     fn step(&mut self, inner: &Inner) {
-        // Cancelled sequences leave first: their blocks may admit someone now.
-        for i in (0..self.running.len()).rev() {
-            if self.running[i].cancelled() {
-                let s = self.running.swap_remove(i);
-                self.kv.release(s.id);
-                if let Some(f) = &inner.forecaster {
-                    lock(f).end_sequence(s.id);
-                }
-            }
+        // Cancelled sequences leave first: their blocks may admit someone now. Their owners
+        // hear it (a shared channel may be counting outstanding requests).
+        let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
+            self.running.drain(..).partition(Sequence::cancelled);
+        let (gone, waiting): (Vec<Sequence>, Vec<Sequence>) =
+            self.waiting.drain(..).partition(Sequence::cancelled);
+        self.running = running;
+        self.waiting = waiting.into();
+        for s in cancelled.into_iter().chain(gone) {
+            self.retire(inner, &s);
+            lock(&inner.stats).requests_cancelled += 1;
+            s.sink.send(s.id, Event::Failed("the request was cancelled".into()));
         }
         self.running.sort_by_key(|s| s.id);
-        self.waiting.retain(|s| !s.cancelled());
         self.admit(inner);
         if self.running.is_empty() {
             return;

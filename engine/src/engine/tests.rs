@@ -137,18 +137,23 @@ fn a_cancelled_request_frees_its_kv_blocks() {
     let loaded = Loaded::load(&dir).unwrap();
     let kv = loaded.kv_bytes_for([200]);
     let engine = loaded.start(&config(kv)).unwrap();
-    let long = engine.submit(greedy(vec![1, 547, 1114, 1239], 196)).unwrap();
-    let events = long.events().unwrap();
+    let (tx, events) = crossbeam_channel::unbounded();
+    let long = engine.submit_to(greedy(vec![1, 547, 1114, 1239], 196), &tx).unwrap();
     for _ in 0..3 {
-        assert!(matches!(events.recv().unwrap(), Event::Token { .. }));
+        assert!(matches!(events.recv().unwrap(), (id, Event::Token { .. }) if id == long.id()));
     }
     // Waits: the KV cache is full.
     let next = engine.submit(greedy(vec![1, 2, 3, 4], 196)).unwrap();
-    drop(long);
+    let id = long.id();
+    long.cancel();
+    // The owner hears of it, after any tokens already on their way.
+    let last = events.iter().find(|(i, e)| *i == id && !matches!(e, Event::Token { .. })).unwrap();
+    assert!(matches!(&last.1, Event::Failed(m) if m == "the request was cancelled"), "{last:?}");
     let c = next.wait().unwrap();
     assert_eq!(c.generated_ids.len(), 196);
     let stats = engine.finish().unwrap();
     assert_eq!(stats.steps.max_batch_seen, 1);
+    assert_eq!((stats.steps.requests_cancelled, stats.steps.requests_finished), (1, 1));
 }
 
 #[test]
@@ -160,6 +165,9 @@ fn requests_the_model_cannot_run_are_refused_up_front() {
         err(greedy(vec![1, 4096], 4)).contains("prompt token id 4096 is outside the vocabulary (4096 ids)")
     );
     assert!(err(greedy(vec![1, 2], 255)).contains("exceed the model's context of 256 positions"));
+    // A KV cache larger than memory is refused before anything is allocated.
+    let err = Engine::build(&fixture("pydoc-moe"), &config(u64::MAX / 2)).err().unwrap().to_string();
+    assert!(err.contains("is more than the") && err.contains("of memory available"), "{err}");
     // No new tokens: finished at once, without running the model.
     let c = engine.submit(greedy(vec![1, 2], 0)).unwrap().wait().unwrap();
     assert!(c.generated_ids.is_empty());

@@ -103,8 +103,11 @@ pub struct StoreStats {
     pub prefetch_hits: u64,
     /// Experts the predictive policy protected that a miss evicted anyway, finding no other room.
     pub protected_evictions: u64,
-    /// Expert reads completed (misses and prefetches, less those cancelled or not finished).
+    /// Expert reads completed (misses and prefetches, less those cancelled, failed or not
+    /// finished), including reads of experts evicted while being read.
     pub reads: u64,
+    /// Expert reads that failed (the error went to the layers that needed the expert).
+    pub failed_reads: u64,
     /// Prefetches evicted before their read started, so never read.
     pub cancelled_reads: u64,
     /// Bytes transferred from the shard files, alignment padding included.
@@ -121,6 +124,7 @@ pub struct StoreStats {
 #[derive(Default)]
 struct IoCounters {
     reads: u64,
+    failed_reads: u64,
     bytes_read: u64,
     read_seconds: f64,
     stall_seconds: f64,
@@ -163,9 +167,8 @@ impl Shared {
 /// size where one is free, and queueing its read.
 fn fill(slots: &mut Slots, layouts: &Layouts, f: Fill<SlotId>) -> SlotId {
     let alloc = layouts.get(f.key).expect("keys are checked before the tier sees them").alloc;
-    let id = slots.admit(f.key, alloc, f.evicted.into_iter().map(|(_, id)| id));
-    slots.queue(id, if f.prefetch { Job::Prefetch } else { Job::Demand });
-    id
+    let job = if f.prefetch { Job::Prefetch } else { Job::Demand };
+    slots.admit(f.key, alloc, f.evicted.into_iter().map(|(_, id)| id), job)
 }
 
 /// Marks the readers one fewer however a reader exits (a panic included) and wakes every
@@ -198,25 +201,33 @@ fn reader_loop(shared: &Shared, budget: u64) {
             Some(b) => Ok(b),
             None => crate::io::AlignedBuf::zeroed(layout.alloc),
         };
-        let result = buf.and_then(|mut b| {
-            let mut bytes = 0;
-            for seg in &layout.segments {
-                let dst = &mut b.as_mut_slice()[seg.at..seg.at + seg.span.padded];
-                bytes += shared.reader.read_into(seg.shard, seg.span, dst)?;
-            }
-            Ok((b, bytes))
-        });
+        // A panic while reading must not strand the layer waiting for this expert: it lands as
+        // a failed read like any other.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            buf.and_then(|mut b| {
+                let mut bytes = 0;
+                for seg in &layout.segments {
+                    let dst = &mut b.as_mut_slice()[seg.at..seg.at + seg.span.padded];
+                    bytes += shared.reader.read_into(seg.shard, seg.span, dst)?;
+                }
+                Ok((b, bytes))
+            })
+        }));
+        let result = read.unwrap_or_else(|_| Err(IoError::Panicked { what: format!("reading {}", job.key) }));
         let seconds = t0.elapsed().as_secs_f64();
         st = shared.lock();
         st.io.read_seconds += seconds;
-        let bytes = result.as_ref().map_or(0, |(_, n)| *n);
-        if let Err(e) = &result {
-            tracing::warn!("reading {}: {e}", job.key);
+        match &result {
+            Ok((_, bytes)) => {
+                st.io.reads += 1;
+                st.io.bytes_read += bytes;
+            }
+            Err(e) => {
+                st.io.failed_reads += 1;
+                tracing::warn!("reading {}: {e}", job.key);
+            }
         }
-        if st.slots.land(job, result.map(|(b, _)| b)) {
-            st.io.reads += 1;
-            st.io.bytes_read += bytes;
-        }
+        st.slots.land(job, result.map(|(b, _)| b));
         shared.landed.notify_all();
         // A buffer may have been freed: another reader may be waiting for room.
         shared.work.notify_all();
@@ -304,11 +315,6 @@ impl ExpertStore {
         Ok(self.shared.layouts.check(key)?.alloc as u64)
     }
 
-    /// Whether `key`'s expert is resident or being read.
-    pub fn contains(&self, key: &ExpertKey) -> bool {
-        self.shared.lock().tier.contains(key)
-    }
-
     /// `candidates` with the store's sizes; candidates that name no expert are dropped.
     fn sized(&self, candidates: &[Candidate]) -> Vec<Candidate> {
         candidates
@@ -345,6 +351,7 @@ impl ExpertStore {
             prefetch_hits: t.prefetch_hits,
             protected_evictions: t.protected_evictions,
             reads: io.reads,
+            failed_reads: io.failed_reads,
             cancelled_reads: st.slots.cancelled(),
             bytes_read: io.bytes_read,
             direct_io: self.shared.reader.direct_io(),

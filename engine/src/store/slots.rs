@@ -83,12 +83,18 @@ impl Slots {
         self.slots[id].as_mut().expect("the tier's slot ids are live")
     }
 
-    /// A new slot for `key` (`alloc` bytes), taking the buffer of one of the `evicted` slots
-    /// when one matches, and freeing the rest.
-    pub fn admit(&mut self, key: ExpertKey, alloc: usize, evicted: impl Iterator<Item = SlotId>) -> SlotId {
+    /// A new slot for `key` (`alloc` bytes) with its read queued as `job`, taking the buffer of
+    /// one of the `evicted` slots when one matches, and freeing the rest.
+    pub fn admit(
+        &mut self,
+        key: ExpertKey,
+        alloc: usize,
+        evicted: impl Iterator<Item = SlotId>,
+        job: Job,
+    ) -> SlotId {
         let mut spare = None;
         for id in evicted {
-            match self.evict(id) {
+            match self.vacate(id) {
                 Some(buf) if spare.is_none() && buf.len() == alloc => spare = Some(buf),
                 Some(buf) => self.free_buf(buf),
                 None => {}
@@ -99,12 +105,12 @@ impl Slots {
             key,
             alloc,
             serial: self.next_serial,
-            read: Read::Done,
+            read: Read::Queued(job),
             data: None,
             spare,
             orphaned: false,
         };
-        match self.free_ids.pop() {
+        let id = match self.free_ids.pop() {
             Some(id) => {
                 self.slots[id] = Some(slot);
                 id
@@ -113,11 +119,13 @@ impl Slots {
                 self.slots.push(Some(slot));
                 self.slots.len() - 1
             }
-        }
+        };
+        self.queue(id, job);
+        id
     }
 
     /// Queues `id`'s read.
-    pub fn queue(&mut self, id: SlotId, job: Job) {
+    fn queue(&mut self, id: SlotId, job: Job) {
         let s = self.slot_mut(id);
         s.read = Read::Queued(job);
         let entry = (id, s.serial);
@@ -137,7 +145,7 @@ impl Slots {
 
     /// Takes `id` out of use and returns its buffer, if it has one to give: an entry whose read
     /// is in flight is orphaned instead (its reader frees it); a queued read is cancelled.
-    fn evict(&mut self, id: SlotId) -> Option<AlignedBuf> {
+    fn vacate(&mut self, id: SlotId) -> Option<AlignedBuf> {
         let s = self.slot_mut(id);
         match s.read {
             Read::InFlight => {
@@ -166,8 +174,8 @@ impl Slots {
     }
 
     /// Frees `id` (removed from the tier), with its buffer.
-    pub fn release(&mut self, id: SlotId) {
-        if let Some(buf) = self.evict(id) {
+    pub fn free(&mut self, id: SlotId) {
+        if let Some(buf) = self.vacate(id) {
             self.free_buf(buf);
         }
     }
@@ -213,25 +221,23 @@ impl Slots {
         }
     }
 
-    /// A read ended. Returns whether it was for a live entry (an orphan's bytes are dropped).
-    pub fn land(&mut self, job: ReadJob, result: Result<AlignedBuf, IoError>) -> bool {
+    /// A read ended: its bytes go to the slot, or, for an orphan, the slot and its buffer are
+    /// freed (whether the read succeeded or not).
+    pub fn land(&mut self, job: ReadJob, result: Result<AlignedBuf, IoError>) {
         let s = self.slot_mut(job.slot);
         debug_assert!(s.serial == job.serial && s.read == Read::InFlight);
+        let alloc = s.alloc as u64;
         if s.orphaned {
-            let alloc = s.alloc as u64;
             self.slots[job.slot] = None;
             self.free_ids.push(job.slot);
-            // Whether it read or not, the buffer counted for it goes.
             self.buffer_bytes -= alloc;
-            return false;
+            return;
         }
         s.read = Read::Done;
-        let alloc = s.alloc as u64;
         s.data = Some(result.map(Arc::new));
         if matches!(s.data, Some(Err(_))) {
             self.buffer_bytes -= alloc;
         }
-        true
     }
 
     /// `id`'s bytes: `None` until read.
@@ -278,7 +284,7 @@ mod tests {
     }
 
     /// Runs `job` as a reader would, with a fresh buffer when it brought none.
-    fn read(slots: &mut Slots, mut job: ReadJob) -> bool {
+    fn read(slots: &mut Slots, mut job: ReadJob) {
         let buf = job.buf.take().unwrap_or_else(|| AlignedBuf::zeroed(A).unwrap());
         slots.land(job, Ok(buf))
     }
@@ -286,22 +292,20 @@ mod tests {
     #[test]
     fn an_orphaned_read_frees_its_buffer_before_another_is_allocated() {
         let mut s = Slots::default();
-        let a = s.admit(key(0), A, std::iter::empty());
-        s.queue(a, Job::Demand);
+        let a = s.admit(key(0), A, std::iter::empty(), Job::Demand);
         let job_a = s.next_job(A as u64).unwrap();
         assert!(job_a.buf.is_none());
         assert_eq!(s.buffer_bytes(), A as u64);
         // `a` is evicted while its read is in flight: orphaned, its buffer still counted.
-        let b = s.admit(key(1), A, [a].into_iter());
+        let b = s.admit(key(1), A, [a].into_iter(), Job::Demand);
         assert_ne!(a, b);
-        s.queue(b, Job::Demand);
         // A budget of one buffer: `b` waits until the orphan's read ends.
         assert!(s.next_job(A as u64).is_none());
-        assert!(!read(&mut s, job_a));
+        read(&mut s, job_a);
         assert_eq!(s.buffer_bytes(), 0);
         let job_b = s.next_job(A as u64).unwrap();
         assert_eq!(job_b.key, key(1));
-        assert!(read(&mut s, job_b));
+        read(&mut s, job_b);
         assert!(matches!(s.data(b), Some(Ok(_))));
         assert!((s.peak_bytes(), s.buffer_bytes()) == (A as u64, A as u64));
     }
@@ -309,20 +313,18 @@ mod tests {
     #[test]
     fn an_evicted_queued_read_is_cancelled_and_a_read_buffer_recycled() {
         let mut s = Slots::default();
-        let a = s.admit(key(0), A, std::iter::empty());
-        s.queue(a, Job::Demand);
+        let a = s.admit(key(0), A, std::iter::empty(), Job::Demand);
         let job = s.next_job(u64::MAX).unwrap();
-        assert!(read(&mut s, job));
+        read(&mut s, job);
         // `b` takes `a`'s buffer (same size): no new allocation.
-        let b = s.admit(key(1), A, [a].into_iter());
-        s.queue(b, Job::Prefetch);
+        let b = s.admit(key(1), A, [a].into_iter(), Job::Prefetch);
         // `c` evicts `b` before its read starts: cancelled, and `c` inherits the buffer.
-        let c = s.admit(key(2), A, [b].into_iter());
-        s.queue(c, Job::Demand);
+        let c = s.admit(key(2), A, [b].into_iter(), Job::Demand);
         assert_eq!(s.cancelled(), 1);
         let job = s.next_job(A as u64).unwrap();
         assert_eq!((job.key, job.buf.is_some()), (key(2), true));
-        assert!(read(&mut s, job));
+        read(&mut s, job);
+        assert!(matches!(s.data(c), Some(Ok(_))));
         assert!(s.next_job(u64::MAX).is_none(), "the stale prefetch of b is skipped");
         assert_eq!((s.buffer_bytes(), s.peak_bytes()), (A as u64, A as u64));
     }
@@ -330,10 +332,8 @@ mod tests {
     #[test]
     fn a_raised_prefetch_goes_before_older_prefetches() {
         let mut s = Slots::default();
-        let ids: Vec<SlotId> = (0..3).map(|e| s.admit(key(e), A, std::iter::empty())).collect();
-        for &id in &ids {
-            s.queue(id, Job::Prefetch);
-        }
+        let ids: Vec<SlotId> =
+            (0..3).map(|e| s.admit(key(e), A, std::iter::empty(), Job::Prefetch)).collect();
         s.raise(ids[2]);
         let order: Vec<ExpertKey> = std::iter::from_fn(|| {
             let job = s.next_job(u64::MAX)?;
@@ -349,14 +349,12 @@ mod tests {
     #[test]
     fn a_failed_read_keeps_no_buffer() {
         let mut s = Slots::default();
-        let a = s.admit(key(0), A, std::iter::empty());
-        s.queue(a, Job::Demand);
+        let a = s.admit(key(0), A, std::iter::empty(), Job::Demand);
         let job = s.next_job(u64::MAX).unwrap();
-        let err = IoError::Alloc { bytes: A };
-        assert!(s.land(job, Err(err)));
+        s.land(job, Err(IoError::Alloc { bytes: A }));
         assert!(s.failed(a));
         assert_eq!(s.buffer_bytes(), 0);
-        s.release(a);
+        s.free(a);
         assert_eq!(s.buffer_bytes(), 0);
     }
 }

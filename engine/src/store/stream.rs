@@ -50,7 +50,7 @@ impl ExpertStore {
             if let Some(&id) = tier.peek(key) {
                 if slots.failed(id) && !tier.cache().is_pinned(key) {
                     tier.remove(key);
-                    slots.release(id);
+                    slots.free(id);
                 }
             }
         }
@@ -62,6 +62,9 @@ impl ExpertStore {
         let advanced = tier.advance(&mut demand, &mut |f| fill(slots, layouts, f));
         if let Err(e) = advanced {
             tier.abandon(&mut demand);
+            drop(guard);
+            // Reads queued before the error still want a reader.
+            self.shared.work.notify_all();
             return Err(e.into());
         }
         drop(guard);
@@ -94,10 +97,11 @@ impl ExpertStream for StoreStream<'_> {
         let mut stalled: Option<Instant> = None;
         let result = loop {
             let State { tier, slots, .. } = &mut *st;
-            if let Err(e) = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f)) {
+            let advanced = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f));
+            shared.work.notify_all();
+            if let Err(e) = advanced {
                 break Some(Err(failure(None, e.into())));
             }
-            shared.work.notify_all();
             if self.demand.is_done() {
                 break None;
             }
