@@ -120,6 +120,14 @@ pub struct DiskProbe {
     pub threads: usize,
 }
 
+impl DiskProbe {
+    /// The benchmarks' default probe: 2 GiB read sequentially in 4 MiB reads, 64 random whole
+    /// experts, then the same with `threads` readers.
+    pub fn with_threads(threads: usize) -> Self {
+        DiskProbe { sequential_bytes: 2048 << 20, sequential_chunk_bytes: 4 << 20, random_reads: 64, threads }
+    }
+}
+
 /// Reads expert data of the checkpoint in `dir`: whole layers' experts in order in
 /// `sequential_chunk_bytes` reads, then whole experts in random order from the other layers (so
 /// no byte is read twice when the checkpoint is large enough), first one at a time, then with

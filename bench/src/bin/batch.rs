@@ -86,12 +86,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         json_out: None,
         disk_probe: true,
         threads,
-        disk: DiskProbe {
-            sequential_bytes: 2048 << 20,
-            sequential_chunk_bytes: 4 << 20,
-            random_reads: 64,
-            threads,
-        },
+        disk: DiskProbe::with_threads(threads),
         shape: Shape::default(),
     };
     while let Some(flag) = it.next() {

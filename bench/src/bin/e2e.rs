@@ -57,12 +57,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         no_engine: false,
         threads,
         memory_buffer_mib: 1024,
-        disk: DiskProbe {
-            sequential_bytes: 2048 << 20,
-            sequential_chunk_bytes: 4 << 20,
-            random_reads: 64,
-            threads,
-        },
+        disk: DiskProbe::with_threads(threads),
         shape: Shape::default(),
     };
     while let Some(flag) = it.next() {
