@@ -585,6 +585,7 @@ mod tests {
                     kv_blocks_peak: n,
                     forward_seconds: busy,
                     busy_seconds: busy,
+                    ..StepStats::default()
                 },
                 expert_cache: ExpertCacheStats {
                     budget_bytes: 100,

@@ -194,20 +194,8 @@ fn check_status(cmd: &Command, out: &Output) -> Result<(), String> {
     Err(format!("{cmd:?} failed ({}):\n{}", out.status, tail.join("\n")))
 }
 
-/// The step counters of a `generate --batch` run (`stats.steps`; other fields are ignored).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct StepStats {
-    /// Forward passes.
-    pub steps: u64,
-    pub prefill_rows: u64,
-    pub decode_rows: u64,
-    pub generated_tokens: u64,
-    pub max_batch_seen: usize,
-    pub kv_blocks_peak: usize,
-    pub forward_seconds: f64,
-    /// Whole steps: forward passes plus scheduling and sampling.
-    pub busy_seconds: f64,
-}
+/// The step counters of a `generate --batch` run (`stats.steps`): the engine's own type.
+pub use stevedore_engine::engine::StepStats;
 
 /// `stats` of `generate --batch --json`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -396,8 +396,10 @@ pub struct Budgets {
     pub kv_block: usize,
 }
 
-/// Counts of the forward passes run.
-#[derive(Clone, Debug, Default, Serialize)]
+/// Counts of the forward passes run. Also what readers of `generate --json` parse (the
+/// benchmarks), so it deserializes, with absent counters as zero.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StepStats {
     /// Forward passes.
     pub steps: u64,

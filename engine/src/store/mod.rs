@@ -238,7 +238,6 @@ fn reader_loop(shared: &Shared, budget: u64) {
 pub struct ExpertStore {
     shared: Arc<Shared>,
     readers: Vec<JoinHandle<()>>,
-    budget: u64,
 }
 
 impl ExpertStore {
@@ -293,21 +292,17 @@ impl ExpertStore {
                 Err(e) => {
                     // The readers not started will never decrement the count.
                     shared.lock().readers_alive -= readers - i;
-                    let store = ExpertStore { shared, readers: handles, budget };
+                    let store = ExpertStore { shared, readers: handles };
                     drop(store);
                     return Err(StoreError::Spawn(e.to_string()));
                 }
             }
         }
-        Ok(ExpertStore { shared, readers: handles, budget })
+        Ok(ExpertStore { shared, readers: handles })
     }
 
     pub fn footprint(&self) -> ExpertFootprint {
         self.shared.layouts.footprint()
-    }
-
-    pub fn budget(&self) -> u64 {
-        self.budget
     }
 
     /// Bytes `key`'s expert occupies in the cache (its aligned buffer): what the budget counts.
