@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// Generate text, streaming expert weights from disk through the host cache.
     Generate(GenerateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions, streaming,
+    /// Prometheus metrics), batching concurrent clients into shared forward passes.
+    Serve(crate::serve::ServeArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
     /// Replay a routing trace through the configured cache tiers and policies, beside Belady's
@@ -37,13 +40,17 @@ enum Command {
 
 /// The whole program: parse `std::env::args`, run the subcommand, map errors to exit status 1.
 pub fn main() -> ExitCode {
+    // RUST_LOG chooses; without it, warnings, and the server's one line per request.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stevedore_engine::serve=info"));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let res = match &cli.command {
         Command::Generate(a) => commands::generate::run(a),
+        Command::Serve(a) => crate::serve::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Predictor(c) => predictor_cli::run(c),
         Command::Simulate(a) => sim::run(a).map_err(Into::into),

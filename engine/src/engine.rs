@@ -161,10 +161,15 @@ pub enum Event {
     Failed(String),
 }
 
+/// Receives a request's events on the engine's thread; returns false when its owner stopped
+/// listening (the request is then cancelled). It must not block.
+pub type EventFn = Box<dyn Fn(Event) -> bool + Send>;
+
 /// Where a sequence's events go.
 pub(crate) enum Sink {
     Own(Sender<Event>),
     Shared(Sender<(SeqId, Event)>),
+    Callback(EventFn),
 }
 
 impl Sink {
@@ -173,6 +178,7 @@ impl Sink {
         match self {
             Sink::Own(tx) => tx.send(e).is_ok(),
             Sink::Shared(tx) => tx.send((id, e)).is_ok(),
+            Sink::Callback(f) => f(e),
         }
     }
 }
@@ -418,6 +424,31 @@ pub struct StepStats {
     pub requests_finished: u64,
     pub requests_failed: u64,
     pub requests_cancelled: u64,
+    /// Now: sequences in the batch, requests waiting for admission, KV blocks in use.
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    /// Forward passes by how many sequences they ran: `batch_sizes[i]` counts passes of up to
+    /// [`BATCH_SIZE_BOUNDS`]`[i]` sequences (and more than the bound before); the last counts
+    /// the rest.
+    pub batch_sizes: Vec<u64>,
+    /// Sequences summed over forward passes.
+    pub batch_sizes_sum: u64,
+}
+
+/// Upper bounds of the [`StepStats::batch_sizes`] buckets.
+pub const BATCH_SIZE_BOUNDS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+impl StepStats {
+    fn count_batch(&mut self, sequences: usize) {
+        if self.batch_sizes.len() != BATCH_SIZE_BOUNDS.len() + 1 {
+            self.batch_sizes = vec![0; BATCH_SIZE_BOUNDS.len() + 1];
+        }
+        let i = BATCH_SIZE_BOUNDS.iter().position(|&b| sequences <= b).unwrap_or(BATCH_SIZE_BOUNDS.len());
+        self.batch_sizes[i] += 1;
+        self.batch_sizes_sum += sequences as u64;
+    }
 }
 
 /// Everything the engine reports.
@@ -484,6 +515,20 @@ impl Engine {
         self.inner.store.footprint()
     }
 
+    /// The experts' weight format as stored (`bf16`, ...; the first expert's: a checkpoint's
+    /// experts share one).
+    pub fn expert_precision(&self) -> String {
+        let dtype = self.inner.model.experts.iter().next().map(|(_, _, t)| t[0].dtype);
+        dtype.map_or_else(|| "none".to_owned(), |d| d.name().to_ascii_lowercase())
+    }
+
+    /// Positions one sequence can hold: the whole KV cache.
+    pub fn kv_positions(&self) -> usize {
+        let b = self.inner.budgets;
+        let block_bytes = KvPool::bytes_for(&self.inner.model.config, b.kv_block, b.kv_block).max(1);
+        (b.kv_cache / block_bytes) as usize * b.kv_block
+    }
+
     /// Checks `req` against the model (see [`check_request`]).
     pub fn check(&self, req: &Request) -> Result<(), EngineError> {
         check_request(&self.inner.model, req)
@@ -518,6 +563,22 @@ impl Engine {
         events: &Sender<(SeqId, Event)>,
     ) -> Result<RequestHandle, EngineError> {
         self.enqueue(req, Sink::Shared(events.clone()))
+    }
+
+    /// Submits `req` with its events handed to `f` as they happen, on the engine's thread (an
+    /// async server forwards them into its own channels this way).
+    pub fn submit_with(
+        &self,
+        req: Request,
+        f: impl Fn(Event) -> bool + Send + 'static,
+    ) -> Result<RequestHandle, EngineError> {
+        self.enqueue(req, Sink::Callback(Box::new(f)))
+    }
+
+    /// Asks the worker to stop after its current step: every request not finished then gets
+    /// [`Event::Failed`]. Does not wait; [`Engine::finish`] (or dropping the engine) does.
+    pub fn stop_soon(&self) {
+        let _ = self.tx.send(Command::Shutdown);
     }
 
     pub fn stats(&self) -> EngineStats {

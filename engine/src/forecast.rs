@@ -37,6 +37,31 @@ pub struct ForecastStats {
     pub predictions: u64,
     /// Time spent feeding the predictor and building candidates, in all.
     pub seconds: f64,
+    /// Next-layer predictions scored against the routing that followed (decode rows): experts
+    /// predicted (the top-k of each), those the layer then used, and the experts it used.
+    pub predicted: u64,
+    pub correct: u64,
+    pub routed: u64,
+}
+
+impl ForecastStats {
+    /// Of the experts predicted for the next layer, the share it used (0 before any).
+    pub fn precision(&self) -> f64 {
+        ratio(self.correct, self.predicted)
+    }
+
+    /// Of the experts the next layer used, the share predicted (0 before any).
+    pub fn recall(&self) -> f64 {
+        ratio(self.correct, self.routed)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
 }
 
 /// One row of a step as the forecaster needs it.
@@ -70,6 +95,9 @@ pub struct Forecaster {
     rows: Vec<StepRow>,
     chunk_of: Vec<Option<usize>>,
     chunks: Vec<Chunk>,
+    /// Per sequence: its latest next-layer prediction (MoE layer, top-k experts), scored when
+    /// that layer routes it.
+    pending: HashMap<u64, (usize, Vec<u32>)>,
     stats: ForecastStats,
 }
 
@@ -82,7 +110,15 @@ impl Forecaster {
         layer_ids: Vec<usize>,
         depth: usize,
     ) -> Self {
-        let stats = ForecastStats { predictor: predictor.name(), depth, predictions: 0, seconds: 0.0 };
+        let stats = ForecastStats {
+            predictor: predictor.name(),
+            depth,
+            predictions: 0,
+            seconds: 0.0,
+            predicted: 0,
+            correct: 0,
+            routed: 0,
+        };
         Forecaster {
             predictor,
             shape,
@@ -92,6 +128,7 @@ impl Forecaster {
             rows: Vec::new(),
             chunk_of: Vec::new(),
             chunks: Vec::new(),
+            pending: HashMap::new(),
             stats,
         }
     }
@@ -103,6 +140,7 @@ impl Forecaster {
     /// A sequence ended: its cursor goes.
     pub fn end_sequence(&mut self, seq: u64) {
         self.cursors.remove(&seq);
+        self.pending.remove(&seq);
     }
 
     fn cursor(&mut self, seq: u64) -> &mut RouteCursor {
@@ -152,6 +190,7 @@ impl Forecaster {
             match self.chunk_of[r] {
                 None => {
                     let seq = self.rows[r].seq;
+                    self.score(seq, moe, experts);
                     let cursor = self.cursors.get_mut(&seq).expect("begin_step made it");
                     observe(&mut *self.predictor, cursor, moe, experts, weights);
                     single.push(seq);
@@ -182,6 +221,16 @@ impl Forecaster {
         self.finish(&single, t0)
     }
 
+    /// Scores `seq`'s pending prediction if it was for MoE layer `moe`, which routed `experts`.
+    fn score(&mut self, seq: u64, moe: usize, experts: &[u32]) {
+        if self.pending.get(&seq).is_some_and(|(l, _)| *l == moe) {
+            let (_, predicted) = self.pending.remove(&seq).expect("checked");
+            self.stats.predicted += predicted.len() as u64;
+            self.stats.correct += predicted.iter().filter(|e| experts.contains(e)).count() as u64;
+            self.stats.routed += experts.len() as u64;
+        }
+    }
+
     /// The sequences' predictions combined into candidates (nearest distance, then layer and
     /// expert, first).
     fn finish(&mut self, seqs: &[u64], t0: Instant) -> Vec<Candidate> {
@@ -191,6 +240,12 @@ impl Forecaster {
             let Some(cursor) = self.cursors.get(seq) else { continue };
             let predictions: Vec<Prediction> = self.predictor.predict(cursor, self.depth);
             self.stats.predictions += 1;
+            if let Some(next) = predictions.iter().find(|p| p.distance == 1) {
+                let mut best = next.experts.clone();
+                best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let top: Vec<u32> = best.iter().take(self.shape.top_k).map(|&(e, _)| e).collect();
+                self.pending.insert(*seq, (next.layer, top));
+            }
             for p in predictions {
                 for &(e, score) in &p.experts {
                     let s = score.clamp(0.0, 1.0);

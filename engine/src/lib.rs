@@ -1,7 +1,8 @@
 //! Orchestration: the [`engine::Engine`] and its scheduler, the expert I/O pipeline (the only
 //! code that moves bytes between tiers), routing forecasts, sampling, tokenization, traces and
-//! the simulator, and the CLI on top.
+//! the simulator, the OpenAI-compatible API ([`api`]) and the CLI and HTTP server on top.
 
+pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod io;
 pub mod predictor_cli;
 pub mod record;
 pub mod sampling;
+pub mod serve;
 pub mod sim;
 pub mod size;
 pub mod store;

@@ -23,8 +23,16 @@ impl Text {
 
     /// Token ids of `text`, with the special tokens the tokenizer adds (a BOS, typically).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        let enc =
-            self.tokenizer.encode(text, true).map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`, with or without the special tokens the tokenizer adds (a rendered
+    /// chat template writes its own).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 

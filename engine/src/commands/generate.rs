@@ -9,21 +9,18 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde_json::{json, Value};
-use stevedore_cache::PolicyKind;
 use stevedore_models::SeqId;
 
-use super::{parse_size, CliError};
-use crate::config::{Config, Split};
-use crate::engine::{Completion, Engine, EngineConfig, EngineError, EngineStats, Event, Loaded, Request};
+use super::engine_args::EngineArgs;
+use super::CliError;
+use crate::engine::{Completion, Engine, EngineError, EngineStats, Event, Loaded, Request};
 use crate::sampling::SamplingParams;
-use crate::size::{human, Size};
-use crate::store::StoreError;
+use crate::size::human;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Prompt text (needs tokenizer.json in the model directory).
     #[arg(long, conflicts_with_all = ["prompt_ids", "batch"], required_unless_present_any = ["prompt_ids", "batch"])]
     pub prompt: Option<String>,
@@ -47,56 +44,9 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Host-RAM expert cache budget: `512MiB`, `2GiB`, or `25%` of the model's expert bytes.
-    /// Default: the config's `tiers.host.budget` with `--config`; without it, what available
-    /// memory allows after dense weights and the KV cache.
-    #[arg(long, value_parser = parse_size)]
-    pub host_cache: Option<Size>,
-    /// Config file (TOML, `stevedore config --print-default`): budgets, policy, predictor, batching.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Expert cache policy: `lru`, `lfu` or `predictive` (LRU order, steered by a routing
-    /// predictor: experts predicted for the next layers are protected and prefetched).
-    /// Default: the config's `cache.policy` (`predictive` unless the file says otherwise);
-    /// without `--config`, `lru`: prefetching reads more bytes in all, which costs decode speed
-    /// where disk reads are the bottleneck, so it is something to turn on and tune.
-    #[arg(long, value_parser = PolicyKind::parse)]
-    pub policy: Option<PolicyKind>,
-    /// Most sequences in one forward pass (default: the config's `engine.max_batch`, 32).
-    #[arg(long)]
-    pub max_batch: Option<usize>,
-    /// Bytes of the KV cache, e.g. `1GiB` (default: what the requests need at once, up to
-    /// `--max-batch` of them). Requests wait for blocks when it is smaller.
-    #[arg(long, value_parser = parse_size)]
-    pub kv_cache: Option<Size>,
-    /// Read experts through the page cache instead of O_DIRECT.
-    #[arg(long)]
-    pub buffered_io: bool,
-    /// Record every token's routing (experts and gate weights per MoE layer) to this trace file.
-    #[arg(long)]
-    pub trace: Option<PathBuf>,
     /// Print one JSON object (ids, text, stats) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// The policy without `--config` or `--policy`. Not the config file's default (`predictive`):
-/// its prefetches add reads, and on a disk-bound decode every extra byte costs time (on a
-/// random-routing 32-expert model at 25%, the default predictive settings read 1.3x LRU's
-/// bytes and decoded 1.3x slower), so the engine prefetches only when asked to.
-const NO_CONFIG_POLICY: PolicyKind = PolicyKind::Lru;
-
-/// Refuses what the config file asks for that the live engine cannot do, naming the key.
-fn check_live(cfg: &Config, path: &Path) -> Result<(), CliError> {
-    if cfg.cache.split != Split::Shared {
-        return Err(format!(
-            "{}: cache.split = \"per-layer\" is not supported by `stevedore generate` (only by \
-             `stevedore simulate`); use \"shared\"",
-            path.display()
-        )
-        .into());
-    }
-    Ok(())
 }
 
 /// One request of the run, with the line of `--batch` it came from.
@@ -156,7 +106,7 @@ fn load_prompt(args: &GenerateArgs, loaded: &Loaded) -> Result<Vec<u32>, CliErro
             Some(t) => Ok(t.encode(text)?),
             None => Err(format!(
                 "{}: not found; --prompt needs a tokenizer (or pass --prompt-ids)",
-                args.model.join("tokenizer.json").display()
+                args.engine.model.join("tokenizer.json").display()
             )
             .into()),
         },
@@ -172,20 +122,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(format!("--temperature must be >= 0, got {}", args.temperature).into());
     }
-    let config = match &args.config {
-        Some(path) => {
-            let cfg = Config::load(path)?;
-            check_live(&cfg, path)?;
-            Some(cfg)
-        }
-        None => None,
-    };
-    // Without a file, the defaults it would spell out (`stevedore config --print-default`).
-    let settings = config.clone().unwrap_or_default();
-    let in_config = |msg: String| match &args.config {
-        Some(path) => format!("{}: {msg}", path.display()),
-        None => msg,
-    };
+    let settings = args.engine.settings()?;
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -193,7 +130,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
         seed: args.seed,
     };
 
-    let loaded = Loaded::load(&args.model)?;
+    let loaded = Loaded::load(&args.engine.model)?;
     let jobs = match &args.batch {
         Some(path) => read_batch(path, &loaded, args.max_new_tokens, &sampling)?,
         None => {
@@ -203,63 +140,17 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
             vec![Job { line: None, req }]
         }
     };
-    let max_batch = args.max_batch.unwrap_or(settings.engine.max_batch);
-    if max_batch == 0 {
-        return Err("--max-batch must be at least 1".into());
-    }
     // KV: what the largest `max_batch` requests need at once, unless given.
-    let kv_cache = match args.kv_cache.or(settings.engine.kv_cache) {
-        Some(Size::Percent(_)) => {
-            return Err("--kv-cache must be a size in bytes (e.g. 1GiB), not a percentage".into())
-        }
-        Some(Size::Bytes(b)) => b,
-        None => {
-            let limit = loaded.model().config.max_positions();
-            let mut need: Vec<usize> = jobs
-                .iter()
-                .map(|j| (j.req.prompt_ids.len().saturating_add(j.req.max_new_tokens)).min(limit))
-                .collect();
-            need.sort_unstable_by(|a, b| b.cmp(a));
-            loaded.kv_bytes_for(need.into_iter().take(max_batch))
-        }
-    };
-    let engine_config = EngineConfig {
-        host_cache: args.host_cache.or(config.as_ref().map(|c| c.tiers.host.budget)),
-        policy: args.policy.unwrap_or(match &config {
-            Some(cfg) => cfg.cache.policy,
-            None => NO_CONFIG_POLICY,
-        }),
-        predictor: settings.predictor.clone(),
-        kv_cache,
-        max_batch,
-        max_batch_tokens: settings.engine.max_batch_tokens,
-        force_buffered: args.buffered_io,
-        readers: settings.engine.readers,
-        trace: args.trace.clone(),
-    };
-    let engine = loaded.start(&engine_config).map_err(|e| -> CliError {
-        match e {
-            EngineError::Store(e @ StoreError::BudgetTooSmall { .. })
-                if args.host_cache.is_none() && config.is_some() =>
-            {
-                in_config(format!("tiers.host.budget: {e}")).into()
-            }
-            EngineError::Config(msg) => in_config(msg).into(),
-            e => e.into(),
-        }
-    })?;
-    let budgets = engine.budgets();
-    if let Some(a) = budgets.host_auto {
-        eprintln!(
-            "host cache: {} automatic (available {} - dense {} - KV {} - reserve {}; experts total {})",
-            human(budgets.host),
-            human(a.available),
-            human(a.dense),
-            human(a.kv_cache),
-            human(a.reserve),
-            human(engine.footprint().total_bytes)
-        );
-    }
+    let kv_cache = settings.kv_cache.unwrap_or_else(|| {
+        let limit = loaded.model().config.max_positions();
+        let mut need: Vec<usize> = jobs
+            .iter()
+            .map(|j| (j.req.prompt_ids.len().saturating_add(j.req.max_new_tokens)).min(limit))
+            .collect();
+        need.sort_unstable_by(|a, b| b.cmp(a));
+        loaded.kv_bytes_for(need.into_iter().take(settings.max_batch))
+    });
+    let engine = settings.start(loaded, kv_cache)?;
     match args.batch {
         Some(_) => run_batch(args, engine, jobs),
         None => run_one(args, engine, jobs.into_iter().next().expect("one job").req),

@@ -184,9 +184,18 @@ impl Scheduler {
             seq.admitted = Some(Instant::now());
             self.running.push(seq);
         }
+        self.note_state(inner);
+    }
+
+    /// The gauges: sequences running and waiting, KV blocks in use.
+    fn note_state(&self, inner: &Inner) {
         let used = self.kv.total_blocks() - self.kv.free_blocks();
         let mut stats = lock(&inner.stats);
         stats.kv_blocks_peak = stats.kv_blocks_peak.max(used);
+        stats.kv_blocks_used = used;
+        stats.kv_blocks_total = self.kv.total_blocks();
+        stats.running = self.running.len();
+        stats.waiting = self.waiting.len();
     }
 
     /// One forward pass over every running sequence. See the module docs.
@@ -286,6 +295,7 @@ impl Scheduler {
             st.steps += 1;
             st.forward_seconds += forward_seconds;
             st.max_batch_seen = st.max_batch_seen.max(rows.len());
+            st.count_batch(rows.len());
             for &(i, n) in &rows {
                 if self.running[i].prefilled() {
                     st.decode_rows += n as u64;
@@ -339,7 +349,7 @@ impl Scheduler {
                 (None, e) => self.fail(inner, s, e.unwrap_or_default()),
             }
         }
-        let mut st = lock(&inner.stats);
-        st.busy_seconds += t0.elapsed().as_secs_f64();
+        lock(&inner.stats).busy_seconds += t0.elapsed().as_secs_f64();
+        self.note_state(inner);
     }
 }

@@ -1,0 +1,159 @@
+//! The flags every command that runs the engine takes (`generate`, `serve`), and how they and
+//! the config file become an [`EngineConfig`] and a started [`Engine`].
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use stevedore_cache::PolicyKind;
+
+use super::{parse_size, CliError};
+use crate::config::{Config, Split};
+use crate::engine::{Engine, EngineConfig, EngineError, Loaded};
+use crate::size::{human, Size};
+use crate::store::StoreError;
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Host-RAM expert cache budget: `512MiB`, `2GiB`, or `25%` of the model's expert bytes.
+    /// Default: the config's `tiers.host.budget` with `--config`; without it, what available
+    /// memory allows after dense weights and the KV cache.
+    #[arg(long, value_parser = parse_size)]
+    pub host_cache: Option<Size>,
+    /// Config file (TOML, `stevedore config --print-default`): budgets, policy, predictor, batching.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Expert cache policy: `lru`, `lfu` or `predictive` (LRU order, steered by a routing
+    /// predictor: experts predicted for the next layers are protected and prefetched).
+    /// Default: the config's `cache.policy` (`predictive` unless the file says otherwise);
+    /// without `--config`, `lru`: prefetching reads more bytes in all, which costs decode speed
+    /// where disk reads are the bottleneck, so it is something to turn on and tune.
+    #[arg(long, value_parser = PolicyKind::parse)]
+    pub policy: Option<PolicyKind>,
+    /// Most sequences in one forward pass (default: the config's `engine.max_batch`, 32).
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Bytes of the KV cache, e.g. `1GiB`. Requests wait for blocks when it is full.
+    #[arg(long, value_parser = parse_size)]
+    pub kv_cache: Option<Size>,
+    /// Read experts through the page cache instead of O_DIRECT.
+    #[arg(long)]
+    pub buffered_io: bool,
+    /// Record every token's routing (experts and gate weights per MoE layer) to this trace file.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+}
+
+/// The policy without `--config` or `--policy`. Not the config file's default (`predictive`):
+/// its prefetches add reads, and on a disk-bound decode every extra byte costs time (on a
+/// random-routing 32-expert model at 25%, the default predictive settings read 1.3x LRU's
+/// bytes and decoded 1.3x slower), so the engine prefetches only when asked to.
+const NO_CONFIG_POLICY: PolicyKind = PolicyKind::Lru;
+
+/// The flags read with the config file they name.
+pub struct Settings<'a> {
+    args: &'a EngineArgs,
+    /// The file, if given.
+    file: Option<Config>,
+    /// The file, or the defaults it would spell out (`stevedore config --print-default`).
+    pub config: Config,
+    pub max_batch: usize,
+    /// `--kv-cache` or `engine.kv_cache`, if either says.
+    pub kv_cache: Option<u64>,
+}
+
+impl EngineArgs {
+    /// Reads the config file and checks the flags.
+    pub fn settings(&self) -> Result<Settings<'_>, CliError> {
+        let file = match &self.config {
+            Some(path) => {
+                let cfg = Config::load(path)?;
+                check_live(&cfg, path)?;
+                Some(cfg)
+            }
+            None => None,
+        };
+        let config = file.clone().unwrap_or_default();
+        let max_batch = self.max_batch.unwrap_or(config.engine.max_batch);
+        if max_batch == 0 {
+            return Err("--max-batch must be at least 1".into());
+        }
+        let kv_cache = match self.kv_cache.or(config.engine.kv_cache) {
+            Some(Size::Percent(_)) => {
+                return Err("--kv-cache must be a size in bytes (e.g. 1GiB), not a percentage".into())
+            }
+            Some(Size::Bytes(b)) => Some(b),
+            None => None,
+        };
+        Ok(Settings { args: self, file, config, max_batch, kv_cache })
+    }
+}
+
+impl Settings<'_> {
+    /// A message about the config file, named when there is one.
+    fn in_config(&self, msg: String) -> String {
+        match &self.args.config {
+            Some(path) => format!("{}: {msg}", path.display()),
+            None => msg,
+        }
+    }
+
+    /// Starts the engine on `loaded` with a KV cache of `kv_cache` bytes; says how the host
+    /// budget was chosen when it was automatic.
+    pub fn start(&self, loaded: Loaded, kv_cache: u64) -> Result<Engine, CliError> {
+        let args = self.args;
+        let engine_config = EngineConfig {
+            host_cache: args.host_cache.or(self.file.as_ref().map(|c| c.tiers.host.budget)),
+            policy: args.policy.unwrap_or(match &self.file {
+                Some(cfg) => cfg.cache.policy,
+                None => NO_CONFIG_POLICY,
+            }),
+            predictor: self.config.predictor.clone(),
+            kv_cache,
+            max_batch: self.max_batch,
+            max_batch_tokens: self.config.engine.max_batch_tokens,
+            force_buffered: args.buffered_io,
+            readers: self.config.engine.readers,
+            trace: args.trace.clone(),
+        };
+        let engine = loaded.start(&engine_config).map_err(|e| -> CliError {
+            match e {
+                EngineError::Store(e @ StoreError::BudgetTooSmall { .. })
+                    if args.host_cache.is_none() && self.file.is_some() =>
+                {
+                    self.in_config(format!("tiers.host.budget: {e}")).into()
+                }
+                EngineError::Config(msg) => self.in_config(msg).into(),
+                e => e.into(),
+            }
+        })?;
+        let budgets = engine.budgets();
+        if let Some(a) = budgets.host_auto {
+            eprintln!(
+                "host cache: {} automatic (available {} - dense {} - KV {} - reserve {}; experts total {})",
+                human(budgets.host),
+                human(a.available),
+                human(a.dense),
+                human(a.kv_cache),
+                human(a.reserve),
+                human(engine.footprint().total_bytes)
+            );
+        }
+        Ok(engine)
+    }
+}
+
+/// Refuses what the config file asks for that the live engine cannot do, naming the key.
+fn check_live(cfg: &Config, path: &Path) -> Result<(), CliError> {
+    if cfg.cache.split != Split::Shared {
+        return Err(format!(
+            "{}: cache.split = \"per-layer\" is not supported by the live engine (only by \
+             `stevedore simulate`); use \"shared\"",
+            path.display()
+        )
+        .into());
+    }
+    Ok(())
+}
