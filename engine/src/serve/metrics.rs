@@ -152,15 +152,15 @@ impl Collector for EngineCollector {
         gauge(&mut e, "queue_depth", "Requests waiting for a batch slot or KV blocks", steps.waiting as i64)?;
         gauge(&mut e, "kv_blocks_used", "KV cache blocks in use", steps.kv_blocks_used as i64)?;
         gauge(&mut e, "kv_blocks_total", "KV cache blocks in all", steps.kv_blocks_total as i64)?;
-        // Sequences per forward pass, as a histogram.
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(BATCH_SIZE_BOUNDS.len() + 1);
-        for (i, &b) in BATCH_SIZE_BOUNDS.iter().enumerate() {
-            cumulative += steps.batch_sizes.get(i).copied().unwrap_or(0);
-            buckets.push((b as f64, cumulative));
-        }
+        // Sequences per forward pass, as a histogram (per-bucket counts: the encoder makes them
+        // cumulative).
+        let buckets: Vec<(f64, u64)> = BATCH_SIZE_BOUNDS
+            .iter()
+            .map(|&b| b as f64)
+            .chain([f64::INFINITY])
+            .zip(steps.batch_sizes.iter().copied().chain(std::iter::repeat(0)))
+            .collect();
         let total: u64 = steps.batch_sizes.iter().sum();
-        buckets.push((f64::INFINITY, total));
         let mut m = e.encode_descriptor(
             "batch_sequences",
             "Sequences per forward pass",

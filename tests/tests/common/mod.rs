@@ -8,6 +8,8 @@
 // Each test file compiles this module on its own and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
