@@ -129,9 +129,10 @@ impl ChatTemplate {
         }
         ctx.insert("messages".into(), Json::Array(messages.to_vec()));
         ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
-        if let Some(t) = tools {
-            ctx.insert("tools".into(), t.clone());
-        }
+        // As transformers does: `tools` and `documents` are always there, None when not given
+        // (so `tools is not none` means what the template's author meant).
+        ctx.insert("tools".into(), tools.cloned().unwrap_or(Json::Null));
+        ctx.insert("documents".into(), Json::Null);
         let name = if tools.is_some() && self.has_tool_use { "tool_use" } else { "default" };
         let template = self.env.get_template(name).map_err(|e| describe(&e))?;
         template.render(Value::from(minijinja::value::Serde(&ctx))).map_err(|e| describe(&e))
