@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 pub mod batch;
 pub mod checkpoint;
 pub mod direct;
+pub mod load;
 pub mod probe;
 pub mod report;
 pub mod runner;
