@@ -182,7 +182,8 @@ impl Level {
             ttft_p99: percentile(&ttft, 99.0),
             itl_p50: percentile(&gaps, 50.0),
             itl_p99: percentile(&gaps, 99.0),
-            sequences_per_pass: m("stevedore_batch_sequences_sum") / m("stevedore_batch_sequences_count").max(1.0),
+            sequences_per_pass: m("stevedore_batch_sequences_sum")
+                / m("stevedore_batch_sequences_count").max(1.0),
             bytes_read_per_token: m("stevedore_expert_bytes_read_total") / (tokens as f64).max(1.0),
             x_one: 0.0,
         }

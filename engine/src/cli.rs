@@ -43,10 +43,7 @@ pub fn main() -> ExitCode {
     // RUST_LOG chooses; without it, warnings, and the server's one line per request.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stevedore_engine::serve=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let res = match &cli.command {
         Command::Generate(a) => commands::generate::run(a),

@@ -12,9 +12,10 @@ use stevedore_engine::api::chat::ChatTemplate;
 #[test]
 fn renderings_equal_transformers_4_and_5() {
     let dir = fixture_dir("chat_templates");
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_dir(PYDOC_MOE).join("tokenizer_config.json")).unwrap())
-            .unwrap();
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir(PYDOC_MOE).join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
     let tokens: Vec<(&'static str, String)> = ["bos_token", "eos_token", "pad_token"]
         .into_iter()
         .filter_map(|k| config[k].as_str().map(|v| (k, v.to_owned())))
@@ -36,7 +37,9 @@ fn renderings_equal_transformers_4_and_5() {
             let what = format!("{file} / {case_name} vs transformers {}", doc["transformers"]);
             match (&r["text"], &r["error"], ours) {
                 (Value::String(want), _, Ok(got)) => assert_eq!(&got, want, "{what}"),
-                (_, Value::String(want), Err(got)) => assert!(got.contains(want.as_str()), "{what}: {got} vs {want}"),
+                (_, Value::String(want), Err(got)) => {
+                    assert!(got.contains(want.as_str()), "{what}: {got} vs {want}")
+                }
                 (_, _, got) => panic!("{what}: transformers gave {r}, we gave {got:?}"),
             }
         }

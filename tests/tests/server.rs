@@ -19,7 +19,8 @@ fn model() -> String {
 /// `stevedore generate`'s greedy text for `prompt`.
 fn generate(prompt: &str, max_new_tokens: usize) -> (String, usize) {
     let n = max_new_tokens.to_string();
-    let out = stevedore(["generate", "--model", &model(), "--prompt", prompt, "--max-new-tokens", &n, "--json"]);
+    let out =
+        stevedore(["generate", "--model", &model(), "--prompt", prompt, "--max-new-tokens", &n, "--json"]);
     let v: Value = serde_json::from_str(out.ok()).unwrap();
     (v["text"].as_str().unwrap().to_owned(), v["prompt_ids"].as_array().unwrap().len())
 }
@@ -101,9 +102,11 @@ fn stop_sequences_n_and_echo() {
         }
     }
     // n = 3 greedy choices are the same text; two prompts come back in order; echo prepends.
-    let body = json!({"prompt": [prompt, "A list"], "n": 2, "max_tokens": 12, "temperature": 0, "echo": true});
+    let body =
+        json!({"prompt": [prompt, "A list"], "n": 2, "max_tokens": 12, "temperature": 0, "echo": true});
     let v = post(&server.url("/v1/completions"), &body).json();
-    let texts: Vec<&str> = v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let texts: Vec<&str> =
+        v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
     assert_eq!(texts.len(), 4);
     assert_eq!(texts[0], texts[1]);
     assert!(texts[0].starts_with(prompt) && texts[2].starts_with("A list"), "{texts:?}");
@@ -118,7 +121,16 @@ fn stop_sequences_n_and_echo() {
 
 /// 32 different prompts.
 fn prompts() -> Vec<String> {
-    let subjects = ["The import statement", "A list", "The with statement", "Exceptions", "A class", "The dict type", "Generators", "The print function"];
+    let subjects = [
+        "The import statement",
+        "A list",
+        "The with statement",
+        "Exceptions",
+        "A class",
+        "The dict type",
+        "Generators",
+        "The print function",
+    ];
     let tails = ["", " is", " can be used", " returns"];
     subjects.iter().flat_map(|s| tails.iter().map(move |t| format!("{s}{t}"))).collect()
 }
@@ -163,7 +175,10 @@ fn thirty_two_concurrent_clients_each_get_their_single_client_result() {
     // They shared forward passes: more sequences per pass than one at a time.
     let after = get(&server.url("/metrics"), None).body;
     let per_pass = |t: &str| {
-        (metric(t, "stevedore_batch_sequences_sum").unwrap(), metric(t, "stevedore_batch_sequences_count").unwrap())
+        (
+            metric(t, "stevedore_batch_sequences_sum").unwrap(),
+            metric(t, "stevedore_batch_sequences_count").unwrap(),
+        )
     };
     let ((s0, c0), (s1, c1)) = (per_pass(&before), per_pass(&after));
     assert!((s1 - s0) / (c1 - c0) > 2.0, "{} sequences per pass", (s1 - s0) / (c1 - c0));
@@ -173,7 +188,8 @@ fn thirty_two_concurrent_clients_each_get_their_single_client_result() {
 #[test]
 fn a_client_that_leaves_mid_stream_frees_its_sequence() {
     let server = Server::start(&["--model", &model()]);
-    let (status, mut events) = Events::open(&server.url("/v1/completions"), &completion("The import statement", 240, true));
+    let (status, mut events) =
+        Events::open(&server.url("/v1/completions"), &completion("The import statement", 240, true));
     assert_eq!(status, 200);
     for _ in 0..3 {
         events.next().expect("a chunk");
@@ -202,7 +218,8 @@ fn a_client_that_leaves_mid_stream_frees_its_sequence() {
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let server = Server::start(&["--model", &model(), "--max-batch", "1", "--max-queue", "0"]);
-    let (status, mut events) = Events::open(&server.url("/v1/completions"), &completion("The import statement", 240, true));
+    let (status, mut events) =
+        Events::open(&server.url("/v1/completions"), &completion("The import statement", 240, true));
     assert_eq!(status, 200);
     events.next().expect("a chunk");
     let r = post(&server.url("/v1/completions"), &completion("A list", 4, false));
@@ -227,13 +244,48 @@ fn bad_requests() -> Vec<(&'static str, &'static str, &'static str, String, u16,
     let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(5 << 20));
     vec![
         ("POST", chat, "application/json", "{not json".into(), 400, "not valid JSON"),
-        ("POST", chat, "application/json", json!({"messages": msgs, "model": "gpt-4o"}).to_string(), 404, "model_not_found"),
+        (
+            "POST",
+            chat,
+            "application/json",
+            json!({"messages": msgs, "model": "gpt-4o"}).to_string(),
+            404,
+            "model_not_found",
+        ),
         ("POST", chat, "application/json", json!({"model": PYDOC_MOE}).to_string(), 400, "messages"),
-        ("POST", chat, "application/json", json!({"messages": msgs, "temperature": -1}).to_string(), 400, "temperature"),
+        (
+            "POST",
+            chat,
+            "application/json",
+            json!({"messages": msgs, "temperature": -1}).to_string(),
+            400,
+            "temperature",
+        ),
         ("POST", chat, "application/json", json!({"messages": msgs, "top_p": 1.5}).to_string(), 400, "top_p"),
-        ("POST", chat, "application/json", json!({"messages": msgs, "max_tokens": 0}).to_string(), 400, "max_tokens"),
-        ("POST", chat, "application/json", json!({"messages": msgs, "max_tokens": 100000}).to_string(), 400, "context_length_exceeded"),
-        ("POST", "/v1/completions", "application/json", json!({"prompt": "a ".repeat(300)}).to_string(), 400, "context_length_exceeded"),
+        (
+            "POST",
+            chat,
+            "application/json",
+            json!({"messages": msgs, "max_tokens": 0}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "POST",
+            chat,
+            "application/json",
+            json!({"messages": msgs, "max_tokens": 100000}).to_string(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            "application/json",
+            json!({"prompt": "a ".repeat(300)}).to_string(),
+            400,
+            "context_length_exceeded",
+        ),
         ("POST", "/v1/completions", "application/json", big, 413, "request_too_large"),
         ("POST", chat, "text/plain", json!({"messages": msgs}).to_string(), 415, "unsupported_media_type"),
         ("POST", "/v1/embeddings", "application/json", "{}".into(), 404, "not_found"),
@@ -294,7 +346,9 @@ fn without_a_key_it_listens_on_loopback_and_says_so() {
 fn check_exposition(text: &str) {
     let name_ok = |n: &str| {
         !n.is_empty()
-            && n.chars().enumerate().all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
     };
     let mut types = std::collections::HashMap::new();
     // Per histogram: its latest bucket value (the +Inf one at the end), and its count.
@@ -321,7 +375,9 @@ fn check_exposition(text: &str) {
             v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
         };
         let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, Some(l.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line:?}")))),
+            Some((n, l)) => {
+                (n, Some(l.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line:?}"))))
+            }
             None => (series, None),
         };
         assert!(name_ok(name), "bad sample name in {line:?}");
@@ -329,7 +385,10 @@ fn check_exposition(text: &str) {
             let (k, val) = l.split_once('=').unwrap_or_else(|| panic!("bad label in {line:?}"));
             assert!(name_ok(k) && val.starts_with('"') && val.ends_with('"'), "bad label in {line:?}");
         }
-        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| types.contains_key(*f));
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| types.contains_key(*f));
         let family = family.unwrap_or(name);
         assert!(types.contains_key(family), "sample before its TYPE: {line:?}");
         if name.ends_with("_bucket") {
@@ -358,7 +417,10 @@ fn metrics_parse_and_move_as_requests_run() {
     let bad = r#"stevedore_requests_total{endpoint="/v1/completions",status="400"}"#;
     assert_eq!(m(&after, ok) - m(&before.body, ok), 1.0);
     assert_eq!(m(&after, bad) - m(&before.body, bad), 1.0);
-    assert_eq!(m(&after, "stevedore_generated_tokens_total") - m(&before.body, "stevedore_generated_tokens_total"), 10.0);
+    assert_eq!(
+        m(&after, "stevedore_generated_tokens_total") - m(&before.body, "stevedore_generated_tokens_total"),
+        10.0
+    );
     assert_eq!(m(&after, "stevedore_time_to_first_token_seconds_count"), 1.0);
     assert_eq!(m(&after, "stevedore_inter_token_latency_seconds_count"), 9.0);
     assert!(m(&after, "stevedore_engine_steps_total") >= 10.0);
@@ -369,9 +431,11 @@ fn metrics_parse_and_move_as_requests_run() {
 #[test]
 fn sigterm_lets_running_requests_finish_then_exits() {
     let mut server = Server::start(&["--model", &model(), "--shutdown-timeout", "60"]);
-    let (_, mut events) = Events::open(&server.url("/v1/completions"), &completion("The import statement", 200, true));
+    let (_, mut events) =
+        Events::open(&server.url("/v1/completions"), &completion("The import statement", 200, true));
     let first = events.next().expect("a chunk");
-    let kill = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    let kill =
+        std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
     assert!(kill.success());
     let (choices, _) = collect_stream(events);
     assert_eq!(choices[0].1.as_deref(), Some("length"), "the running request finished: {first}");
@@ -382,9 +446,11 @@ fn sigterm_lets_running_requests_finish_then_exits() {
 #[test]
 fn sigterm_past_the_timeout_cancels_what_still_runs() {
     let mut server = Server::start(&["--model", &model(), "--shutdown-timeout", "0"]);
-    let (_, mut events) = Events::open(&server.url("/v1/completions"), &completion("The import statement", 240, true));
+    let (_, mut events) =
+        Events::open(&server.url("/v1/completions"), &completion("The import statement", 240, true));
     events.next().expect("a chunk");
-    let kill = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    let kill =
+        std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
     assert!(kill.success());
     let rest: Vec<String> = events.collect();
     assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");

@@ -18,7 +18,8 @@ fn model() -> String {
 
 fn generate(prompt: &str, max_new_tokens: usize) -> String {
     let n = max_new_tokens.to_string();
-    let out = stevedore(["generate", "--model", &model(), "--prompt", prompt, "--max-new-tokens", &n, "--json"]);
+    let out =
+        stevedore(["generate", "--model", &model(), "--prompt", prompt, "--max-new-tokens", &n, "--json"]);
     let v: Value = serde_json::from_str(out.ok()).unwrap();
     v["text"].as_str().unwrap().to_owned()
 }
@@ -31,15 +32,18 @@ fn python() -> Option<PathBuf> {
         Some(root.join(".venv-clients/bin/python")),
         Some(PathBuf::from("python3")),
     ];
-    candidates.into_iter().flatten().find(|p| {
-        Command::new(p).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success())
-    })
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| Command::new(p).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success()))
 }
 
 #[test]
 fn the_openai_python_package_gets_generates_results() {
     let Some(py) = python() else {
-        eprintln!("skipped: no Python with the `openai` package (pip install -r tests/clients/requirements.txt)");
+        eprintln!(
+            "skipped: no Python with the `openai` package (pip install -r tests/clients/requirements.txt)"
+        );
         return;
     };
     let server = Server::start(&["--model", &model()]);
@@ -88,7 +92,9 @@ fn curl_gets_generates_results_streaming_or_not() {
     assert_eq!(datas.last(), Some(&"[DONE]"), "{out}");
     let text: String = datas[..datas.len() - 1]
         .iter()
-        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_owned())
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_owned()
+        })
         .collect();
     assert_eq!(text, expected);
 }

@@ -61,7 +61,10 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         let mut num = || -> Result<usize, String> {
             let v = value()?;
-            v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| format!("{flag}: `{v}` is not a positive number"))
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{flag}: `{v}` is not a positive number"))
         };
         match flag.as_str() {
             "--dir" => a.dir = Some(value()?.into()),
@@ -109,7 +112,8 @@ fn main() -> ExitCode {
 /// A word-level tokenizer over the checkpoint's vocabulary (`w0`, `w1`, ...), so that every
 /// token streams as text and each chunk can be timed.
 fn tokenizer_json(vocab: usize) -> String {
-    let words: serde_json::Map<String, serde_json::Value> = (0..vocab).map(|i| (format!("w{i}"), json!(i))).collect();
+    let words: serde_json::Map<String, serde_json::Value> =
+        (0..vocab).map(|i| (format!("w{i}"), json!(i))).collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -119,14 +123,18 @@ fn tokenizer_json(vocab: usize) -> String {
 }
 
 fn run(args: &Args) -> Result<bool, String> {
-    let command = std::iter::once("serve-load".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+    let command = std::iter::once("serve-load".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let plan = Plan::new(args.shape.clone())?;
     let bin = match &args.bin {
         Some(b) => b.clone(),
         None => setup::default_bin()?,
     };
     setup::check_bin(&bin)?;
-    let checkpoint = setup::prepare_checkpoint(&plan, args.dir.as_deref(), args.keep, args.threads, "serve", &log)?;
+    let checkpoint =
+        setup::prepare_checkpoint(&plan, args.dir.as_deref(), args.keep, args.threads, "serve", &log)?;
     let dir = checkpoint.dir().to_owned();
     let tokenizer = dir.join("tokenizer.json");
     std::fs::write(&tokenizer, tokenizer_json(plan.shape.vocab_size))
@@ -148,8 +156,16 @@ fn run(args: &Args) -> Result<bool, String> {
     for &clients in &args.clients {
         probe::evict_from_page_cache(&checkpoint.shard_paths())?;
         let server_args: Vec<String> = [
-            "--model", &dir.display().to_string(), "--host-cache", &args.host_cache, "--policy", "lru",
-            "--max-batch", &clients.to_string(), "--kv-cache", "512MiB",
+            "--model",
+            &dir.display().to_string(),
+            "--host-cache",
+            &args.host_cache,
+            "--policy",
+            "lru",
+            "--max-batch",
+            &clients.to_string(),
+            "--kv-cache",
+            "512MiB",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -165,7 +181,15 @@ fn run(args: &Args) -> Result<bool, String> {
                     let (agent, base, prompts) = (&agent, &server.base, &prompts);
                     s.spawn(move || {
                         (0..args.per_client)
-                            .map(|r| load::stream_once(agent, base, &prompts[c * args.per_client + r], args.max_tokens, epoch))
+                            .map(|r| {
+                                load::stream_once(
+                                    agent,
+                                    base,
+                                    &prompts[c * args.per_client + r],
+                                    args.max_tokens,
+                                    epoch,
+                                )
+                            })
                             .collect::<Result<Vec<_>, String>>()
                     })
                 })
@@ -200,10 +224,14 @@ fn run(args: &Args) -> Result<bool, String> {
     println!("`{command}` ({})\n", setup::git_commit().unwrap_or_else(|| "unknown commit".into()));
     print!("{}", load::markdown(&levels));
     if let Some(x) = eight {
-        println!("\n8 clients: {x:.2}x the tokens/s of one (bar: 4x): {}", if pass { "pass" } else { "FAIL" });
+        println!(
+            "\n8 clients: {x:.2}x the tokens/s of one (bar: 4x): {}",
+            if pass { "pass" } else { "FAIL" }
+        );
     }
     if let Some(path) = &args.json_out {
-        let v = json!({"command": command, "host_cache": args.host_cache, "shape": plan.shape, "levels": levels});
+        let v =
+            json!({"command": command, "host_cache": args.host_cache, "shape": plan.shape, "levels": levels});
         std::fs::write(path, serde_json::to_string_pretty(&v).expect("serialises"))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }

@@ -32,7 +32,8 @@ impl ChatTemplate {
         let (config_path, config) = tokenizer_config(dir)?;
         let jinja_path = dir.join("chat_template.jinja");
         let (origin, default, tool_use) = if jinja_path.exists() {
-            let src = std::fs::read_to_string(&jinja_path).map_err(|e| format!("{}: {e}", jinja_path.display()))?;
+            let src =
+                std::fs::read_to_string(&jinja_path).map_err(|e| format!("{}: {e}", jinja_path.display()))?;
             (jinja_path.display().to_string(), src, None)
         } else {
             let at = |msg: &str| format!("{}: chat_template: {msg}", config_path.display());
@@ -86,7 +87,9 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // Python prints `True`, `False` and `None`.
         env.set_formatter(|out, state, value| match value.kind() {
-            ValueKind::Bool => out.write_str(if value.is_true() { "True" } else { "False" }).map_err(Error::from),
+            ValueKind::Bool => {
+                out.write_str(if value.is_true() { "True" } else { "False" }).map_err(Error::from)
+            }
             ValueKind::None => out.write_str("None").map_err(Error::from),
             _ => minijinja::escape_formatter(out, state, value),
         });
@@ -99,8 +102,9 @@ impl ChatTemplate {
         env.add_template_owned("default", default)
             .map_err(|e| format!("{origin}: the chat template does not compile: {}", describe(&e)))?;
         if let Some(t) = tool_use {
-            env.add_template_owned("tool_use", t)
-                .map_err(|e| format!("{origin}: the tool-use chat template does not compile: {}", describe(&e)))?;
+            env.add_template_owned("tool_use", t).map_err(|e| {
+                format!("{origin}: the tool-use chat template does not compile: {}", describe(&e))
+            })?;
         }
         Ok(ChatTemplate { env, has_tool_use, tokens, origin: origin.to_owned() })
     }
@@ -188,7 +192,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     let _: Option<bool> = kwargs.get("ensure_ascii")?; // non-ASCII is written as is, like transformers
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let (item, key) = match separators.as_deref() {
         Some([i, k]) => (i.clone(), k.clone()),
         Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
@@ -299,7 +304,8 @@ mod tests {
         let t = template(
             "{{ bos_token }}{% for m in messages %}\n{% if m['role'] == 'user' %}\n[INST] {{ m['content'].strip() }} [/INST]\n{% else %}\n{{ m.content }}{{ eos_token }}\n{% endif %}\n{% endfor %}",
         );
-        let msgs = [json!({"role": "user", "content": "  hi  "}), json!({"role": "assistant", "content": "yo"})];
+        let msgs =
+            [json!({"role": "user", "content": "  hi  "}), json!({"role": "assistant", "content": "yo"})];
         assert_eq!(t.render(&msgs, None, false, None).unwrap(), "<s>[INST] hi [/INST]\nyo</s>\n");
     }
 
@@ -345,7 +351,8 @@ mod tests {
     #[test]
     fn bad_templates_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "{% for %}"}"#).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "{% for %}"}"#)
+            .unwrap();
         let err = ChatTemplate::load(dir.path()).err().unwrap();
         assert!(err.contains("tokenizer_config.json") && err.contains("does not compile"), "{err}");
         std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": 3}"#).unwrap();

@@ -206,11 +206,13 @@ pub fn prepare_chat(body: &[u8], m: &ModelInfo) -> Result<Prepared, ApiError> {
     if b.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "messages must not be empty"));
     }
-    let messages = b.messages.iter().enumerate().map(|(i, msg)| message(i, msg)).collect::<Result<Vec<_>, _>>()?;
+    let messages =
+        b.messages.iter().enumerate().map(|(i, msg)| message(i, msg)).collect::<Result<Vec<_>, _>>()?;
     let tools = b.tools.filter(|t| !t.is_null());
-    let rendered = template
-        .render(&messages, tools.as_ref(), true, b.chat_template_kwargs.as_ref())
-        .map_err(|e| ApiError::invalid(Some("messages"), format!("the chat template refused the messages: {e}")))?;
+    let rendered =
+        template.render(&messages, tools.as_ref(), true, b.chat_template_kwargs.as_ref()).map_err(|e| {
+            ApiError::invalid(Some("messages"), format!("the chat template refused the messages: {e}"))
+        })?;
     // The template writes the special tokens itself (a BOS, say): none are added, as
     // transformers' apply_chat_template does.
     let ids = text.encode_with(&rendered, false).map_err(ApiError::server)?;
@@ -245,13 +247,17 @@ pub fn prepare_completion(body: &[u8], m: &ModelInfo) -> Result<Prepared, ApiErr
     };
     let (prompts, texts): (Vec<Vec<u32>>, Vec<Option<String>>) = match &b.prompt {
         Value::String(s) => (vec![encode(s)?], vec![Some(s.clone())]),
-        Value::Array(items) if items.is_empty() => return Err(ApiError::invalid(Some("prompt"), "prompt is empty")),
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid(Some("prompt"), "prompt is empty"))
+        }
         Value::Array(items) if items.iter().all(Value::is_string) => {
             let texts: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
             let ids = texts.iter().map(|s| encode(s)).collect::<Result<_, _>>()?;
             (ids, texts.into_iter().map(|s| Some(s.to_owned())).collect())
         }
-        Value::Array(items) if items.iter().all(Value::is_number) => (vec![ids_of(&b.prompt).ok_or_else(bad)?], vec![None]),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            (vec![ids_of(&b.prompt).ok_or_else(bad)?], vec![None])
+        }
         Value::Array(items) if items.iter().all(Value::is_array) => {
             let ids: Vec<Vec<u32>> = items.iter().map(ids_of).collect::<Option<_>>().ok_or_else(bad)?;
             let n = ids.len();
@@ -266,7 +272,9 @@ pub fn prepare_completion(body: &[u8], m: &ModelInfo) -> Result<Prepared, ApiErr
             .map(|(ids, t)| match (t, m.text) {
                 (Some(t), _) => Ok(t),
                 (None, Some(text)) => text.decode(ids).map_err(ApiError::server),
-                (None, None) => Err(ApiError::invalid(Some("echo"), "echo of token ids needs tokenizer.json")),
+                (None, None) => {
+                    Err(ApiError::invalid(Some("echo"), "echo of token ids needs tokenizer.json"))
+                }
             })
             .collect::<Result<Vec<_>, _>>()?
     } else {
@@ -281,7 +289,8 @@ pub fn prepare_completion(body: &[u8], m: &ModelInfo) -> Result<Prepared, ApiErr
 /// newlines, as vLLM does for templates that take a string), other fields kept.
 fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
     let at = format!("messages[{i}]");
-    let obj = msg.as_object().ok_or_else(|| ApiError::invalid(Some(&at), format!("{at} must be an object")))?;
+    let obj =
+        msg.as_object().ok_or_else(|| ApiError::invalid(Some(&at), format!("{at} must be an object")))?;
     if !obj.get("role").is_some_and(Value::is_string) {
         return Err(ApiError::invalid(Some(&format!("{at}.role")), format!("{at}.role must be a string")));
     }
@@ -355,7 +364,10 @@ fn finish(
     let d = m.defaults;
     let temperature = c.temperature.map_or(d.temperature as f64, |t| t);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(Some("temperature"), format!("temperature must be in [0, 2], got {temperature}")));
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature must be in [0, 2], got {temperature}"),
+        ));
     }
     let top_p = c.top_p.map_or(d.top_p as f64, |p| p);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -364,18 +376,29 @@ fn finish(
     let top_k = match c.top_k {
         None => d.top_k,
         Some(k) if k == -1 || k >= 0 => k.max(0) as usize,
-        Some(k) => return Err(ApiError::invalid(Some("top_k"), format!("top_k must be >= 0 (or -1 for none), got {k}"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                Some("top_k"),
+                format!("top_k must be >= 0 (or -1 for none), got {k}"),
+            ))
+        }
     };
     let n = c.n.unwrap_or(1);
     if n < 1 || (n as usize).saturating_mul(prompts.len()) > MAX_CHOICES {
         return Err(ApiError::invalid(
             Some("n"),
-            format!("n must be at least 1, and prompts x n at most {MAX_CHOICES}; got n = {n} for {} prompts", prompts.len()),
+            format!(
+                "n must be at least 1, and prompts x n at most {MAX_CHOICES}; got n = {n} for {} prompts",
+                prompts.len()
+            ),
         ));
     }
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
-        return Err(ApiError::invalid(Some("stream_options"), "stream_options is only allowed with stream: true"));
+        return Err(ApiError::invalid(
+            Some("stream_options"),
+            "stream_options is only allowed with stream: true",
+        ));
     }
     let stop = match c.stop {
         None | Some(Value::Null) => Vec::new(),
@@ -384,7 +407,10 @@ fn finish(
             a.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
         }
         Some(_) => {
-            return Err(ApiError::invalid(Some("stop"), format!("stop must be a string or an array of at most {MAX_STOPS} strings")))
+            return Err(ApiError::invalid(
+                Some("stop"),
+                format!("stop must be a string or an array of at most {MAX_STOPS} strings"),
+            ))
         }
     };
     let seed = c.seed.map_or_else(random_seed, |s| s as u64);
@@ -394,7 +420,10 @@ fn finish(
             return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
         }
         if let Some(&t) = ids.iter().find(|&&t| t as usize >= m.vocab_size) {
-            return Err(ApiError::invalid(Some("prompt"), format!("token id {t} is outside the vocabulary ({} ids)", m.vocab_size)));
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                format!("token id {t} is outside the vocabulary ({} ids)", m.vocab_size),
+            ));
         }
         let room = m.context.min(m.kv_positions);
         let want = match max {
@@ -455,7 +484,9 @@ impl ApiError {
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
     h.finish()
 }
 

@@ -84,7 +84,11 @@ fn completion_prompts_in_every_form() {
     let p = f.completion(json!({"prompt": [1, 50, 60], "echo": true})).unwrap();
     assert_eq!(p.prompts, vec![vec![1, 50, 60]]);
     assert_eq!(p.echo, vec![f.text.decode(&[1, 50, 60]).unwrap()]);
-    let p = f.completion(json!({"prompt": [[1, 2], [3]], "stream": true, "stream_options": {"include_usage": true}})).unwrap();
+    let p = f
+        .completion(
+            json!({"prompt": [[1, 2], [3]], "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
     assert_eq!(p.prompts, vec![vec![1, 2], vec![3]]);
     assert!(p.stream && p.include_usage);
 }
@@ -113,18 +117,43 @@ fn bad_requests_name_the_field() {
         Some("messages[0].content[0]"),
         "only text parts",
     );
-    check_err(f.chat(json!({"messages": [{"role": "tool", "content": "x"}]})), 400, Some("messages"), "not tool");
+    check_err(
+        f.chat(json!({"messages": [{"role": "tool", "content": "x"}]})),
+        400,
+        Some("messages"),
+        "not tool",
+    );
     check_err(f.chat(json!({"messages": user, "model": "gpt-4o"})), 404, Some("model"), "does not exist");
     check_err(f.chat(json!({"messages": user, "temperature": 3})), 400, Some("temperature"), "[0, 2]");
-    check_err(f.chat(json!({"messages": user, "temperature": "hot"})), 400, Some("temperature"), "invalid type");
+    check_err(
+        f.chat(json!({"messages": user, "temperature": "hot"})),
+        400,
+        Some("temperature"),
+        "invalid type",
+    );
     check_err(f.chat(json!({"messages": user, "top_p": 0})), 400, Some("top_p"), "(0, 1]");
     check_err(f.chat(json!({"messages": user, "max_tokens": -1})), 400, Some("max_tokens"), "at least 1");
-    check_err(f.chat(json!({"messages": user, "max_completion_tokens": 0})), 400, Some("max_completion_tokens"), "at least 1");
+    check_err(
+        f.chat(json!({"messages": user, "max_completion_tokens": 0})),
+        400,
+        Some("max_completion_tokens"),
+        "at least 1",
+    );
     check_err(f.chat(json!({"messages": user, "n": 0})), 400, Some("n"), "at least 1");
     check_err(f.chat(json!({"messages": user, "stop": 3})), 400, Some("stop"), "string");
-    check_err(f.chat(json!({"messages": user, "presence_penalty": 0.5})), 400, Some("presence_penalty"), "not supported");
+    check_err(
+        f.chat(json!({"messages": user, "presence_penalty": 0.5})),
+        400,
+        Some("presence_penalty"),
+        "not supported",
+    );
     check_err(f.chat(json!({"messages": user, "logprobs": true})), 400, Some("logprobs"), "not supported");
-    check_err(f.chat(json!({"messages": user, "stream_options": {"include_usage": true}})), 400, Some("stream_options"), "stream: true");
+    check_err(
+        f.chat(json!({"messages": user, "stream_options": {"include_usage": true}})),
+        400,
+        Some("stream_options"),
+        "stream: true",
+    );
     check_err(f.completion(json!({"prompt": {"a": 1}})), 400, Some("prompt"), "prompt must be");
     check_err(f.completion(json!({"prompt": [1, -2]})), 400, Some("prompt"), "prompt must be");
     check_err(f.completion(json!({"prompt": [5000]})), 400, Some("prompt"), "outside the vocabulary");
@@ -135,14 +164,20 @@ fn bad_requests_name_the_field() {
     assert!(e.message.contains("maximum context length is 256"), "{}", e.message);
     check_err(f.completion(json!({"prompt": "x", "max_tokens": 220})), 400, Some("max_tokens"), "--kv-cache");
     // Unknown fields are ignored; nulls are absent values.
-    assert!(f.chat(json!({"messages": user, "user": "u1", "stop": null, "logprobs": false, "frequency_penalty": 0})).is_ok());
+    assert!(f
+        .chat(
+            json!({"messages": user, "user": "u1", "stop": null, "logprobs": false, "frequency_penalty": 0})
+        )
+        .is_ok());
 }
 
 #[test]
 fn a_model_without_a_template_or_tokenizer_says_what_to_do() {
     let f = load();
     let info = ModelInfo { template: None, ..f.info() };
-    let e = prepare_chat(json!({"messages": [{"role": "user", "content": "x"}]}).to_string().as_bytes(), &info).unwrap_err();
+    let e =
+        prepare_chat(json!({"messages": [{"role": "user", "content": "x"}]}).to_string().as_bytes(), &info)
+            .unwrap_err();
     assert!(e.message.contains("--chat-template"), "{}", e.message);
     let info = ModelInfo { text: None, ..f.info() };
     let e = prepare_completion(br#"{"prompt": "x"}"#, &info).unwrap_err();
@@ -153,11 +188,15 @@ fn a_model_without_a_template_or_tokenizer_says_what_to_do() {
 #[test]
 fn generation_config_sets_the_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"temperature": 0.6, "top_p": 0.9, "top_k": 20}"#)
-        .unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"temperature": 0.6, "top_p": 0.9, "top_k": 20}"#,
+    )
+    .unwrap();
     let d = SamplingDefaults::load(dir.path()).unwrap();
     assert_eq!(d, SamplingDefaults { temperature: 0.6, top_p: 0.9, top_k: 20 });
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"do_sample": false, "temperature": 0.6}"#).unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), r#"{"do_sample": false, "temperature": 0.6}"#)
+        .unwrap();
     assert_eq!(SamplingDefaults::load(dir.path()).unwrap().temperature, 0.0);
     std::fs::write(dir.path().join("generation_config.json"), r#"{"top_p": 2}"#).unwrap();
     assert!(SamplingDefaults::load(dir.path()).unwrap_err().contains("generation_config.json"));

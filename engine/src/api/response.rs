@@ -46,7 +46,12 @@ impl Meta {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completions => "cmpl",
         };
-        Meta { endpoint, id: format!("{prefix}-{}", unique_hex()), created: unix_now(), model: model.to_owned() }
+        Meta {
+            endpoint,
+            id: format!("{prefix}-{}", unique_hex()),
+            created: unix_now(),
+            model: model.to_owned(),
+        }
     }
 
     /// The whole response.
@@ -84,7 +89,9 @@ impl Meta {
             Delta::Finish(r) => (json!({}), Some(r)),
         };
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            Endpoint::Chat => {
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
             Endpoint::Completions => json!({
                 "index": index,
                 "text": delta.get("content").cloned().unwrap_or(json!("")),

@@ -287,6 +287,7 @@ impl Scheduler {
                     let s = self.running.remove(i);
                     self.fail(inner, s, msg.clone());
                 }
+                self.note_state(inner);
                 return;
             }
         };

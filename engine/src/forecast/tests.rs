@@ -344,3 +344,24 @@ fn each_sequence_predicts_from_its_own_history() {
         }
     }
 }
+
+/// Each sequence's next-layer prediction is scored against what that layer then routed: recency
+/// predicts layer l+1 from the previous token's layer l+1, which repeats here, so every scored
+/// prediction is right; scoring against the wrong layer would find half of them wrong.
+#[test]
+fn next_layer_predictions_are_scored_against_the_routing_that_followed() {
+    let mut f = Forecaster::new(OnlineKind::Recency.build(SHAPE), SHAPE, vec![0, 1, 2], 1);
+    let rows = [StepRow { seq: 1, token: Some(1) }, StepRow { seq: 2, token: Some(2) }];
+    for _ in 0..3 {
+        f.begin_step(&rows);
+        for l in 0..3 {
+            let c = [(vec![l as u32, 7], vec![0.5, 0.5]), (vec![(l + 3) as u32, 7], vec![0.5, 0.5])];
+            f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])));
+        }
+    }
+    let s = f.stats();
+    assert!(s.predicted > 0 && s.routed >= s.predicted, "{s:?}");
+    assert_eq!(s.correct, s.predicted, "{s:?}");
+    assert_eq!(s.precision(), 1.0);
+    assert!(s.recall() > 0.5 && s.recall() <= 1.0, "{s:?}");
+}

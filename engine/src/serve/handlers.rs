@@ -34,7 +34,11 @@ pub(crate) async fn chat(State(st): St, headers: HeaderMap, body: Result<Bytes, 
     generate(st, Endpoint::Chat, headers, body).await
 }
 
-pub(crate) async fn completions(State(st): St, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn completions(
+    State(st): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     generate(st, Endpoint::Completions, headers, body).await
 }
 
@@ -120,7 +124,9 @@ async fn generate(
             Err(e) => {
                 let e = match e {
                     EngineError::Request(msg) => ApiError::invalid(None, msg),
-                    EngineError::Stopped => ApiError::new(503, "server_error", None, "the engine has stopped"),
+                    EngineError::Stopped => {
+                        ApiError::new(503, "server_error", None, "the engine has stopped")
+                    }
                     other => ApiError::server(other.to_string()),
                 };
                 return refuse(&st, endpoint, &e);
@@ -296,7 +302,11 @@ impl Choice {
                     self.emit(c.tail);
                     let tail = self.stop.finish();
                     self.emit_raw(tail);
-                    let reason = if self.stop.stopped() || c.finish_reason == FinishReason::Stop { "stop" } else { "length" };
+                    let reason = if self.stop.stopped() || c.finish_reason == FinishReason::Stop {
+                        "stop"
+                    } else {
+                        "length"
+                    };
                     self.end(Piece::End(reason));
                 }
                 Some(Event::Failed(msg)) => self.end(Piece::Failed(msg)),
@@ -450,11 +460,17 @@ pub(crate) async fn health(State(st): St) -> Response {
 }
 
 pub(crate) async fn metrics(State(st): St) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render())
+        .into_response()
 }
 
 pub(crate) async fn not_found(uri: axum::http::Uri) -> Response {
-    let e = ApiError::new(404, "invalid_request_error", Some("not_found"), format!("no such endpoint: {}", uri.path()));
+    let e = ApiError::new(
+        404,
+        "invalid_request_error",
+        Some("not_found"),
+        format!("no such endpoint: {}", uri.path()),
+    );
     error_response(&e)
 }
 

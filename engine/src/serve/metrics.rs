@@ -65,7 +65,11 @@ impl Metrics {
             inter_token_latency.clone(),
         );
         let request_duration = Histogram::new(exponential_buckets(0.01, 2.0, 16));
-        registry.register("request_duration_seconds", "Time from arrival to the last token", request_duration.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time from arrival to the last token",
+            request_duration.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector { engine }));
         Metrics {
             registry,
@@ -81,7 +85,9 @@ impl Metrics {
     }
 
     pub fn count_request(&self, endpoint: &str, status: u16) {
-        self.requests.get_or_create(&vec![("endpoint", endpoint.to_owned()), ("status", status.to_string())]).inc();
+        self.requests
+            .get_or_create(&vec![("endpoint", endpoint.to_owned()), ("status", status.to_string())])
+            .inc();
     }
 
     /// The exposition text (Prometheus text format 0.0.4).
@@ -177,22 +183,57 @@ impl Collector for EngineCollector {
 
         let c = &s.expert_cache;
         let tier = vec![("tier", "host".to_owned()), ("precision", self.engine.expert_precision())];
-        counter(&mut e, "expert_cache_hits", "Experts found resident (or already being read)", &tier, c.hits)?;
+        counter(
+            &mut e,
+            "expert_cache_hits",
+            "Experts found resident (or already being read)",
+            &tier,
+            c.hits,
+        )?;
         counter(&mut e, "expert_cache_misses", "Experts that had to be read", &tier, c.misses)?;
         counter(&mut e, "expert_cache_evictions", "Experts evicted", &tier, c.evictions)?;
         counter(&mut e, "expert_bytes_read", "Bytes read from the shard files", &tier, c.bytes_read)?;
         counter(&mut e, "expert_reads", "Expert reads completed", &tier, c.reads)?;
         counter(&mut e, "expert_read_failures", "Expert reads that failed", &tier, c.failed_reads)?;
-        counter(&mut e, "expert_read_stall_seconds", "Time layers waited for expert bytes or room", &none, c.stall_seconds)?;
+        counter(
+            &mut e,
+            "expert_read_stall_seconds",
+            "Time layers waited for expert bytes or room",
+            &none,
+            c.stall_seconds,
+        )?;
         counter(&mut e, "prefetch_issued", "Expert reads started ahead of need", &tier, c.prefetch_reads)?;
         counter(&mut e, "prefetch_useful", "Prefetched experts later used", &tier, c.prefetch_hits)?;
-        gauge(&mut e, "expert_cache_resident_bytes", "Bytes of experts resident in host RAM", c.resident_bytes as i64)?;
+        gauge(
+            &mut e,
+            "expert_cache_resident_bytes",
+            "Bytes of experts resident in host RAM",
+            c.resident_bytes as i64,
+        )?;
         gauge(&mut e, "expert_cache_budget_bytes", "The host expert cache's budget", c.budget_bytes as i64)?;
         if let Some(f) = &s.forecast {
             counter(&mut e, "predictor_predictions", "Routing predictions made", &none, f.predictions)?;
-            counter(&mut e, "predictor_predicted_experts", "Experts predicted, over all scored predictions", &none, f.predicted)?;
-            counter(&mut e, "predictor_correct_experts", "Predicted experts the layer then used", &none, f.correct)?;
-            counter(&mut e, "predictor_routed_experts", "Experts the predicted layers used", &none, f.routed)?;
+            counter(
+                &mut e,
+                "predictor_predicted_experts",
+                "Experts predicted, over all scored predictions",
+                &none,
+                f.predicted,
+            )?;
+            counter(
+                &mut e,
+                "predictor_correct_experts",
+                "Predicted experts the layer then used",
+                &none,
+                f.correct,
+            )?;
+            counter(
+                &mut e,
+                "predictor_routed_experts",
+                "Experts the predicted layers used",
+                &none,
+                f.routed,
+            )?;
             gauge(&mut e, "predictor_precision", "Correct / predicted experts", f.precision())?;
             gauge(&mut e, "predictor_recall", "Correct / routed experts", f.recall())?;
         }

@@ -88,7 +88,12 @@ impl AppState {
     /// Takes `n` sequence slots, or says why not (429 full, 503 shutting down).
     pub fn admit(self: &Arc<Self>, n: usize) -> Result<Slots, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(ApiError::new(503, "server_error", Some("shutting_down"), "the server is shutting down"));
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                Some("shutting_down"),
+                "the server is shutting down",
+            ));
         }
         let mut cur = self.in_flight.load(Ordering::SeqCst);
         loop {
