@@ -240,14 +240,6 @@ async fn serve(args: &ServeArgs, state: Arc<AppState>) -> Result<(), CliError> {
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
     let s = &state;
-    eprintln!(
-        "serving {} on http://{addr} (max batch {}, up to {} sequences in flight, KV cache {} holding {} positions)",
-        s.model_name,
-        s.max_batch,
-        s.max_in_flight,
-        crate::size::human(s.engine.budgets().kv_cache),
-        s.engine.kv_positions(),
-    );
     match (&s.api_key, addr.ip().is_loopback()) {
         (Some(_), _) => eprintln!("API key required (Authorization: Bearer)"),
         (None, true) => eprintln!("no API key: listening on loopback only (give --host to listen elsewhere)"),
@@ -257,6 +249,15 @@ async fn serve(args: &ServeArgs, state: Arc<AppState>) -> Result<(), CliError> {
             addr.ip()
         ),
     }
+    // Last: the line that says the server is ready (tests and scripts wait for it).
+    eprintln!(
+        "serving {} on http://{addr} (max batch {}, up to {} sequences in flight, KV cache {} holding {} positions)",
+        s.model_name,
+        s.max_batch,
+        s.max_in_flight,
+        crate::size::human(s.engine.budgets().kv_cache),
+        s.engine.kv_positions(),
+    );
     let app = router(Arc::clone(&state));
     let timeout = Duration::from_secs(args.shutdown_timeout);
     let drain = Arc::clone(&state);
