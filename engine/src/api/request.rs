@@ -473,13 +473,6 @@ fn finish(
     })
 }
 
-impl ApiError {
-    fn with_param(mut self, param: &str) -> Self {
-        self.param = Some(param.to_owned());
-        self
-    }
-}
-
 /// A seed for a request that gave none: different every time.
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
