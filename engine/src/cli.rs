@@ -22,6 +22,9 @@ enum Command {
     /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions, streaming,
     /// Prometheus metrics), batching concurrent clients into shared forward passes.
     Serve(crate::serve::ServeArgs),
+    /// Run an offline batch job: OpenAI Batch API JSONL in, results appended durably, resumable,
+    /// shardable.
+    Batch(crate::batch::BatchArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
     /// Replay a routing trace through the configured cache tiers and policies, beside Belady's
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
     let res = match &cli.command {
         Command::Generate(a) => commands::generate::run(a),
         Command::Serve(a) => crate::serve::run(a),
+        Command::Batch(a) => crate::batch::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Predictor(c) => predictor_cli::run(c),
         Command::Simulate(a) => sim::run(a).map_err(Into::into),

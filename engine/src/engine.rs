@@ -435,6 +435,10 @@ pub struct StepStats {
     pub batch_sizes: Vec<u64>,
     /// Sequences summed over forward passes.
     pub batch_sizes_sum: u64,
+    /// MoE layers run with routed rows, over all passes, and the distinct experts they used:
+    /// `layer_experts / layer_steps` is the experts a layer loads per micro-batch.
+    pub layer_steps: u64,
+    pub layer_experts: u64,
 }
 
 /// Upper bounds of the [`StepStats::batch_sizes`] buckets.

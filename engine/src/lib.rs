@@ -3,6 +3,7 @@
 //! the simulator, the OpenAI-compatible API ([`api`]) and the CLI and HTTP server on top.
 
 pub mod api;
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod config;

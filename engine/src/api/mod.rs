@@ -1,10 +1,11 @@
 //! The OpenAI-compatible API, shared by everything that takes OpenAI-style requests (the server,
 //! batch jobs): request bodies parsed and checked against the model ([`request`]), chat templates
 //! ([`chat`]), stop sequences over streamed text ([`stop`]) and the response bodies
-//! ([`response`]). Nothing here does I/O beyond loading a model's template and generation
+//! ([`response`]), and one choice's text as its events arrive ([`choice`]). Nothing here does I/O beyond loading a model's template and generation
 //! defaults; the caller runs the prepared requests on the [`crate::engine::Engine`].
 
 pub mod chat;
+pub mod choice;
 pub mod request;
 pub mod response;
 pub mod stop;

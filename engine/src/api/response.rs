@@ -134,7 +134,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// 24 hex digits, different for every call (a process-wide counter mixed with a random key).
-fn unique_hex() -> String {
+pub fn unique_hex() -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);

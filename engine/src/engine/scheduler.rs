@@ -265,6 +265,8 @@ impl Scheduler {
             store: &inner.store,
             forecaster: inner.forecaster.as_ref(),
             recorder: &inner.recorder,
+            layer_steps: Default::default(),
+            layer_experts: Default::default(),
         };
         let span = tracing::debug_span!("step", rows = batch.len(), sequences = rows.len()).entered();
         let result = inner.model.forward(&batch, &mut self.kv, &source);
@@ -297,6 +299,8 @@ impl Scheduler {
             st.forward_seconds += forward_seconds;
             st.max_batch_seen = st.max_batch_seen.max(rows.len());
             st.count_batch(rows.len());
+            st.layer_steps += source.layer_steps.into_inner();
+            st.layer_experts += source.layer_experts.into_inner();
             for &(i, n) in &rows {
                 if self.running[i].prefilled() {
                     st.decode_rows += n as u64;

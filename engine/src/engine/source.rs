@@ -1,6 +1,7 @@
 //! The expert source of one forward pass: each MoE layer's plan is recorded (with `--trace`),
 //! fed to the forecaster (predictive policy), and streamed from the store with the forecast.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use stevedore_models::{ExpertPlan, ExpertSource, ExpertStream, ExpertsError};
@@ -14,6 +15,9 @@ pub(crate) struct StepSource<'a> {
     pub store: &'a ExpertStore,
     pub forecaster: Option<&'a Mutex<Forecaster>>,
     pub recorder: &'a Mutex<Option<Recorder>>,
+    /// MoE layers that streamed experts this pass, and the distinct experts they used in all.
+    pub layer_steps: AtomicU64,
+    pub layer_experts: AtomicU64,
 }
 
 impl ExpertSource for StepSource<'_> {
@@ -21,6 +25,8 @@ impl ExpertSource for StepSource<'_> {
         if let Some(r) = lock(self.recorder).as_mut() {
             r.record(plan);
         }
+        self.layer_steps.fetch_add(1, Ordering::Relaxed);
+        self.layer_experts.fetch_add(plan.experts.len() as u64, Ordering::Relaxed);
         let candidates = match self.forecaster {
             Some(f) => lock(f).observe(plan.moe.0, |r| plan.routed[r].then(|| plan.choice(r))),
             None => Vec::new(),

@@ -22,11 +22,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{error_response, AppState, Slots, MAX_BODY_BYTES};
+use crate::api::choice::ChoiceState;
 use crate::api::request::{prepare_chat, prepare_completion, Endpoint, ModelInfo, Prepared};
 use crate::api::response::{ChoiceResult, Delta, Meta, Usage};
-use crate::api::stop::StopMatcher;
 use crate::api::ApiError;
-use crate::engine::{EngineError, Event, FinishReason, RequestHandle};
+use crate::engine::{EngineError, Event, RequestHandle};
 
 type St = State<Arc<AppState>>;
 
@@ -234,13 +234,12 @@ struct Choice {
     /// Dropping it cancels the sequence.
     handle: RequestHandle,
     rx: UnboundedReceiver<Event>,
-    stop: StopMatcher,
+    state: ChoiceState,
     tokens: usize,
     arrived: Instant,
     first: Option<Instant>,
     last: Option<Instant>,
     queued: VecDeque<Piece>,
-    ended: bool,
     st: Arc<AppState>,
 }
 
@@ -257,13 +256,12 @@ impl Choice {
             index,
             handle,
             rx,
-            stop: StopMatcher::new(stops),
+            state: ChoiceState::new(stops),
             tokens: 0,
             arrived,
             first: None,
             last: None,
             queued: VecDeque::new(),
-            ended: false,
             st,
         }
     }
@@ -274,61 +272,37 @@ impl Choice {
             if let Some(p) = self.queued.pop_front() {
                 return Some(p);
             }
-            if self.ended {
+            if self.state.ended() {
                 return None;
             }
-            match self.rx.recv().await {
-                Some(Event::Token { text, .. }) => {
-                    let now = Instant::now();
-                    let m = &self.st.metrics;
-                    match self.last {
-                        None => {
-                            m.time_to_first_token.observe((now - self.arrived).as_secs_f64());
-                            self.first = Some(now);
-                        }
-                        Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
+            let u = self.state.apply(self.rx.recv().await);
+            self.tokens = self.state.tokens;
+            if u.token {
+                let now = Instant::now();
+                let m = &self.st.metrics;
+                match self.last {
+                    None => {
+                        m.time_to_first_token.observe((now - self.arrived).as_secs_f64());
+                        self.first = Some(now);
                     }
-                    self.last = Some(now);
-                    self.tokens += 1;
-                    m.generated_tokens.inc();
-                    self.emit(text);
-                    if self.stop.stopped() {
-                        // The rest is not wanted: the sequence leaves the batch now.
-                        self.handle.cancel();
-                        self.end(Piece::End("stop"));
-                    }
+                    Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
                 }
-                Some(Event::Finished(c)) => {
-                    self.emit(c.tail);
-                    let tail = self.stop.finish();
-                    self.emit_raw(tail);
-                    let reason = if self.stop.stopped() || c.finish_reason == FinishReason::Stop {
-                        "stop"
-                    } else {
-                        "length"
-                    };
-                    self.end(Piece::End(reason));
-                }
-                Some(Event::Failed(msg)) => self.end(Piece::Failed(msg)),
-                None => self.end(Piece::Failed("the engine stopped before finishing the request".into())),
+                self.last = Some(now);
+                m.generated_tokens.inc();
+            }
+            if u.cancel {
+                // The rest is not wanted: the sequence leaves the batch now.
+                self.handle.cancel();
+            }
+            if !u.text.is_empty() {
+                self.queued.push_back(Piece::Text(u.text));
+            }
+            match u.end {
+                Some(Ok(reason)) => self.queued.push_back(Piece::End(reason)),
+                Some(Err(msg)) => self.queued.push_back(Piece::Failed(msg)),
+                None => {}
             }
         }
-    }
-
-    fn emit(&mut self, text: String) {
-        let out = self.stop.push(&text);
-        self.emit_raw(out);
-    }
-
-    fn emit_raw(&mut self, text: String) {
-        if !text.is_empty() {
-            self.queued.push_back(Piece::Text(text));
-        }
-    }
-
-    fn end(&mut self, p: Piece) {
-        self.ended = true;
-        self.queued.push_back(p);
     }
 
     /// All of it: the text and the finish reason, or the failure.
