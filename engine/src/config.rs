@@ -92,11 +92,49 @@ pub struct EngineSection {
     pub kv_cache: Option<Size>,
     /// Expert reader threads.
     pub readers: usize,
+    /// Which sequences share a step: `fcfs` (every admitted one) or `regroup` (by route).
+    pub schedule: ScheduleKind,
+    /// Regrouping: sequences holding KV blocks to choose from (default 8 x max_batch).
+    pub regroup_pool: Option<usize>,
+    /// Regrouping: most steps a sequence waits before it runs regardless of its route
+    /// (default 4 x pool / max_batch: with less, aged sequences fill every step and nothing is
+    /// left to choose).
+    pub regroup_max_wait: Option<usize>,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
-        EngineSection { max_batch: 32, max_batch_tokens: 512, kv_cache: None, readers: 1 }
+        EngineSection {
+            max_batch: 32,
+            max_batch_tokens: 512,
+            kv_cache: None,
+            readers: 1,
+            schedule: ScheduleKind::Fcfs,
+            regroup_pool: None,
+            regroup_max_wait: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    #[default]
+    Fcfs,
+    Regroup,
+}
+
+impl EngineSection {
+    /// The engine's schedule for these settings and `max_batch` sequences a step.
+    pub fn schedule(&self, max_batch: usize) -> crate::engine::Schedule {
+        match self.schedule {
+            ScheduleKind::Fcfs => crate::engine::Schedule::Fcfs,
+            ScheduleKind::Regroup => {
+                let pool = self.regroup_pool.unwrap_or(8 * max_batch).max(max_batch);
+                let max_wait = self.regroup_max_wait.unwrap_or(4 * pool / max_batch.max(1));
+                crate::engine::Schedule::Regroup { pool, max_wait }
+            }
+        }
     }
 }
 
@@ -337,6 +375,8 @@ impl Config {
             ("engine.max_batch", e.max_batch, 1 << 16),
             ("engine.max_batch_tokens", e.max_batch_tokens, 1 << 20),
             ("engine.readers", e.readers, 64),
+            ("engine.regroup_pool", e.regroup_pool.unwrap_or(1), 1 << 16),
+            ("engine.regroup_max_wait", e.regroup_max_wait.unwrap_or(1), 1 << 16),
         ] {
             if v == 0 || v > max {
                 return Err(format!("{key}: {v} is not between 1 and {max}"));
@@ -449,6 +489,15 @@ max_batch_tokens = 512
 # kv_cache = "2GiB"
 # Threads reading experts from disk (more keep more reads in flight: NVMe drives reward it).
 readers = 1
+# Which sequences share a forward pass: "fcfs" runs every admitted sequence (up to max_batch);
+# "regroup" keeps up to regroup_pool sequences in the KV cache and runs, each step, the
+# max_batch whose last routes overlap most, so each step loads fewer distinct experts (batch
+# jobs with many more requests than max_batch gain; tokens are the same either way). A sequence
+# never waits more than regroup_max_wait steps. A larger pool groups better (on pydoc-moe at
+# max_batch 8: 11% fewer distinct experts a step with 4x, 40% with 16x) and holds more KV.
+schedule = "fcfs"
+# regroup_pool = 256       # default: 8 x max_batch
+# regroup_max_wait = 32    # default: 4 x regroup_pool / max_batch
 
 [simulator]
 # Bytes of one routed expert, for `stevedore simulate` without --model DIR.

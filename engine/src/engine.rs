@@ -8,6 +8,7 @@
 //! anything is started: [`Loaded::load`] loads the model and tokenizer, [`Loaded::start`] makes
 //! the store and starts the worker. [`Engine::build`] does both.
 
+pub mod regroup;
 mod scheduler;
 mod source;
 #[cfg(test)]
@@ -32,6 +33,8 @@ use crate::sampling::SamplingParams;
 use crate::size::Size;
 use crate::store::{ExpertFootprint, ExpertStore, Layouts, StoreError, StoreOptions, StoreStats};
 use crate::text::Text;
+use regroup::Route;
+pub use regroup::Schedule;
 use scheduler::{Scheduler, Sequence};
 
 /// Memory kept free for the OS and everything else when the host budget is automatic.
@@ -77,6 +80,8 @@ pub struct EngineConfig {
     pub readers: usize,
     /// Record every forward pass's routing to this trace file.
     pub trace: Option<PathBuf>,
+    /// Which sequences share a step: all admitted (FCFS) or regrouped by route.
+    pub schedule: Schedule,
 }
 
 /// How the host budget was chosen, when it was automatic.
@@ -354,7 +359,8 @@ impl Loaded {
             budgets: Budgets { host: budget, host_auto: auto, kv_cache: kv.bytes(), kv_block: KV_BLOCK },
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let scheduler = Scheduler::new(kv, config.max_batch.max(1), config.max_batch_tokens.max(1));
+        let scheduler =
+            Scheduler::new(kv, config.max_batch.max(1), config.max_batch_tokens.max(1), config.schedule);
         let worker_inner = Arc::clone(&inner);
         let worker = std::thread::Builder::new()
             .name("stevedore-engine".into())
@@ -439,6 +445,9 @@ pub struct StepStats {
     /// `layer_experts / layer_steps` is the experts a layer loads per micro-batch.
     pub layer_steps: u64,
     pub layer_experts: u64,
+    /// The same over passes of decode rows only (no prompt chunk): what regrouping acts on.
+    pub decode_layer_steps: u64,
+    pub decode_layer_experts: u64,
 }
 
 /// Upper bounds of the [`StepStats::batch_sizes`] buckets.
@@ -546,7 +555,9 @@ impl Engine {
             *n - 1
         };
         let cancel = Arc::new(AtomicBool::new(false));
-        let seq = Sequence::new(id, req, self.inner.text.is_some(), sink, Arc::clone(&cancel));
+        let cfg = &self.inner.model.config;
+        let route = Route::new(self.inner.model.layers.num_moe_layers(), cfg.num_experts);
+        let seq = Sequence::new(id, req, self.inner.text.is_some(), sink, Arc::clone(&cancel), route);
         self.tx.send(Command::Submit(Box::new(seq))).map_err(|_| EngineError::Stopped)?;
         Ok(RequestHandle { id, events: None, cancel })
     }

@@ -302,3 +302,19 @@ fn the_deploy_files_parse_and_agree_with_the_flags() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
+
+#[test]
+fn regrouping_gives_the_same_results_as_fcfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &requests(40));
+    let run = |schedule: &str| {
+        let out = dir.path().join(format!("{schedule}.jsonl"));
+        let r = stevedore(batch_args(&input, &out, &["--max-batch", "4", "--schedule", schedule, "--json"]));
+        let summary: Value = serde_json::from_str(r.ok()).unwrap();
+        assert!(summary["sequences_per_pass"].as_f64().unwrap() <= 4.0, "{summary}");
+        results(&out)
+    };
+    let fcfs = run("fcfs");
+    assert_eq!(fcfs.len(), 40);
+    assert_eq!(run("regroup"), fcfs);
+}

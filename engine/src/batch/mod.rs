@@ -152,7 +152,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
             .flat_map(|p| p.requests().into_iter().map(|r| r.prompt_ids.len() + r.max_new_tokens))
             .collect();
         need.sort_unstable_by(|a, b| b.cmp(a));
-        need.truncate(settings.max_batch);
+        need.truncate(settings.resident());
         loaded.kv_bytes_for(need).max(loaded.kv_bytes_for([1]))
     });
     let engine = settings.start(loaded, kv_cache)?;
@@ -185,7 +185,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
     let mut seq_of: HashMap<SeqId, (usize, usize)> = HashMap::new();
     let mut queue = runnable.into_iter();
     // Enough sequences submitted to refill the batch as sequences finish.
-    let window = 2 * settings.max_batch + 8;
+    let window = settings.resident() + settings.max_batch + 8;
     let mut in_flight = 0usize;
     let mut interrupted = false;
     loop {
@@ -310,11 +310,12 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
         eprintln!(
             "{done} of {total} requests answered ({already} by earlier runs, {refused} refused, {failed} failed); \
              {} tokens in {seconds:.1} s ({:.2} tok/s); {:.1} sequences and {:.1} distinct experts per layer per \
-             forward pass; {:.0} MiB read per token; {:.1} s stalled on reads",
+             forward pass ({:.1} in decode passes); {:.0} MiB read per token; {:.1} s stalled on reads",
             summary["generated_tokens"],
             summary["tokens_per_s"].as_f64().unwrap_or(0.0),
             summary["sequences_per_pass"].as_f64().unwrap_or(0.0),
             summary["experts_per_layer_pass"].as_f64().unwrap_or(0.0),
+            summary["experts_per_layer_decode_pass"].as_f64().unwrap_or(0.0),
             summary["bytes_read_per_token"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             stats.expert_cache.stall_seconds,
         );
@@ -346,6 +347,7 @@ fn summary(
         "forward_passes": st.steps,
         "sequences_per_pass": st.batch_sizes_sum as f64 / (st.steps as f64).max(1.0),
         "experts_per_layer_pass": st.layer_experts as f64 / (st.layer_steps as f64).max(1.0),
+        "experts_per_layer_decode_pass": st.decode_layer_experts as f64 / (st.decode_layer_steps as f64).max(1.0),
         "bytes_read_per_token": s.expert_cache.bytes_read as f64 / (tokens as f64).max(1.0),
         "stall_seconds": s.expert_cache.stall_seconds,
         "expert_cache": s.expert_cache,

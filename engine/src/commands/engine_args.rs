@@ -8,7 +8,7 @@ use stevedore_cache::PolicyKind;
 
 use super::{parse_size, CliError};
 use crate::config::{Config, Split};
-use crate::engine::{Engine, EngineConfig, EngineError, Loaded};
+use crate::engine::{Engine, EngineConfig, EngineError, Loaded, Schedule};
 use crate::size::{human, Size};
 use crate::store::StoreError;
 
@@ -44,6 +44,10 @@ pub struct EngineArgs {
     /// Record every token's routing (experts and gate weights per MoE layer) to this trace file.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Which sequences share a forward pass: `fcfs` or `regroup` (by route; see
+    /// `stevedore config --print-default`, `[engine]`). Default: the config's `engine.schedule`.
+    #[arg(long, value_parser = ["fcfs", "regroup"])]
+    pub schedule: Option<String>,
 }
 
 /// The policy without `--config` or `--policy`. Not the config file's default (`predictive`):
@@ -75,7 +79,12 @@ impl EngineArgs {
             }
             None => None,
         };
-        let config = file.clone().unwrap_or_default();
+        let mut config = file.clone().unwrap_or_default();
+        match self.schedule.as_deref() {
+            Some("regroup") => config.engine.schedule = crate::config::ScheduleKind::Regroup,
+            Some(_) => config.engine.schedule = crate::config::ScheduleKind::Fcfs,
+            None => {}
+        }
         let max_batch = self.max_batch.unwrap_or(config.engine.max_batch);
         if max_batch == 0 {
             return Err("--max-batch must be at least 1".into());
@@ -92,6 +101,18 @@ impl EngineArgs {
 }
 
 impl Settings<'_> {
+    pub fn schedule(&self) -> Schedule {
+        self.config.engine.schedule(self.max_batch)
+    }
+
+    /// Sequences that may hold KV blocks at once: what a default KV cache is sized for.
+    pub fn resident(&self) -> usize {
+        match self.schedule() {
+            Schedule::Fcfs => self.max_batch,
+            Schedule::Regroup { pool, .. } => pool,
+        }
+    }
+
     /// A message about the config file, named when there is one.
     fn in_config(&self, msg: String) -> String {
         match &self.args.config {
@@ -117,6 +138,7 @@ impl Settings<'_> {
             force_buffered: args.buffered_io,
             readers: self.config.engine.readers,
             trace: args.trace.clone(),
+            schedule: self.schedule(),
         };
         let engine = loaded.start(&engine_config).map_err(|e| -> CliError {
             match e {

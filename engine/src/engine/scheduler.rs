@@ -16,6 +16,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use stevedore_models::{Batch, KvPool, SeqId};
 
+use super::regroup::{self, Ready, Route, Schedule};
 use super::source::StepSource;
 use super::{lock, Command, Completion, Event, FinishReason, Inner, Request, Sink};
 use crate::forecast::StepRow;
@@ -38,11 +39,23 @@ pub(crate) struct Sequence {
     submitted: Instant,
     admitted: Option<Instant>,
     first_token: Option<Instant>,
+    /// Regrouping: the route of its last token, and the steps since it last ran.
+    route: Route,
+    waited: usize,
 }
 
 impl Sequence {
-    pub fn new(id: SeqId, req: Request, text: bool, sink: Sink, cancel: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        id: SeqId,
+        req: Request,
+        text: bool,
+        sink: Sink,
+        cancel: Arc<AtomicBool>,
+        route: Route,
+    ) -> Self {
         Sequence {
+            route,
+            waited: 0,
             id,
             sampler: Sampler::new(req.sampling.clone()),
             req,
@@ -97,11 +110,55 @@ pub(crate) struct Scheduler {
     kv: KvPool,
     max_batch: usize,
     max_batch_tokens: usize,
+    schedule: Schedule,
 }
 
 impl Scheduler {
-    pub fn new(kv: KvPool, max_batch: usize, max_batch_tokens: usize) -> Self {
-        Scheduler { waiting: VecDeque::new(), running: Vec::new(), kv, max_batch, max_batch_tokens }
+    pub fn new(kv: KvPool, max_batch: usize, max_batch_tokens: usize, schedule: Schedule) -> Self {
+        Scheduler { waiting: VecDeque::new(), running: Vec::new(), kv, max_batch, max_batch_tokens, schedule }
+    }
+
+    /// Sequences that may hold KV blocks at once.
+    fn resident(&self) -> usize {
+        match self.schedule {
+            Schedule::Fcfs => self.max_batch,
+            Schedule::Regroup { pool, .. } => pool.max(self.max_batch),
+        }
+    }
+
+    /// The running sequences this step runs (indices, ascending).
+    fn choose(&mut self) -> Vec<usize> {
+        let max_wait = match self.schedule {
+            Schedule::Regroup { max_wait, .. } if self.running.len() > self.max_batch => max_wait,
+            _ => return (0..self.running.len()).collect(),
+        };
+        // Candidates: every decoding sequence, and the prefilling ones whose next chunk fits the
+        // row budget left after a full pass of decode rows (a slot given to a prompt that gets no
+        // rows would be a slot wasted).
+        let mut room = self.max_batch_tokens.saturating_sub(self.max_batch);
+        let mut candidates = Vec::with_capacity(self.running.len());
+        for (i, s) in self.running.iter().enumerate() {
+            if s.prefilled() {
+                candidates.push(i);
+            } else if room > 0 {
+                room = room.saturating_sub(s.req.prompt_ids.len() - s.fed);
+                candidates.push(i);
+            }
+        }
+        let ready: Vec<Ready> = candidates
+            .iter()
+            .map(|&i| {
+                let s = &self.running[i];
+                Ready { waited: s.waited, prefill: !s.prefilled(), route: &s.route }
+            })
+            .collect();
+        let mut chosen: Vec<usize> =
+            regroup::select(&ready, self.max_batch, max_wait).into_iter().map(|k| candidates[k]).collect();
+        chosen.sort_unstable();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            s.waited = if chosen.binary_search(&i).is_ok() { 0 } else { s.waited + 1 };
+        }
+        chosen
     }
 
     /// The worker loop: takes commands, steps while there is work, stops on shutdown or when
@@ -159,7 +216,7 @@ impl Scheduler {
 
     /// Admits waiting requests in order while a batch slot and KV blocks allow.
     fn admit(&mut self, inner: &Inner) {
-        while self.running.len() < self.max_batch {
+        while self.running.len() < self.resident() {
             let Some(front) = self.waiting.front() else { break };
             let positions = front.positions();
             if self.kv.blocks_for(positions) > self.kv.total_blocks() {
@@ -220,16 +277,19 @@ impl Scheduler {
         }
 
         // Decode tokens first (one row each), then prompt chunks within the row budget.
+        let chosen = self.choose();
         let mut batch = Batch::new();
         let mut rows: Vec<(usize, usize)> = Vec::new(); // (sequence index, rows)
         let mut budget = self.max_batch_tokens;
-        for (i, s) in self.running.iter().enumerate().filter(|(_, s)| s.prefilled()) {
+        for &i in chosen.iter().filter(|&&i| self.running[i].prefilled()) {
+            let s = &self.running[i];
             let pos = s.req.prompt_ids.len() + s.generated.len() - 1;
             batch.push(s.id, pos, &s.generated[s.generated.len() - 1..], true);
             rows.push((i, 1));
             budget = budget.saturating_sub(1);
         }
-        for (i, s) in self.running.iter().enumerate().filter(|(_, s)| !s.prefilled()) {
+        for &i in chosen.iter().filter(|&&i| !self.running[i].prefilled()) {
+            let s = &self.running[i];
             let take = (s.req.prompt_ids.len() - s.fed).min(budget);
             if take == 0 {
                 break;
@@ -267,6 +327,12 @@ impl Scheduler {
             recorder: &inner.recorder,
             layer_steps: Default::default(),
             layer_experts: Default::default(),
+            // Each sequence's last row in the batch carries its route for the next step.
+            route_rows: matches!(self.schedule, Schedule::Regroup { .. }).then(|| {
+                let of_row =
+                    rows.iter().flat_map(|&(i, n)| (0..n).map(move |k| (k + 1 == n).then_some(i))).collect();
+                (of_row, Default::default())
+            }),
         };
         let span = tracing::debug_span!("step", rows = batch.len(), sequences = rows.len()).entered();
         let result = inner.model.forward(&batch, &mut self.kv, &source);
@@ -299,8 +365,21 @@ impl Scheduler {
             st.forward_seconds += forward_seconds;
             st.max_batch_seen = st.max_batch_seen.max(rows.len());
             st.count_batch(rows.len());
-            st.layer_steps += source.layer_steps.into_inner();
-            st.layer_experts += source.layer_experts.into_inner();
+            let (steps, experts) = (source.layer_steps.into_inner(), source.layer_experts.into_inner());
+            st.layer_steps += steps;
+            st.layer_experts += experts;
+            if rows.iter().all(|&(i, _)| self.running[i].prefilled()) {
+                st.decode_layer_steps += steps;
+                st.decode_layer_experts += experts;
+            }
+        }
+        if let Some((_, routes)) = source.route_rows {
+            for (i, moe, experts) in routes.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                self.running[i].route.set(moe, &experts);
+            }
+        }
+        {
+            let st = &mut *lock(&inner.stats);
             for &(i, n) in &rows {
                 if self.running[i].prefilled() {
                     st.decode_rows += n as u64;

@@ -18,6 +18,9 @@ pub(crate) struct StepSource<'a> {
     /// MoE layers that streamed experts this pass, and the distinct experts they used in all.
     pub layer_steps: AtomicU64,
     pub layer_experts: AtomicU64,
+    /// With regrouping: for each batch row that is its sequence's last, the sequence's index in
+    /// the running set; the routes those rows take are collected as (index, MoE layer, experts).
+    pub route_rows: Option<(Vec<Option<usize>>, Mutex<Vec<(usize, usize, Vec<u32>)>>)>,
 }
 
 impl ExpertSource for StepSource<'_> {
@@ -27,6 +30,14 @@ impl ExpertSource for StepSource<'_> {
         }
         self.layer_steps.fetch_add(1, Ordering::Relaxed);
         self.layer_experts.fetch_add(plan.experts.len() as u64, Ordering::Relaxed);
+        if let Some((of_row, routes)) = &self.route_rows {
+            let mut routes = lock(routes);
+            for (r, seq) in of_row.iter().enumerate() {
+                if let (Some(i), true) = (seq, plan.routed[r]) {
+                    routes.push((*i, plan.moe.0, plan.choice(r).0.to_vec()));
+                }
+            }
+        }
         let candidates = match self.forecaster {
             Some(f) => lock(f).observe(plan.moe.0, |r| plan.routed[r].then(|| plan.choice(r))),
             None => Vec::new(),

@@ -24,6 +24,7 @@ fn config(kv_cache: u64) -> EngineConfig {
         force_buffered: false,
         readers: 1,
         trace: None,
+        schedule: Schedule::Fcfs,
     }
 }
 
