@@ -346,6 +346,18 @@ impl Loaded {
                 )));
             }
         }
+        let schedule =
+            config.schedule.effective(config.max_batch.max(1), cfg.num_experts_per_tok, cfg.num_experts);
+        if schedule != config.schedule {
+            tracing::warn!(
+                max_batch = config.max_batch,
+                "regrouping falls back to FCFS: {} sequences x top-{} cover the {} experts of a layer more than \
+                 four times over, so every grouping loads nearly all of them",
+                config.max_batch,
+                cfg.num_experts_per_tok,
+                cfg.num_experts
+            );
+        }
         let kv =
             KvPool::new(cfg, config.kv_cache, KV_BLOCK).map_err(|e| EngineError::Config(e.to_string()))?;
         let inner = Arc::new(Inner {
@@ -359,8 +371,7 @@ impl Loaded {
             budgets: Budgets { host: budget, host_auto: auto, kv_cache: kv.bytes(), kv_block: KV_BLOCK },
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let scheduler =
-            Scheduler::new(kv, config.max_batch.max(1), config.max_batch_tokens.max(1), config.schedule);
+        let scheduler = Scheduler::new(kv, config.max_batch.max(1), config.max_batch_tokens.max(1), schedule);
         let worker_inner = Arc::clone(&inner);
         let worker = std::thread::Builder::new()
             .name("stevedore-engine".into())

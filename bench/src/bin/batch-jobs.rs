@@ -1,5 +1,6 @@
 //! Batch-job benchmark: `stevedore batch` on one input (prompts of about 32-128 tokens of
-//! Python-documentation prose, different per request, 64 new tokens, greedy) at several `--max-batch` values with `--schedule fcfs` and `regroup`,
+//! Python-documentation prose, or of random ids for a model without a tokenizer; different per
+//! request; 64 new tokens; greedy) at several `--max-batch` values with `--schedule fcfs` and `regroup`,
 //! against running the first requests one by one with `stevedore generate`. Reports generated
 //! tokens/s, distinct experts a MoE layer loads per forward pass, and expert bytes read per
 //! token; checks every run gives the same texts. Bars: max-batch 64 reaches 5x the one-by-one
@@ -96,6 +97,14 @@ fn log(m: &str) {
     eprintln!("[batch-jobs] {m}");
 }
 
+/// The model's vocabulary size, from config.json.
+fn vocab(model: &Path) -> Result<usize, String> {
+    let path = model.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    v["vocab_size"].as_u64().map(|n| n as usize).ok_or_else(|| format!("{}: no vocab_size", path.display()))
+}
+
 /// One `stevedore batch` run: its summary and custom_id -> text.
 fn batch(
     bin: &Path,
@@ -133,7 +142,10 @@ fn batch(
     let mut texts = BTreeMap::new();
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-        let t = v["response"]["body"]["choices"][0]["text"].as_str().ok_or(format!("no text in {line}"))?;
+        // Without a tokenizer the text is empty; the usage still says how many tokens.
+        let body = &v["response"]["body"];
+        let t = body["choices"][0]["text"].as_str().ok_or(format!("no result in {line}"))?;
+        let t = format!("{t}|{}", body["usage"]["completion_tokens"]);
         texts.insert(v["custom_id"].as_str().unwrap_or_default().to_owned(), t.to_owned());
     }
     Ok((summary, texts))
@@ -152,16 +164,23 @@ fn run(args: &Args) -> Result<bool, String> {
     let tmp = TempDir::new("batch-jobs")?;
     let mut rng = SplitMix64(7);
     // Natural text routes as real jobs do (random ids route closer to uniform): sentences drawn
-    // at random until about 25-90 words (32-128 tokens).
-    let prompts: Vec<String> = (0..args.requests)
+    // at random until about 25-90 words (32-128 tokens). A model without a tokenizer (the e2e
+    // benchmark's random checkpoint) gets random ids, 32-128 of them.
+    let text = args.model.join("tokenizer.json").exists();
+    let vocab = vocab(&args.model)?;
+    let prompts: Vec<Value> = (0..args.requests)
         .map(|_| {
+            if !text {
+                let len = 32 + rng.below(97);
+                return json!((0..len).map(|_| 2 + rng.below(vocab - 2) as u32).collect::<Vec<_>>());
+            }
             let words = 25 + rng.below(66);
             let mut p = String::new();
             while p.split_whitespace().count() < words {
                 p.push_str(SENTENCES[rng.below(SENTENCES.len())]);
                 p.push(' ');
             }
-            p.trim_end().to_owned()
+            json!(p.trim_end())
         })
         .collect();
     let input = tmp.path().join("requests.jsonl");
@@ -181,11 +200,19 @@ fn run(args: &Args) -> Result<bool, String> {
     let t0 = Instant::now();
     let mut tokens = 0usize;
     for p in &prompts[..n] {
+        let prompt = match p {
+            Value::String(t) => ["--prompt".to_owned(), t.clone()],
+            ids => {
+                let ids: Vec<String> = ids.as_array().into_iter().flatten().map(|i| i.to_string()).collect();
+                ["--prompt-ids".to_owned(), ids.join(",")]
+            }
+        };
         let out = Command::new(&bin)
             .arg("generate")
             .arg("--model")
             .arg(&args.model)
-            .args(["--prompt", p, "--max-new-tokens", &args.max_new_tokens.to_string()])
+            .args(&prompt)
+            .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
             .args(["--host-cache", &args.host_cache, "--policy", "lru", "--json"])
             .output()
             .map_err(|e| e.to_string())?;
@@ -261,7 +288,8 @@ fn run(args: &Args) -> Result<bool, String> {
             if ok { "pass" } else { "FAIL" }
         );
     }
-    for &mb in args.max_batch.iter().filter(|&&mb| mb < args.requests) {
+    // A micro-batch of one always loads top-k experts: nothing to regroup.
+    for &mb in args.max_batch.iter().filter(|&&mb| mb > 1 && mb < args.requests) {
         if let (Some(fe), Some(re), Some(ft), Some(rt)) = (
             get(mb, "fcfs", "experts_per_layer_decode_pass"),
             get(mb, "regroup", "experts_per_layer_decode_pass"),

@@ -153,7 +153,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
             .collect();
         need.sort_unstable_by(|a, b| b.cmp(a));
         need.truncate(settings.resident());
-        loaded.kv_bytes_for(need).max(loaded.kv_bytes_for([1]))
+        settings.default_kv(loaded.kv_bytes_for(need)).max(loaded.kv_bytes_for([1]))
     });
     let engine = settings.start(loaded, kv_cache)?;
     catch_signals();
@@ -206,6 +206,9 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
                 }
             }
             if let Some(err) = refusal {
+                for h in &handles {
+                    seq_of.remove(&h.id());
+                }
                 drop(handles);
                 results.append(&refusal_record(e, &Refusal::Api(err)))?;
                 refused += 1;
@@ -247,7 +250,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
             continue;
         };
         let Some(&(i, c)) = seq_of.get(&seq) else { continue };
-        let r = running.get_mut(&i).expect("a running request");
+        let Some(r) = running.get_mut(&i) else { continue };
         let u = r.choices[c].apply(Some(event));
         r.texts[c].push_str(&u.text);
         if u.cancel {

@@ -105,6 +105,12 @@ impl Settings<'_> {
         self.config.engine.schedule(self.max_batch)
     }
 
+    /// A default KV cache of `need` bytes, at most half the memory available now (a default
+    /// never asks for more than the machine has; requests wait for blocks instead).
+    pub fn default_kv(&self, need: u64) -> u64 {
+        crate::sys::available_memory_bytes().map_or(need, |a| need.min(a / 2))
+    }
+
     /// Sequences that may hold KV blocks at once: what a default KV cache is sized for.
     pub fn resident(&self) -> usize {
         match self.schedule() {

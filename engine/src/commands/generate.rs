@@ -148,7 +148,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
             .map(|j| (j.req.prompt_ids.len().saturating_add(j.req.max_new_tokens)).min(limit))
             .collect();
         need.sort_unstable_by(|a, b| b.cmp(a));
-        loaded.kv_bytes_for(need.into_iter().take(settings.resident()))
+        settings.default_kv(loaded.kv_bytes_for(need.into_iter().take(settings.resident())))
     });
     let engine = settings.start(loaded, kv_cache)?;
     match args.batch {

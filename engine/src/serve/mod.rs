@@ -197,7 +197,7 @@ pub fn run(args: &ServeArgs) -> Result<(), CliError> {
     let defaults = SamplingDefaults::load(dir)?;
     let kv_cache = settings.kv_cache.unwrap_or_else(|| {
         let per_seq = loaded.model().config.max_positions().min(DEFAULT_KV_POSITIONS);
-        loaded.kv_bytes_for(std::iter::repeat_n(per_seq, settings.max_batch))
+        settings.default_kv(loaded.kv_bytes_for(std::iter::repeat_n(per_seq, settings.resident())))
     });
     let max_batch = settings.max_batch;
     let engine = Arc::new(settings.start(loaded, kv_cache)?);
