@@ -485,7 +485,9 @@ max_batch = 32
 # Rows of one forward pass: every running sequence's decode token, then prompt chunks until
 # this many rows in all (a longer prompt is prefilled over several passes).
 max_batch_tokens = 512
-# Bytes of the paged KV cache. Without it, `generate` takes what its requests need at once.
+# Bytes of the paged KV cache. Without it, `generate` and `batch` take what their requests need
+# at once and `serve` max_batch sequences of min(context, 4096) positions, at most half the
+# memory available.
 # kv_cache = "2GiB"
 # Threads reading experts from disk (more keep more reads in flight: NVMe drives reward it).
 readers = 1
@@ -498,7 +500,7 @@ readers = 1
 # KV (requests wait for KV blocks when the cache is smaller than the pool needs).
 schedule = "fcfs"
 # regroup_pool = 512       # default: 16 x max_batch
-# regroup_max_wait = 32    # default: 4 x regroup_pool / max_batch
+# regroup_max_wait = 64    # default: 4 x regroup_pool / max_batch
 
 [simulator]
 # Bytes of one routed expert, for `stevedore simulate` without --model DIR.
