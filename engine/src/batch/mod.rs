@@ -85,7 +85,7 @@ struct Running {
     failure: Option<String>,
     left: usize,
     /// Dropping them cancels the sequences.
-    _handles: Vec<RequestHandle>,
+    handles: Vec<RequestHandle>,
 }
 
 fn record_id() -> String {
@@ -187,7 +187,6 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
     // Enough sequences submitted to refill the batch as sequences finish.
     let window = settings.resident() + settings.max_batch + 8;
     let mut in_flight = 0usize;
-    let mut interrupted = false;
     loop {
         while in_flight < window && !INTERRUPTED.load(Ordering::SeqCst) {
             let Some(i) = queue.next() else { break };
@@ -228,15 +227,11 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
                     finish: vec![None; n],
                     failure: None,
                     left: n,
-                    _handles: handles,
+                    handles,
                 },
             );
         }
-        if running.is_empty() {
-            break;
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            interrupted = true;
+        if running.is_empty() || INTERRUPTED.load(Ordering::SeqCst) {
             break;
         }
         let event = match rx.recv_timeout(Duration::from_millis(250)) {
@@ -254,7 +249,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
         let u = r.choices[c].apply(Some(event));
         r.texts[c].push_str(&u.text);
         if u.cancel {
-            r._handles[c].cancel();
+            r.handles[c].cancel();
         }
         let Some(end) = u.end else { continue };
         seq_of.remove(&seq);
@@ -301,6 +296,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
         progress.update(&figures(done), false);
     }
     drop(running); // cancels whatever still runs
+    let interrupted = INTERRUPTED.load(Ordering::SeqCst) && done < total;
     let stats = engine.stats();
     let seconds = progress.seconds();
     progress.update(&Figures::of(done, &stats, seconds), true);
