@@ -32,6 +32,36 @@ pub fn shape_field<'a>(shape: &'a mut Shape, flag: &str) -> Option<&'a mut usize
     })
 }
 
+/// A benchmark binary's `main`: parses the arguments (a usage error exits 2), runs, and exits 0
+/// when every bar passed, 1 when one failed, 2 on an error (prefixed with `name`).
+pub fn main<A>(
+    name: &str,
+    parse: impl FnOnce(std::iter::Skip<std::env::Args>) -> Result<A, String>,
+    run: impl FnOnce(A) -> Result<bool, String>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The command line as the report prints it: `name` and this run's arguments.
+pub fn command_line(name: &str) -> String {
+    std::iter::once(name.to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
+}
+
 /// Parses a comma-separated list of positive whole numbers (`1,4,16`).
 pub fn positive_list(flag: &str, v: &str) -> Result<Vec<usize>, String> {
     let list: Vec<usize> = v

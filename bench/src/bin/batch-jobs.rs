@@ -76,21 +76,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("batch-jobs: {e}");
-            ExitCode::from(2)
-        }
-    }
+    setup::main("batch-jobs", parse_args, |a| run(&a))
 }
 
 fn log(m: &str) {
@@ -152,10 +138,7 @@ fn batch(
 }
 
 fn run(args: &Args) -> Result<bool, String> {
-    let command = std::iter::once("batch-jobs".to_string())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = setup::command_line("batch-jobs");
     let bin = match &args.bin {
         Some(b) => b.clone(),
         None => setup::default_bin()?,

@@ -147,21 +147,7 @@ fn prompts(n: usize, tokens: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("batch: {e}");
-            ExitCode::from(2)
-        }
-    }
+    setup::main("batch", parse_args, run)
 }
 
 fn log(m: &str) {
@@ -170,8 +156,7 @@ fn log(m: &str) {
 
 /// Runs and checks the binaries, then everything the report needs; see the module docs.
 fn run(args: Args) -> Result<bool, String> {
-    let command =
-        std::iter::once("batch".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+    let command = setup::command_line("batch");
     let machine = probe::machine();
     let plan = Plan::new(args.shape.clone())?;
     let vocab = plan.shape.vocab_size;

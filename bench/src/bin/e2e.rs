@@ -99,26 +99,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("e2e: {e}");
-            ExitCode::from(2)
-        }
-    }
+    setup::main("e2e", parse_args, run)
 }
 
 fn run(args: Args) -> Result<bool, String> {
-    let command =
-        std::iter::once("e2e".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+    let command = setup::command_line("e2e");
     let machine = probe::machine();
     let plan = Plan::new(args.shape.clone())?;
     let bin = match &args.bin {

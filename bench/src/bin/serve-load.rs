@@ -92,21 +92,7 @@ fn log(m: &str) {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("serve-load: {e}");
-            ExitCode::from(2)
-        }
-    }
+    setup::main("serve-load", parse_args, |a| run(&a))
 }
 
 /// A word-level tokenizer over the checkpoint's vocabulary (`w0`, `w1`, ...), so that every
@@ -123,10 +109,7 @@ fn tokenizer_json(vocab: usize) -> String {
 }
 
 fn run(args: &Args) -> Result<bool, String> {
-    let command = std::iter::once("serve-load".to_string())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = setup::command_line("serve-load");
     let plan = Plan::new(args.shape.clone())?;
     let bin = match &args.bin {
         Some(b) => b.clone(),

@@ -56,6 +56,17 @@ impl ApiError {
         self
     }
 
+    /// 404 for a model this server does not serve (`served`).
+    pub fn model_not_found(asked: &str, served: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!("the model `{asked}` does not exist; this server serves `{served}`"),
+        )
+        .with_param("model")
+    }
+
     pub fn server(message: impl Into<String>) -> Self {
         Self::new(500, "server_error", None, message)
     }

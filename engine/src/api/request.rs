@@ -37,6 +37,50 @@ pub struct ModelInfo<'a> {
     pub defaults: &'a SamplingDefaults,
 }
 
+/// What the API needs of a model beyond the engine: its name, chat template and sampling
+/// defaults, loaded once by the server and by batch jobs.
+pub struct ApiModel {
+    pub name: String,
+    pub template: Option<ChatTemplate>,
+    pub defaults: SamplingDefaults,
+}
+
+impl ApiModel {
+    /// Loads `dir`'s template (or `chat_template`'s) and generation defaults; the name is `name`
+    /// or the directory's.
+    pub fn load(dir: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<Self, String> {
+        let template = match chat_template {
+            Some(path) => Some(ChatTemplate::from_file(path, dir)?),
+            None => ChatTemplate::load(dir)?,
+        };
+        let name = name.unwrap_or_else(|| {
+            dir.canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "model".into())
+        });
+        Ok(ApiModel { name, template, defaults: SamplingDefaults::load(dir)? })
+    }
+
+    /// What requests are checked against, for `model` with `kv_positions` per sequence.
+    pub fn info<'a>(
+        &'a self,
+        model: &stevedore_models::Model,
+        text: Option<&'a Text>,
+        kv_positions: usize,
+    ) -> ModelInfo<'a> {
+        ModelInfo {
+            name: &self.name,
+            text,
+            template: self.template.as_ref(),
+            context: model.config.max_positions(),
+            kv_positions,
+            vocab_size: model.config.vocab_size,
+            defaults: &self.defaults,
+        }
+    }
+}
+
 /// Sampling defaults when a request does not say: OpenAI's (temperature 1, top-p 1), unless the
 /// model's `generation_config.json` says otherwise (`do_sample: false` means greedy), as
 /// transformers and vLLM do.
@@ -337,15 +381,7 @@ fn finish(
     m: &ModelInfo,
 ) -> Result<Prepared, ApiError> {
     let model = match c.model {
-        Some(name) if name != m.name => {
-            return Err(ApiError::new(
-                404,
-                "invalid_request_error",
-                Some("model_not_found"),
-                format!("the model `{name}` does not exist; this server serves `{}`", m.name),
-            )
-            .with_param("model"))
-        }
+        Some(name) if name != m.name => return Err(ApiError::model_not_found(&name, m.name)),
         _ => m.name.to_owned(),
     };
     let unsupported = |field: &str| ApiError::invalid(Some(field), format!("{field} is not supported"));

@@ -19,9 +19,8 @@ use clap::Args;
 use serde_json::{json, Value};
 use stevedore_models::SeqId;
 
-use crate::api::chat::ChatTemplate;
 use crate::api::choice::ChoiceState;
-use crate::api::request::{ModelInfo, SamplingDefaults};
+use crate::api::request::ApiModel;
 use crate::api::response::{unique_hex, ChoiceResult, Meta, Usage};
 use crate::api::ApiError;
 use crate::commands::engine_args::EngineArgs;
@@ -77,7 +76,6 @@ fn catch_signals() {
 
 /// One request in flight: its choices as they arrive.
 struct Running {
-    entry: usize,
     meta: Meta,
     choices: Vec<ChoiceState>,
     texts: Vec<String>,
@@ -118,26 +116,9 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
     let mut results = Results::open(&args.output)?;
     let dir = &args.engine.model;
     let loaded = Loaded::load(dir)?;
-    let template = match &args.chat_template {
-        Some(path) => Some(ChatTemplate::from_file(path, dir)?),
-        None => ChatTemplate::load(dir)?,
-    };
-    let defaults = SamplingDefaults::load(dir)?;
-    let name = dir
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
-    let cfg = &loaded.model().config;
-    let info = ModelInfo {
-        name: &name,
-        text: loaded.text(),
-        template: template.as_ref(),
-        context: cfg.max_positions(),
-        kv_positions: cfg.max_positions(),
-        vocab_size: cfg.vocab_size,
-        defaults: &defaults,
-    };
+    let api = ApiModel::load(dir, args.chat_template.as_deref(), None)?;
+    // Checked against the context only: the KV cache is sized for these requests below.
+    let info = api.info(loaded.model(), loaded.text(), loaded.model().config.max_positions());
     let entries = input::read(&args.input, &info)?;
     let mine: Vec<Entry> = entries.into_iter().filter(|e| shard.holds(&e.key)).collect();
     let total = mine.len() as u64;
@@ -216,11 +197,10 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
             }
             let n = handles.len();
             in_flight += n;
-            let model = e.model.clone().unwrap_or_else(|| name.clone());
+            let model = e.model.clone().unwrap_or_else(|| api.name.clone());
             running.insert(
                 i,
                 Running {
-                    entry: i,
                     meta: Meta::new(p.endpoint, &model),
                     choices: (0..n).map(|_| ChoiceState::new(&p.stop)).collect(),
                     texts: vec![String::new(); n],
@@ -265,7 +245,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
             continue;
         }
         let r = running.remove(&i).expect("present");
-        let e = &todo[r.entry];
+        let e = &todo[i];
         let p = e.request.as_ref().expect("runnable");
         let record = match &r.failure {
             Some(msg) => {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{error_response, AppState, Slots, MAX_BODY_BYTES};
 use crate::api::choice::ChoiceState;
-use crate::api::request::{prepare_chat, prepare_completion, Endpoint, ModelInfo, Prepared};
+use crate::api::request::{prepare_chat, prepare_completion, Endpoint, Prepared};
 use crate::api::response::{ChoiceResult, Delta, Meta, Usage};
 use crate::api::ApiError;
 use crate::engine::{EngineError, Event, RequestHandle};
@@ -76,16 +76,7 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
 }
 
 fn prepare(st: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiError> {
-    let model = st.engine.model();
-    let info = ModelInfo {
-        name: &st.model_name,
-        text: st.engine.text(),
-        template: st.template.as_ref(),
-        context: model.config.max_positions(),
-        kv_positions: st.engine.kv_positions(),
-        vocab_size: model.config.vocab_size,
-        defaults: &st.defaults,
-    };
+    let info = st.api.info(st.engine.model(), st.engine.text(), st.engine.kv_positions());
     match endpoint {
         Endpoint::Chat => prepare_chat(body, &info),
         Endpoint::Completions => prepare_completion(body, &info),
@@ -402,22 +393,16 @@ pub(crate) async fn models(State(st): St) -> Response {
 }
 
 pub(crate) async fn model(State(st): St, Path(id): Path<String>) -> Response {
-    if id == st.model_name {
+    if id == st.api.name {
         Json(model_card(&st)).into_response()
     } else {
-        let e = ApiError::new(
-            404,
-            "invalid_request_error",
-            Some("model_not_found"),
-            format!("the model `{id}` does not exist; this server serves `{}`", st.model_name),
-        );
-        error_response(&e)
+        error_response(&ApiError::model_not_found(&id, &st.api.name))
     }
 }
 
 fn model_card(st: &AppState) -> Value {
     json!({
-        "id": st.model_name,
+        "id": st.api.name,
         "object": "model",
         "created": st.created,
         "owned_by": "stevedore",

@@ -25,8 +25,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 
-use crate::api::chat::ChatTemplate;
-use crate::api::request::SamplingDefaults;
+use crate::api::request::ApiModel;
 use crate::api::ApiError;
 use crate::commands::engine_args::EngineArgs;
 use crate::commands::CliError;
@@ -71,9 +70,8 @@ pub struct ServeArgs {
 /// What every handler shares.
 pub(crate) struct AppState {
     pub engine: Arc<Engine>,
-    pub model_name: String,
-    pub template: Option<ChatTemplate>,
-    pub defaults: SamplingDefaults,
+    /// The model's name, chat template and sampling defaults.
+    pub api: ApiModel,
     pub metrics: Metrics,
     pub api_key: Option<String>,
     /// Sequences accepted and not finished, and the most allowed.
@@ -190,29 +188,17 @@ pub fn run(args: &ServeArgs) -> Result<(), CliError> {
     let settings = args.engine.settings()?;
     let dir = &args.engine.model;
     let loaded = Loaded::load(dir)?;
-    let template = match &args.chat_template {
-        Some(path) => Some(ChatTemplate::from_file(path, dir)?),
-        None => ChatTemplate::load(dir)?,
-    };
-    let defaults = SamplingDefaults::load(dir)?;
+    let api = ApiModel::load(dir, args.chat_template.as_deref(), args.served_model_name.clone())?;
     let kv_cache = settings.kv_cache.unwrap_or_else(|| {
         let per_seq = loaded.model().config.max_positions().min(DEFAULT_KV_POSITIONS);
         settings.default_kv(loaded.kv_bytes_for(std::iter::repeat_n(per_seq, settings.resident())))
     });
     let max_batch = settings.max_batch;
     let engine = Arc::new(settings.start(loaded, kv_cache)?);
-    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
-        dir.canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "model".into())
-    });
     let state = Arc::new(AppState {
         metrics: Metrics::new(Arc::clone(&engine)),
         engine: Arc::clone(&engine),
-        model_name,
-        template,
-        defaults,
+        api,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         in_flight: AtomicUsize::new(0),
         max_in_flight: max_batch + args.max_queue.unwrap_or(4 * max_batch),
@@ -252,7 +238,7 @@ async fn serve(args: &ServeArgs, state: Arc<AppState>) -> Result<(), CliError> {
     // Last: the line that says the server is ready (tests and scripts wait for it).
     eprintln!(
         "serving {} on http://{addr} (max batch {}, up to {} sequences in flight, KV cache {} holding {} positions)",
-        s.model_name,
+        s.api.name,
         s.max_batch,
         s.max_in_flight,
         crate::size::human(s.engine.budgets().kv_cache),
