@@ -62,6 +62,15 @@ pub fn command_line(name: &str) -> String {
     std::iter::once(name.to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
 }
 
+/// Parses one positive whole number given to `flag`.
+pub fn positive(flag: &str, v: &str) -> Result<usize, String> {
+    v.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{flag}: `{v}` is not a positive number"))
+}
+
 /// Parses a comma-separated list of positive whole numbers (`1,4,16`).
 pub fn positive_list(flag: &str, v: &str) -> Result<Vec<usize>, String> {
     let list: Vec<usize> = v

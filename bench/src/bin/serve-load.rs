@@ -59,13 +59,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let mut num = || -> Result<usize, String> {
-            let v = value()?;
-            v.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("{flag}: `{v}` is not a positive number"))
-        };
+        let mut num = || setup::positive(&flag, &value()?);
         match flag.as_str() {
             "--dir" => a.dir = Some(value()?.into()),
             "--keep" => a.keep = true,
