@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Alignment of `O_DIRECT` buffers, offsets and lengths.
 pub const ALIGN: usize = 4096;
 
+/// A transparent huge page on x86-64 and most aarch64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum IoError {
     #[error("{}: cannot open: {msg}", path.display())]
@@ -53,11 +56,27 @@ impl AlignedBuf {
     /// fresh pages, so this costs little.
     pub fn zeroed(len: usize) -> Result<Self, IoError> {
         let size = len.max(1).checked_next_multiple_of(ALIGN).ok_or(IoError::Alloc { bytes: len })?;
-        let layout = Layout::from_size_align(size, ALIGN).map_err(|_| IoError::Alloc { bytes: size })?;
+        let layout = Self::layout(size).ok_or(IoError::Alloc { bytes: size })?;
         // SAFETY: `layout` has a non-zero size (at least ALIGN bytes).
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).ok_or(IoError::Alloc { bytes: size })?;
+        let ptr = NonNull::new(unsafe { alloc::alloc(layout) }).ok_or(IoError::Alloc { bytes: size })?;
+        if layout.align() == HUGE_PAGE {
+            // Transparent huge pages where the system gives them on request (the usual
+            // `madvise` setting): a decode streams each expert once per token, and with 4 KiB
+            // pages every 4 KiB of weights costs a TLB miss. Only a hint; failure changes nothing.
+            // SAFETY: the range is the allocation just made, owned by us.
+            unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_HUGEPAGE) };
+        }
+        // SAFETY: `ptr` points to `size` writable bytes just allocated; zeroing them (after the
+        // hint, so that the pages are faulted in huge where possible) initialises them.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
         Ok(AlignedBuf { ptr, len: size })
+    }
+
+    /// The layout of a buffer of `size` bytes: aligned to a huge page from one huge page on
+    /// (so that the huge-page hint can take effect), else to [`ALIGN`].
+    fn layout(size: usize) -> Option<Layout> {
+        let align = if size >= HUGE_PAGE { HUGE_PAGE } else { ALIGN };
+        Layout::from_size_align(size, align).ok()
     }
 
     /// Bytes allocated (a multiple of [`ALIGN`]).
@@ -83,9 +102,10 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was returned by `alloc_zeroed` with exactly this layout (`len` is the
-        // rounded size passed there, and it was accepted by `Layout::from_size_align`).
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, ALIGN)) }
+        let layout = Self::layout(self.len).expect("the layout was valid when allocated");
+        // SAFETY: `ptr` was returned by `alloc` with exactly this layout (`len` is the rounded
+        // size passed there, and `layout` depends on it alone).
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
     }
 }
 

@@ -5,14 +5,14 @@
 //! feed-forward block (an MLP or one routed expert) against three. Everything else (norms,
 //! RoPE, softmax, attention over the KV cache) is element-wise work on activations.
 //!
-//! Two methods, both implemented by every backend, after ggml's split of a backend into a few
+//! Three methods, all implemented by every backend, after ggml's split of a backend into a few
 //! concepts and candle's device enum: the CPU backend ([`Cpu`]) runs the SIMD kernels of this
 //! crate on all cores. A CUDA backend implements the same two methods for weights resident in
 //! device memory (ship the rows over, compute, ship the results back: the Fiddler placement for
 //! an expert that lives on the GPU), and the engine picks the backend per expert by where its
 //! weights are, which is what [`Weight`]'s storage will say once there is more than host memory.
 
-use crate::{matmul, silu_mul, Weight};
+use crate::{matmul, matmul_many, silu_mul, Weight};
 
 /// The three projections of a SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +31,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// `out[t, r] = sum_c x[t, c] * w[r, c]` for every row `t` of `x`.
     fn matmul(&self, x: &[f32], w: &Weight<'_>, out: &mut [f32]);
+    /// [`Backend::matmul`] of the same `x` against each weight of `parts` into its output, as
+    /// one launch (q, k and v projections).
+    fn matmuls(&self, x: &[f32], parts: &mut [(Weight<'_>, &mut [f32])]);
     /// `out[t] = down(silu(gate(x[t])) * up(x[t]))` for every row `t` of `x`.
     fn swiglu(&self, x: &[f32], w: &SwiGlu<'_>, out: &mut [f32]);
 }
@@ -48,12 +51,17 @@ impl Backend for Cpu {
         matmul(x, w, out)
     }
 
+    fn matmuls(&self, x: &[f32], parts: &mut [(Weight<'_>, &mut [f32])]) {
+        matmul_many(x, parts)
+    }
+
     fn swiglu(&self, x: &[f32], w: &SwiGlu<'_>, out: &mut [f32]) {
         let n = x.len().checked_div(w.gate.cols).unwrap_or(0);
         let mut g = vec![0.0; n * w.gate.rows];
         let mut u = vec![0.0; n * w.up.rows];
-        matmul(x, &w.gate, &mut g);
-        matmul(x, &w.up, &mut u);
+        // Gate and up in one parallel job: one fork-join fewer per expert, and twice the rows
+        // to share among the threads.
+        matmul_many(x, &mut [(w.gate, &mut g), (w.up, &mut u)]);
         silu_mul(&mut g, &u);
         matmul(&g, &w.down, out);
     }

@@ -149,46 +149,70 @@ fn tokens(x: &[f32], w: &Weight, out: &[f32]) -> usize {
 
 /// See [`crate::matmul_with`].
 pub(crate) fn matmul_with(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut [f32]) {
-    let n = tokens(x, w, out);
+    matmul_many_with(opts, x, &mut [(*w, out)])
+}
+
+/// See [`crate::matmul_many`]: every `(w, out)` against the same `x`, in one parallel job.
+pub(crate) fn matmul_many_with(opts: MatmulOptions, x: &[f32], parts: &mut [(Weight, &mut [f32])]) {
+    let Some(n) = parts.iter().map(|(w, out)| tokens(x, w, out)).reduce(|a, b| {
+        assert_eq!(a, b, "matmul_many: the weights disagree on the number of tokens");
+        a
+    }) else {
+        return;
+    };
     opts.isa.assert_available();
-    let micro = match opts.isa {
-        Isa::Scalar => return scalar::matmul(x, w, out, n),
+    if opts.isa == Isa::Scalar {
+        for (w, out) in parts.iter_mut() {
+            scalar::matmul(x, w, out, n);
+        }
+        return;
+    }
+    let micro = |w: &Weight| match opts.isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => crate::x86::avx2::micro(w.dtype),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => crate::x86::avx512::micro(w.dtype),
-        #[cfg(not(target_arch = "x86_64"))]
         isa => unreachable!("{isa:?} passed assert_available on a CPU without it"),
     };
-    if n == 0 || w.rows == 0 {
+    if n == 0 {
         return;
     }
-    let job = Job::new(micro, x, w);
-    let rows = w.rows;
+    let weights: Vec<Weight> = parts.iter().map(|(w, _)| *w).collect();
+    let jobs: Vec<Job> = weights.iter().map(|w| Job::new(micro(w), x, w)).collect();
     let threads = rayon::current_num_threads();
+    let macs: usize = parts.iter().map(|(w, _)| w.rows * w.cols * n).sum();
     let parallel = match opts.threading {
         Threading::Single => false,
         Threading::Parallel => true,
-        Threading::Auto => threads > 1 && rows * w.cols * n >= PARALLEL_MIN_MACS,
+        Threading::Auto => threads > 1 && macs >= PARALLEL_MIN_MACS,
     };
     if !parallel {
-        job.compute(0..rows, 0..n, &mut Out::Whole(out));
+        for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
+            job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
+        }
         return;
     }
+    // Tasks over the rows of all the weights: each weight's rows cut into chunks of about the
+    // same number of multiply-adds, and tokens too where a weight has too few rows to go round.
     let tasks = threads * CHUNKS_PER_THREAD;
-    let row_chunk = rows.div_ceil(tasks).next_multiple_of(micro.row_align());
-    let row_chunks = rows.div_ceil(row_chunk);
-    // Few rows (a router, a small expert) and many tokens: split the tokens as well.
-    let max_tokens = micro.tall.len();
-    let token_chunks = tasks.div_ceil(row_chunks).min(n.div_ceil(max_tokens));
-    let token_chunk = n.div_ceil(token_chunks).next_multiple_of(max_tokens);
-    let token_chunks = n.div_ceil(token_chunk);
-    let shared = SharedOut::new(out);
-    (0..row_chunks * token_chunks).into_par_iter().for_each(|i| {
-        let (rc, tc) = (i / token_chunks, i % token_chunks);
-        let rows = rc * row_chunk..((rc + 1) * row_chunk).min(rows);
-        let tokens = tc * token_chunk..((tc + 1) * token_chunk).min(n);
-        job.compute(rows, tokens, &mut Out::Shared(&shared));
+    let mut work: Vec<(usize, Range<usize>, Range<usize>)> = Vec::new();
+    for (j, (job, w)) in jobs.iter().zip(&weights).enumerate().filter(|(_, (_, w))| w.rows > 0) {
+        let share = (w.rows * w.cols * n * tasks).div_ceil(macs.max(1)).max(1);
+        let row_chunk = w.rows.div_ceil(share).next_multiple_of(job.micro.row_align());
+        let row_chunks = w.rows.div_ceil(row_chunk);
+        let max_tokens = job.micro.tall.len();
+        let token_chunks = share.div_ceil(row_chunks).min(n.div_ceil(max_tokens));
+        let token_chunk = n.div_ceil(token_chunks).next_multiple_of(max_tokens);
+        for rc in 0..row_chunks {
+            for tc in 0..n.div_ceil(token_chunk) {
+                let rows = rc * row_chunk..((rc + 1) * row_chunk).min(w.rows);
+                work.push((j, rows, tc * token_chunk..((tc + 1) * token_chunk).min(n)));
+            }
+        }
+    }
+    let shared: Vec<SharedOut> = parts.iter_mut().map(|(_, out)| SharedOut::new(out)).collect();
+    work.into_par_iter().for_each(|(j, rows, tokens)| {
+        jobs[j].compute(rows, tokens, &mut Out::Shared(&shared[j]));
     });
 }
 

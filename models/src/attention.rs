@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use stevedore_kernels::{axpy, dot, rms_norm, softmax, Backend};
 
 use crate::kv::{KvError, KvPool};
-use crate::tensor::{linear, load_vec, Mat};
+use crate::profile::{self, Op};
+use crate::tensor::{linear, linears, load_vec, Mat};
 use crate::{Batch, Error, ModelConfig, WeightIndex};
 
 /// Where q/k normalisation applies, if anywhere.
@@ -150,9 +151,14 @@ impl Attention {
         let (q_dim, kv_dim) = (self.n_heads * d, self.n_kv_heads * d);
         let n = batch.len();
         let b = self.bias.as_ref();
-        let mut q = linear(index, backend, x, &self.q_proj, b.map(|b| &b[0][..]));
-        let mut k = linear(index, backend, x, &self.k_proj, b.map(|b| &b[1][..]));
-        let mut v = linear(index, backend, x, &self.v_proj, b.map(|b| &b[2][..]));
+        let t = profile::time(Op::QkvProj);
+        let ws = [
+            (&self.q_proj, b.map(|b| &b[0][..])),
+            (&self.k_proj, b.map(|b| &b[1][..])),
+            (&self.v_proj, b.map(|b| &b[2][..])),
+        ];
+        let [mut q, mut k, mut v]: [Vec<f32>; 3] =
+            linears(index, backend, x, &ws).try_into().expect("three projections in, three out");
         match &self.qk_norm {
             QkNorm::None => {}
             // The norm weight's length selects per-head or whole-projection normalisation.
@@ -168,6 +174,8 @@ impl Attention {
         }
         rope.apply(&mut q, q_dim);
         rope.apply(&mut k, kv_dim);
+        drop(t);
+        let _t = profile::time(Op::Attention);
         for (i, row) in batch.rows().iter().enumerate() {
             let slot = kv.slot(row.seq, row.pos)?;
             kv.write(layer, slot, &k[i * kv_dim..(i + 1) * kv_dim], &v[i * kv_dim..(i + 1) * kv_dim]);
@@ -197,6 +205,8 @@ impl Attention {
                 axpy(*s, &kv.value(layer, kv.slot_in(table, p))[at..at + d], o);
             }
         });
+        drop(_t);
+        let _t = profile::time(Op::OProj);
         Ok(linear(index, backend, &out, &self.o_proj, None))
     }
 }

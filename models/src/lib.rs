@@ -12,6 +12,7 @@ mod layers;
 mod model;
 mod moe;
 pub mod names;
+pub mod profile;
 mod tensor;
 pub mod weights;
 

@@ -12,6 +12,7 @@ use crate::attention::{Attention, QkNorm, Rope};
 use crate::experts::{ExpertSource, ExpertTensors, ExpertsError};
 use crate::kv::KvPool;
 use crate::moe::{Mlp, SparseMoe};
+use crate::profile::{self, Op};
 use crate::tensor::{linear, load_vec, Mat};
 use crate::{Arch, Batch, Error, LayerId, LayerMap, ModelConfig, SeqId, WeightIndex};
 
@@ -191,14 +192,26 @@ impl Model {
         kv: &mut KvPool,
         experts: &dyn ExpertSource,
     ) -> Result<Forward, Error> {
+        stevedore_kernels::in_pool(|| self.forward_in_pool(batch, kv, experts))
+    }
+
+    fn forward_in_pool(
+        &self,
+        batch: &Batch,
+        kv: &mut KvPool,
+        experts: &dyn ExpertSource,
+    ) -> Result<Forward, Error> {
         self.check(batch, kv)?;
         let cfg = &self.config;
         let (h, n, backend) = (cfg.hidden_size, batch.len(), &*self.backend);
         let rows = batch.rows();
         let embed = self.embed_tokens.weight(&self.index);
         let mut x = vec![0.0f32; n * h];
-        for (xr, row) in x.chunks_mut(h).zip(rows) {
-            embed.row_to_f32(row.token as usize, xr);
+        {
+            let _t = profile::time(Op::Embed);
+            for (xr, row) in x.chunks_mut(h).zip(rows) {
+                embed.row_to_f32(row.token as usize, xr);
+            }
         }
         let rope = self.rope.table(rows.iter().map(|r| r.pos));
         // Rows still running: a sequence whose expert failed stops being routed.
@@ -206,17 +219,24 @@ impl Model {
         let mut failed: Vec<(SeqId, ExpertsError)> = Vec::new();
         for (l, layer) in self.decoder.iter().enumerate() {
             let _span = debug_span!("layer", l).entered();
+            let t = profile::time(Op::Norm);
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.input_layernorm, cfg.rms_norm_eps);
+            drop(t);
             let attn = layer
                 .self_attn
                 .forward(&self.index, backend, &hs, batch, &rope, kv, l)
                 .map_err(|e| Error::Input(e.to_string()))?;
+            let t = profile::time(Op::Norm);
             axpy(1.0, &attn, &mut x);
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+            drop(t);
             let ff = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&self.index, backend, &hs),
+                FeedForward::Dense(mlp) => {
+                    let _t = profile::time(Op::DenseFfn);
+                    mlp.forward(&self.index, backend, &hs)
+                }
                 FeedForward::Sparse(moe) => {
                     let (out, failed_rows) = moe.forward(&self.index, backend, &hs, rows, &routed, experts);
                     for (r, error) in failed_rows {
@@ -231,6 +251,7 @@ impl Model {
                     out
                 }
             };
+            let _t = profile::time(Op::Combine);
             axpy(1.0, &ff, &mut x);
         }
         for span in batch.spans().iter().filter(|s| !failed.iter().any(|(f, _)| *f == s.seq)) {
@@ -241,8 +262,23 @@ impl Model {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
         rms_norm(&mut last, &self.norm, cfg.rms_norm_eps);
+        let _t = profile::time(Op::LmHead);
         let logits = linear(&self.index, backend, &last, &self.lm_head, None);
         Ok(Forward { logits, failed })
+    }
+
+    /// Weight bytes one decode token reads: every dense weight but the embedding table (one row
+    /// of it; the whole table when it is also the LM head) and `top_k` routed experts of the
+    /// average size in every MoE layer. What a decode's weight bandwidth is measured by.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let dense = self.dense_bytes();
+        let embed = self.index.info("model.embed_tokens.weight").map_or(0, |t| t.len);
+        let tied = self.config.tie_word_embeddings && !self.index.contains("lm_head.weight");
+        let dense = if tied { dense } else { dense.saturating_sub(embed) };
+        let experts = self.index.bytes_where(crate::names::is_expert_tensor);
+        let count = self.experts.iter().count() as u64;
+        let per_token = self.layers.num_moe_layers() as u64 * self.config.num_experts_per_tok as u64;
+        dense + experts.checked_div(count).unwrap_or(0) * per_token
     }
 
     /// Bytes of dense (always resident) weights.

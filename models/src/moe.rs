@@ -7,6 +7,7 @@ use std::sync::Arc;
 use stevedore_kernels::{softmax, Backend, SwiGlu};
 
 use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError};
+use crate::profile::{self, Op};
 use crate::tensor::{linear, Mat};
 use crate::{Error, LayerId, ModelConfig, MoeIndex, Row, WeightIndex};
 
@@ -168,8 +169,10 @@ impl SparseMoe {
     ) -> (Vec<f32>, FailedRows) {
         let h = self.router.cols;
         let n = rows.len();
+        let t = profile::time(Op::Router);
         let routing = self.route(index, backend, x);
         let a = Assignment::new(&routing, self.top_k, self.router.rows, routed);
+        drop(t);
         let plan = ExpertPlan {
             layer: self.layer,
             moe: self.moe,
@@ -193,7 +196,11 @@ impl SparseMoe {
             None => {}
             Some(Err(error)) => failures.extend((0..a.experts.len()).map(|i| (i, error.clone()))),
             Some(Ok(mut stream)) => {
-                while let Some(item) = stream.next() {
+                loop {
+                    let wait = profile::time(Op::ExpertWait);
+                    let Some(item) = stream.next() else { break };
+                    drop(wait);
+                    let _t = profile::time(Op::Experts);
                     match item {
                         Ok((i, w)) if i < a.experts.len() && !delivered[i] => {
                             let range = a.experts[i].assigned.clone();
@@ -238,6 +245,7 @@ impl SparseMoe {
             .collect();
 
         // Sum in ascending expert order: out[r] += gate * y, expert by expert.
+        let t = profile::time(Op::Combine);
         let mut out = vec![0.0f32; n * h];
         for (i, e) in a.experts.iter().enumerate().filter(|&(i, _)| delivered[i]) {
             for (j, (&r, &g)) in plan.rows_of(i).iter().zip(plan.weights_of(i)).enumerate() {
@@ -247,7 +255,9 @@ impl SparseMoe {
                 }
             }
         }
+        drop(t);
         if let Some(s) = &self.shared {
+            let _t = profile::time(Op::DenseFfn);
             let y = s.mlp.forward(index, backend, x);
             let g = linear(index, backend, x, &s.gate, None);
             for (t, (orow, yrow)) in out.chunks_mut(h).zip(y.chunks(h)).enumerate() {

@@ -36,6 +36,35 @@ pub fn load_vec(index: &WeightIndex, name: &str, len: usize) -> Result<Vec<f32>,
     Ok(index.get(name, &[len])?.to_f32_vec())
 }
 
+/// [`linear`] of the same `x` through several matrices of the same input width, as one
+/// backend launch.
+pub fn linears(
+    index: &WeightIndex,
+    backend: &dyn Backend,
+    x: &[f32],
+    ws: &[(&Mat, Option<&[f32]>)],
+) -> Vec<Vec<f32>> {
+    let n = ws.first().map_or(0, |(w, _)| x.len() / w.cols);
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|(w, _)| vec![0.0; n * w.rows]).collect();
+    let mut parts: Vec<_> =
+        ws.iter().zip(outs.iter_mut()).map(|((w, _), o)| (w.weight(index), &mut o[..])).collect();
+    backend.matmuls(x, &mut parts);
+    for ((w, bias), out) in ws.iter().zip(outs.iter_mut()) {
+        add_bias(out, w.rows, *bias);
+    }
+    outs
+}
+
+fn add_bias(out: &mut [f32], width: usize, bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in out.chunks_mut(width) {
+            for (o, b) in row.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+}
+
 /// `y = x @ w^T (+ bias)` for a batch of rows of `x`.
 pub fn linear(
     index: &WeightIndex,
@@ -47,12 +76,6 @@ pub fn linear(
     let n = x.len() / w.cols;
     let mut out = vec![0.0; n * w.rows];
     backend.matmul(x, &w.weight(index), &mut out);
-    if let Some(b) = bias {
-        for row in out.chunks_mut(w.rows) {
-            for (o, b) in row.iter_mut().zip(b) {
-                *o += b;
-            }
-        }
-    }
+    add_bias(&mut out, w.rows, bias);
     out
 }

@@ -16,3 +16,12 @@ pub(crate) fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
 }
+
+/// The bytes of a row to prefetch for the block at byte `at` of `len` bytes: the 64-byte cache
+/// lines that start inside it (none when the block lies within a line whose start an earlier
+/// block covered).
+#[inline]
+pub(crate) fn prefetch_ahead_bytes(at: usize, len: usize) -> (usize, usize) {
+    let first = at.next_multiple_of(64);
+    (first, (at + len).saturating_sub(first))
+}
