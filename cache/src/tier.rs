@@ -41,6 +41,9 @@ pub struct TierStats {
     pub prefetch_hits: u64,
     /// Protected entries a miss evicted because nothing else could make room.
     pub protected_evictions: u64,
+    /// Entries admitted by a warm start ([`Tier::warm`]) before any step.
+    pub warm_fills: u64,
+    pub warm_bytes: u64,
 }
 
 /// An entry the tier admitted and the caller must give a value: a demand miss or a prefetch.
@@ -269,6 +272,28 @@ impl<V> Tier<V> {
         }
     }
 
+    /// A warm start, before any step: admits `keys` (with the tier's sizes) in the order given
+    /// while each fits in the room left, evicting nothing, as prefetch fills (the caller reads
+    /// them behind every demand). Stops at the first key that does not fit, so the entries
+    /// admitted are a prefix of `keys`: the same in the simulator as live. Returns how many.
+    pub fn warm(&mut self, keys: &[(ExpertKey, u64)], make: &mut dyn FnMut(Fill<V>) -> V) -> usize {
+        let mut admitted = 0;
+        for &(key, bytes) in keys {
+            if self.cache.contains(&key) {
+                continue;
+            }
+            if self.cache.stats().bytes + bytes > self.cache.budget() {
+                break;
+            }
+            let value = make(Fill { key, bytes, prefetch: true, evicted: Vec::new() });
+            self.cache.insert(key, value, bytes).expect("the key is absent and fits");
+            self.stats.warm_fills += 1;
+            self.stats.warm_bytes += bytes;
+            admitted += 1;
+        }
+        admitted
+    }
+
     /// Removes `key` (its read failed: the next demand reads it again).
     pub fn remove(&mut self, key: &ExpertKey) -> Option<V> {
         self.unused_prefetch.remove(key);
@@ -309,6 +334,28 @@ mod tests {
         }
         assert!(d.is_done());
         (order, fills)
+    }
+
+    /// A warm start admits a prefix of its keys while they fit, evicting nothing, and the
+    /// entries it admitted are demand hits afterwards.
+    #[test]
+    fn warm_start_admits_what_fits_in_order_then_hits() {
+        let mut t: Tier<u32> = Tier::new(30, Box::new(LruPolicy::new()));
+        let mut fills = Vec::new();
+        let keys: Vec<_> = (0..5).map(|e| (k(e), 10)).collect();
+        let n = t.warm(&keys, &mut |f| {
+            assert!(f.prefetch && f.evicted.is_empty());
+            fills.push(f.key.expert);
+            f.key.expert
+        });
+        assert_eq!((n, fills), (3, vec![0, 1, 2]));
+        let s = t.stats();
+        assert_eq!((s.warm_fills, s.warm_bytes, s.prefetches), (3, 30, 0));
+        assert_eq!(layer(&mut t, &[0, 2], &[]), (vec![0, 2], vec![]));
+        assert_eq!((t.stats().hits, t.stats().misses), (2, 0));
+        // Nothing more fits: a second warm start admits nothing and evicts nothing.
+        assert_eq!(t.warm(&keys, &mut |f| f.key.expert), 0);
+        assert_eq!(t.cache().len(), 3);
     }
 
     #[test]

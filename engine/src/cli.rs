@@ -25,6 +25,10 @@ enum Command {
     /// Run an offline batch job: OpenAI Batch API JSONL in, results appended durably, resumable,
     /// shardable.
     Batch(crate::batch::BatchArgs),
+    /// Measure prefill and decode speed on a model (llama-bench style): tokens/s at a few
+    /// prompt sizes and for decode, and the weight bytes per second against the memory
+    /// bandwidth measured in the same run, at each host-cache budget.
+    Bench(commands::bench::BenchArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
     /// Replay a routing trace through the configured cache tiers and policies, beside Belady's
@@ -46,13 +50,21 @@ pub fn main() -> ExitCode {
     // RUST_LOG chooses; without it, warnings, and the server's one line per request.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stevedore_engine::serve=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Spans (a forward pass `step`, each decoder `layer`) print one line when they close, with
+    // their busy time: what `RUST_LOG=debug` shows per step and layer. A disabled span costs a
+    // callsite check, so the hot path pays nothing when logging is off.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let res = match &cli.command {
         Command::Generate(a) => commands::generate::run(a),
         Command::Serve(a) => crate::serve::run(a),
         Command::Batch(a) => crate::batch::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::Predictor(c) => predictor_cli::run(c),
         Command::Simulate(a) => sim::run(a).map_err(Into::into),
         Command::Config { .. } => {

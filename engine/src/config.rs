@@ -100,6 +100,42 @@ pub struct EngineSection {
     /// (default 4 x pool / max_batch: with less, aged sequences fill every step and nothing is
     /// left to choose).
     pub regroup_max_wait: Option<usize>,
+    /// Read experts into the host cache at start, in layer order: `auto` (when the budget holds
+    /// every expert), `on` (as many as the budget holds) or `off` (only on a miss).
+    pub warm_start: WarmStart,
+    /// Compute threads; `None`: the physical cores this process may use.
+    pub threads: Option<usize>,
+}
+
+/// When the engine fills the host cache at start (`engine.warm_start`, `--warm-start`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmStart {
+    /// When the budget holds every expert.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl WarmStart {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(WarmStart::Auto),
+            "on" => Ok(WarmStart::On),
+            "off" => Ok(WarmStart::Off),
+            _ => Err(format!("`{s}` is not one of auto, on, off")),
+        }
+    }
+
+    /// Whether a budget of `budget` bytes over experts of `total` bytes is warmed at start.
+    pub fn applies(self, budget: u64, total: u64) -> bool {
+        match self {
+            WarmStart::Auto => budget >= total,
+            WarmStart::On => true,
+            WarmStart::Off => false,
+        }
+    }
 }
 
 impl Default for EngineSection {
@@ -112,6 +148,8 @@ impl Default for EngineSection {
             schedule: ScheduleKind::Fcfs,
             regroup_pool: None,
             regroup_max_wait: None,
+            warm_start: WarmStart::Auto,
+            threads: None,
         }
     }
 }
@@ -375,6 +413,7 @@ impl Config {
             ("engine.max_batch", e.max_batch, 1 << 16),
             ("engine.max_batch_tokens", e.max_batch_tokens, 1 << 20),
             ("engine.readers", e.readers, 64),
+            ("engine.threads", e.threads.unwrap_or(1), 4096),
             ("engine.regroup_pool", e.regroup_pool.unwrap_or(1), 1 << 16),
             ("engine.regroup_max_wait", e.regroup_max_wait.unwrap_or(1), 1 << 16),
         ] {
@@ -501,6 +540,14 @@ readers = 1
 schedule = "fcfs"
 # regroup_pool = 512       # default: 16 x max_batch
 # regroup_max_wait = 64    # default: 4 x regroup_pool / max_batch
+# Read experts into the host cache at start, in layer order, behind every demand read, so that
+# a model the budget holds runs at full speed after one pass over its experts at the disk's
+# bandwidth instead of one miss at a time: "auto" (when the budget holds every expert), "on"
+# (as many as the budget holds, in layer order) or "off" (read an expert only on a miss).
+warm_start = "auto"
+# Compute threads (matmuls, attention). Default: the physical cores this process may use (SMT
+# siblings add nothing to a memory-bound decode).
+# threads = 8
 
 [simulator]
 # Bytes of one routed expert, for `stevedore simulate` without --model DIR.

@@ -82,6 +82,8 @@ pub struct EngineConfig {
     pub trace: Option<PathBuf>,
     /// Which sequences share a step: all admitted (FCFS) or regrouped by route.
     pub schedule: Schedule,
+    /// Whether the host cache is filled at start (see [`ExpertStore::warm`]).
+    pub warm_start: crate::config::WarmStart,
 }
 
 /// How the host budget was chosen, when it was automatic.
@@ -325,8 +327,12 @@ impl Loaded {
             force_buffered: config.force_buffered,
             readers: config.readers,
         };
+        let total = self.layouts.footprint().total_bytes;
         let store =
             ExpertStore::new(self.layouts, &shards, budget, opts, anticipation, cfg.num_experts_per_tok)?;
+        if config.warm_start.applies(budget, total) {
+            store.warm();
+        }
         let recorder = match &config.trace {
             Some(path) => {
                 let name = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

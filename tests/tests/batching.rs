@@ -244,11 +244,13 @@ fn the_simulator_counts_what_the_engine_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = prompts();
     let file = batch_file(tmp.path(), "b.jsonl", &prompts[..6], 12);
-    let min = u64_at(&inspect(&dir, &[]), "min_host_cache_bytes");
+    let info = inspect(&dir, &[]);
+    let (min, all) = (u64_at(&info, "min_host_cache_bytes"), u64_at(&info, "expert_cache_bytes"));
     for (label, text) in [("lru", LRU_CHUNKED), ("predictive", PREFETCHING)] {
         let config = tmp.path().join(format!("{label}.toml"));
         std::fs::write(&config, text).unwrap();
-        for budget in [min, 3 * min] {
+        // At `all` the engine fills the cache at start (warm start) and the simulator must too.
+        for budget in [min, 3 * min, all] {
             let trace = tmp.path().join(format!("{label}-{budget}.jsonl"));
             let live = run_batch(
                 &dir,
@@ -285,7 +287,11 @@ fn the_simulator_counts_what_the_engine_counted() {
             assert_eq!(u64_at(p, "accesses"), u64_at(cache, "hits") + u64_at(cache, "misses"), "{ctx}");
             assert_eq!(u64_at(p, "prefetches_issued"), u64_at(cache, "prefetch_reads"), "{ctx}");
             assert_eq!(u64_at(p, "prefetches_useful"), u64_at(cache, "prefetch_hits"), "{ctx}");
-            assert!(u64_at(cache, "misses") > 0, "{ctx}");
+            if budget == all {
+                assert!(u64_at(cache, "warm_fills") > 0 && u64_at(cache, "misses") == 0, "{ctx}");
+            } else {
+                assert!(u64_at(cache, "misses") > 0, "{ctx}");
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use clap::Args;
 use stevedore_cache::PolicyKind;
 
 use super::{parse_size, CliError};
-use crate::config::{Config, Split};
+use crate::config::{Config, Split, WarmStart};
 use crate::engine::{Engine, EngineConfig, EngineError, Loaded, Schedule};
 use crate::size::{human, Size};
 use crate::store::StoreError;
@@ -48,6 +48,32 @@ pub struct EngineArgs {
     /// `stevedore config --print-default`, `[engine]`). Default: the config's `engine.schedule`.
     #[arg(long, value_parser = ["fcfs", "regroup"])]
     pub schedule: Option<String>,
+    /// Fill the host cache at start, in layer order, while the first requests run: `auto` (when
+    /// the budget holds every expert), `on` or `off`. Default: the config's `engine.warm_start`.
+    #[arg(long, value_parser = WarmStart::parse)]
+    pub warm_start: Option<WarmStart>,
+    /// Compute threads. Default: the config's `engine.threads`, else the physical cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Sizes rayon's global pool (every matmul and attention runs on it) to `threads`, or to the
+/// physical cores. Must run before the first parallel computation; a second call (a pool
+/// already built) keeps the first size and says so.
+pub fn configure_threads(threads: Option<usize>) -> Result<usize, CliError> {
+    let n = match threads {
+        Some(0) => return Err("--threads must be at least 1".into()),
+        Some(n) => n,
+        None => crate::sys::physical_cores(),
+    };
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("stevedore-cpu-{i}"))
+        .build_global()
+    {
+        tracing::debug!("compute threads already set ({e}); keeping {}", rayon::current_num_threads());
+    }
+    Ok(rayon::current_num_threads())
 }
 
 /// The policy without `--config` or `--policy`. Not the config file's default (`predictive`):
@@ -85,6 +111,10 @@ impl EngineArgs {
             Some(_) => config.engine.schedule = crate::config::ScheduleKind::Fcfs,
             None => {}
         }
+        if let Some(w) = self.warm_start {
+            config.engine.warm_start = w;
+        }
+        configure_threads(self.threads.or(config.engine.threads))?;
         let max_batch = self.max_batch.unwrap_or(config.engine.max_batch);
         if max_batch == 0 {
             return Err("--max-batch must be at least 1".into());
@@ -145,6 +175,7 @@ impl Settings<'_> {
             readers: self.config.engine.readers,
             trace: args.trace.clone(),
             schedule: self.schedule(),
+            warm_start: self.config.engine.warm_start,
         };
         let engine = loaded.start(&engine_config).map_err(|e| -> CliError {
             match e {

@@ -47,6 +47,9 @@ pub struct GenerateArgs {
     /// Print one JSON object (ids, text, stats) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Time each operation of the forward pass (`stats.profile`; a table on stderr).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// One request of the run, with the line of `--batch` it came from.
@@ -123,6 +126,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
         return Err(format!("--temperature must be >= 0, got {}", args.temperature).into());
     }
     let settings = args.engine.settings()?;
+    stevedore_models::profile::enable(args.profile);
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -166,6 +170,7 @@ fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
         "steps": engine_stats.steps,
         "expert_cache": engine_stats.expert_cache,
         "forecast": engine_stats.forecast,
+        "profile": stevedore_models::profile::enabled().then(stevedore_models::profile::snapshot),
     })
 }
 
@@ -237,6 +242,20 @@ fn run_one(args: &GenerateArgs, engine: Engine, req: Request) -> Result<(), CliE
             if cache.direct_io { "O_DIRECT" } else { "buffered" },
             crate::sys::peak_rss_bytes().map(human).unwrap_or_else(|| "unknown".into()),
         );
+        if args.profile {
+            let ops = stevedore_models::profile::snapshot();
+            let tokens = stats.steps.steps as f64;
+            eprintln!("{}", super::bench::profile_table("profile (per forward pass)", &ops, tokens));
+        }
+        if cache.warm_fills > 0 {
+            let took = match cache.warm_fill_seconds {
+                Some(s) => {
+                    format!("in {s:.1} s ({}/s)", human((cache.warm_bytes as f64 / s.max(1e-9)) as u64))
+                }
+                None => format!("{} of them read by the end", cache.warm_reads),
+            };
+            eprintln!("warm start: {} experts ({}) {took}", cache.warm_fills, human(cache.warm_bytes));
+        }
     }
     Ok(())
 }

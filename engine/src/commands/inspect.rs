@@ -45,6 +45,7 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
             "expert_cache_bytes": fp.total_bytes,
             "bytes_per_expert": fp.max_expert_bytes,
             "min_host_cache_bytes": fp.min_budget,
+            "available_memory_bytes": crate::sys::available_memory_bytes(),
         });
         if let Some((budget, experts)) = fit {
             v["host_cache"] = serde_json::json!({
@@ -72,6 +73,9 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
         human(fp.min_budget),
         cfg.num_experts_per_tok
     );
+    if let Some(a) = crate::sys::available_memory_bytes() {
+        println!("memory available: {} (the machine's, or less under a cgroup memory limit)", human(a));
+    }
     if let Some((budget, experts)) = fit {
         let pct = 100.0 * experts as f64 / fp.experts.max(1) as f64;
         let verdict =

@@ -1,5 +1,6 @@
 //! The `stevedore` subcommands. Arguments become plain config values here, before any hot loop.
 
+pub mod bench;
 pub mod engine_args;
 pub mod generate;
 pub mod inspect;

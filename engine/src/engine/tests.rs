@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use super::*;
-use crate::config::PredictorConfig;
+use crate::config::{PredictorConfig, WarmStart};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
@@ -25,6 +25,7 @@ fn config(kv_cache: u64) -> EngineConfig {
         readers: 1,
         trace: None,
         schedule: Schedule::Fcfs,
+        warm_start: WarmStart::Off,
     }
 }
 

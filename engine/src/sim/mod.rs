@@ -13,7 +13,7 @@ use serde::Serialize;
 use stevedore_cache::PolicyKind;
 use stevedore_predictor::{split_holdout, RoutingShape};
 
-pub use replay::{layer_steps, replay, steps, Contender, RunStats, Steering};
+pub use replay::{layer_steps, replay, steps, Caches, Contender, RunStats, Steering};
 pub use sizes::ExpertSizes;
 
 use crate::config::{Config, ConfigError};
@@ -185,7 +185,9 @@ pub fn simulate(
                 }),
                 _ => None,
             };
-            Ok(replay(trace, sizes, budget, cfg.cache.split, c, steering, warmup)?.into())
+            let caches =
+                Caches { split: cfg.cache.split, warm: cfg.engine.warm_start.applies(budget, total) };
+            Ok(replay(trace, sizes, budget, caches, c, steering, warmup)?.into())
         };
         let policies = Policies {
             lru: run(Contender::Policy(PolicyKind::Lru))?,

@@ -125,14 +125,28 @@ pub fn layer_steps(trace: &Trace) -> impl Iterator<Item = (usize, Vec<u32>)> + '
     })
 }
 
-/// Replays `trace` through a tier of `budget` bytes (split as `split` says) under `contender`.
+/// How the simulated budget is laid out: one cache or one per layer, and whether it starts warm
+/// (the engine's `engine.warm_start`: every cache filled in layer order before the first step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caches {
+    pub split: Split,
+    pub warm: bool,
+}
+
+impl From<Split> for Caches {
+    fn from(split: Split) -> Self {
+        Caches { split, warm: false }
+    }
+}
+
+/// Replays `trace` through a tier of `budget` bytes (laid out as `caches` says) under `contender`.
 /// `steering` is required for the predictive policy and ignored otherwise. Steps starting
 /// before token `warmup` warm the caches and the predictor but are not counted.
 pub fn replay(
     trace: &Trace,
     sizes: &ExpertSizes,
     budget: u64,
-    split: Split,
+    caches: impl Into<Caches>,
     contender: Contender,
     steering: Option<Steering>,
     warmup: usize,
@@ -143,6 +157,7 @@ pub fn replay(
         (true, s) => s,
         (false, _) => None,
     };
+    let Caches { split, warm } = caches.into();
     let layers = trace.num_layers();
     let cache_of: Vec<usize> = match split {
         Split::Shared => vec![0; layers],
@@ -169,6 +184,17 @@ pub fn replay(
             }
         })
         .collect();
+    if warm {
+        // As the live store: each cache takes its layers' experts in layer order while they fit.
+        for (c, tier) in tiers.iter_mut().enumerate() {
+            let keys: Vec<(ExpertKey, u64)> = (0..layers)
+                .filter(|&l| cache_of[l] == c)
+                .flat_map(|l| (0..trace.meta.num_experts as u32).map(move |e| (l, e)))
+                .map(|(l, e)| (key(l, e), sizes.get(l, e)))
+                .collect();
+            tier.warm(&keys, &mut |_| ());
+        }
+    }
     let mut forecaster = steering.map(|s| {
         let layer_ids = trace.meta.layer_ids.iter().map(|&l| l as usize).collect();
         Forecaster::new(s.predictor, RoutingShape::from(&trace.meta), layer_ids, s.depth)

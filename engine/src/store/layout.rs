@@ -111,6 +111,18 @@ impl Layouts {
         self.footprint
     }
 
+    /// Every expert with its accounted bytes, in layer order (then expert id): the order a
+    /// warm start reads them in, the order the first tokens need them.
+    pub fn all_keys(&self) -> Vec<(ExpertKey, u64)> {
+        let mut keys = Vec::with_capacity(self.footprint.experts as usize);
+        for (layer, experts) in self.by_layer.iter().enumerate() {
+            for (e, layout) in experts.iter().flatten().enumerate() {
+                keys.push((ExpertKey::new(layer, e), layout.alloc as u64));
+            }
+        }
+        keys
+    }
+
     pub(crate) fn get(&self, key: ExpertKey) -> Option<&ExpertLayout> {
         self.by_layer.get(key.layer as usize)?.as_ref()?.get(key.expert as usize)
     }

@@ -119,6 +119,15 @@ pub struct StoreStats {
     pub read_seconds: f64,
     /// Time layers waited for bytes or room.
     pub stall_seconds: f64,
+    /// Experts a warm start admitted (read behind every demand, in layer order).
+    pub warm_fills: u64,
+    /// Bytes the warm start admitted.
+    pub warm_bytes: u64,
+    /// Warm-start reads landed so far.
+    pub warm_reads: u64,
+    /// Seconds from the warm start until its last read landed; `None` while reads are pending
+    /// (or when an entry was evicted before its read).
+    pub warm_fill_seconds: Option<f64>,
 }
 
 #[derive(Default)]
@@ -130,10 +139,20 @@ struct IoCounters {
     stall_seconds: f64,
 }
 
+/// A warm start's progress: which of its reads are still to land.
+#[derive(Default)]
+struct Warm {
+    started: Option<Instant>,
+    pending: std::collections::HashSet<ExpertKey>,
+    landed: u64,
+    seconds: Option<f64>,
+}
+
 struct State {
     tier: Tier<SlotId>,
     slots: Slots,
     io: IoCounters,
+    warm: Warm,
     /// Reader threads still running; 0 means every wait would be forever.
     readers_alive: usize,
     shutdown: bool,
@@ -227,7 +246,15 @@ fn reader_loop(shared: &Shared, budget: u64) {
                 tracing::warn!("reading {}: {e}", job.key);
             }
         }
+        let key = job.key;
         st.slots.land(job, result.map(|(b, _)| b));
+        let warm = &mut st.warm;
+        if warm.pending.remove(&key) {
+            warm.landed += 1;
+            if warm.pending.is_empty() {
+                warm.seconds = warm.started.map(|t| t.elapsed().as_secs_f64());
+            }
+        }
         shared.landed.notify_all();
         // A buffer may have been freed: another reader may be waiting for room.
         shared.work.notify_all();
@@ -273,6 +300,7 @@ impl ExpertStore {
                 tier,
                 slots: Slots::default(),
                 io: IoCounters::default(),
+                warm: Warm::default(),
                 readers_alive: readers,
                 shutdown: false,
             }),
@@ -330,6 +358,30 @@ impl ExpertStore {
         self.shared.work.notify_all();
     }
 
+    /// A warm start: admits every expert in layer order while the budget has room (evicting
+    /// nothing) and queues their reads behind every demand, so that a model the budget holds
+    /// reaches full speed after one sequential pass over its experts instead of one miss at a
+    /// time. A layer that asks for an expert still queued moves its read to the front. Returns
+    /// the number of experts admitted.
+    pub fn warm(&self) -> usize {
+        let keys = self.shared.layouts.all_keys();
+        let mut guard = self.shared.lock();
+        let State { tier, slots, warm, .. } = &mut *guard;
+        let layouts = &self.shared.layouts;
+        warm.started = Some(Instant::now());
+        let n = tier.warm(&keys, &mut |f| {
+            warm.pending.insert(f.key);
+            fill(slots, layouts, f)
+        });
+        if n == 0 {
+            warm.seconds = Some(0.0);
+        }
+        drop(guard);
+        self.shared.work.notify_all();
+        tracing::info!(experts = n, "warm start: reading experts in layer order");
+        n
+    }
+
     pub fn stats(&self) -> StoreStats {
         let st = self.shared.lock();
         let (t, c, io) = (st.tier.stats(), st.tier.cache_stats(), &st.io);
@@ -353,6 +405,10 @@ impl ExpertStore {
             readers: self.readers.len(),
             read_seconds: io.read_seconds,
             stall_seconds: io.stall_seconds,
+            warm_fills: t.warm_fills,
+            warm_bytes: t.warm_bytes,
+            warm_reads: st.warm.landed,
+            warm_fill_seconds: st.warm.seconds,
         }
     }
 }
