@@ -81,12 +81,26 @@ pub struct ExpertFailure {
 
 /// One layer's experts, delivered as they become ready.
 pub trait ExpertStream {
-    /// The next expert whose weights are ready, as its index in the plan's `experts` and its
-    /// weights: those already resident first, the others as their reads finish. The weights stay
-    /// valid (pinned where they live) until the next call or until the stream is dropped. Each
-    /// expert is delivered or failed exactly once; `None` after the last.
-    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>>;
+    /// The next experts whose weights are ready, each as its index in the plan's `experts` and
+    /// its weights: waits until the next one in the stream's order is ready (those already
+    /// resident come first, the others as their reads finish), and gives it with up to `max - 1`
+    /// of those after it that are ready too, without waiting for more. The weights stay valid
+    /// (pinned where they live) until the next call or until the stream is dropped. Each expert
+    /// is delivered or failed exactly once; a failure comes alone; `None` after the last.
+    ///
+    /// Several at once let a layer compute a decode's experts side by side, one per core,
+    /// instead of splitting each small matrix product across the cores.
+    fn next_ready(&mut self, max: usize) -> Option<Result<ReadyExperts<'_>, ExpertFailure>>;
+
+    /// The next expert alone (see [`ExpertStream::next_ready`]).
+    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>> {
+        self.next_ready(1).map(|r| r.map(|mut v| v.swap_remove(0)))
+    }
 }
+
+/// Experts ready together: (index in the plan's `experts`, weights), in delivery order; never
+/// empty.
+pub type ReadyExperts<'a> = Vec<(usize, ExpertWeights<'a>)>;
 
 /// Where expert weights come from.
 pub trait ExpertSource: Sync {
@@ -191,21 +205,29 @@ struct MappedStream<'p> {
 }
 
 impl ExpertStream for MappedStream<'_> {
-    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>> {
-        let i = self.next;
-        let e = self.plan.experts.get(i)?;
-        self.next += 1;
-        let Some(locs) = self.source.tensors.get(self.plan.moe, e.expert as usize) else {
-            let msg = format!("{} has no expert {}", self.plan.moe, e.expert);
-            return Some(Err(ExpertFailure { expert: Some(i), error: Arc::new(Error::Input(msg)) }));
-        };
-        let w = |t: &TensorLoc| Weight {
-            dtype: t.dtype,
-            data: &self.source.index.shard_data(t.shard)[t.offset as usize..(t.offset + t.len) as usize],
-            rows: t.rows,
-            cols: t.cols,
-        };
-        Some(Ok((i, SwiGlu { gate: w(&locs[0]), up: w(&locs[1]), down: w(&locs[2]) })))
+    fn next_ready(&mut self, max: usize) -> Option<Result<ReadyExperts<'_>, ExpertFailure>> {
+        let mut ready = Vec::new();
+        while ready.len() < max.max(1) {
+            let i = self.next;
+            let Some(e) = self.plan.experts.get(i) else { break };
+            let Some(locs) = self.source.tensors.get(self.plan.moe, e.expert as usize) else {
+                if !ready.is_empty() {
+                    break;
+                }
+                self.next += 1;
+                let msg = format!("{} has no expert {}", self.plan.moe, e.expert);
+                return Some(Err(ExpertFailure { expert: Some(i), error: Arc::new(Error::Input(msg)) }));
+            };
+            self.next += 1;
+            let w = |t: &TensorLoc| Weight {
+                dtype: t.dtype,
+                data: &self.source.index.shard_data(t.shard)[t.offset as usize..(t.offset + t.len) as usize],
+                rows: t.rows,
+                cols: t.cols,
+            };
+            ready.push((i, SwiGlu { gate: w(&locs[0]), up: w(&locs[1]), down: w(&locs[2]) }));
+        }
+        (!ready.is_empty()).then_some(Ok(ready))
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use stevedore_kernels::{softmax, Backend, SwiGlu};
 
 use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError};
@@ -102,6 +103,10 @@ impl Assignment {
     }
 }
 
+/// At most this many rows per expert in a layer (a decode step) and the layer's ready experts
+/// run side by side rather than one after another on all cores: one matmul tile's tokens.
+const FEW_ROWS: usize = 4;
+
 /// Rows of a batch whose expert could not be delivered, with the error.
 pub(crate) type FailedRows = Vec<(usize, ExpertsError)>;
 
@@ -189,41 +194,72 @@ impl SparseMoe {
         let mut ys = vec![0.0f32; a.rows.len() * h];
         let mut delivered = vec![false; a.experts.len()];
         let mut failures: Vec<(usize, ExpertsError)> = Vec::new();
-        let mut gathered = Vec::new();
+        // A decode's experts have a row or a few each: too little to split one expert's matrix
+        // products across the cores without the fork-join costing more than it gains, so
+        // experts that are ready together run side by side, one per core. Experts with many
+        // rows (prefill) each use every core. The results are the same either way.
+        let threads = rayon::current_num_threads();
+        let few_rows = a.experts.iter().all(|e| e.assigned.len() <= FEW_ROWS);
+        let max = if few_rows { threads } else { 1 };
+        let run = |i: usize, w: &SwiGlu, out: &mut [f32]| {
+            let mut gathered = Vec::with_capacity(plan.rows_of(i).len() * h);
+            for &r in plan.rows_of(i) {
+                gathered.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
+            }
+            backend.swiglu(&gathered, w, out);
+        };
         // No routed rows (every sequence of the batch already failed): nothing to ask for.
         let stream = if a.experts.is_empty() { None } else { Some(source.stream(&plan)) };
         match stream {
             None => {}
             Some(Err(error)) => failures.extend((0..a.experts.len()).map(|i| (i, error.clone()))),
-            Some(Ok(mut stream)) => {
-                loop {
-                    let wait = profile::time(Op::ExpertWait);
-                    let Some(item) = stream.next() else { break };
-                    drop(wait);
-                    let _t = profile::time(Op::Experts);
-                    match item {
-                        Ok((i, w)) if i < a.experts.len() && !delivered[i] => {
-                            let range = a.experts[i].assigned.clone();
-                            gathered.clear();
-                            for &r in plan.rows_of(i) {
-                                gathered.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
-                            }
-                            backend.swiglu(&gathered, &w, &mut ys[range.start * h..range.end * h]);
-                            delivered[i] = true;
-                        }
-                        // A source delivering an entry twice breaks its contract; the first
-                        // delivery stands.
-                        Ok((i, _)) => debug_assert!(false, "expert source delivered plan entry {i} twice"),
-                        Err(ExpertFailure { expert: Some(i), error }) if i < a.experts.len() => {
-                            failures.push((i, error))
-                        }
-                        Err(ExpertFailure { error, .. }) => {
-                            failures.extend((0..a.experts.len()).map(|i| (i, error.clone())));
-                            break;
-                        }
+            Some(Ok(mut stream)) => loop {
+                let wait = profile::time(Op::ExpertWait);
+                let Some(item) = stream.next_ready(max) else { break };
+                drop(wait);
+                let _t = profile::time(Op::Experts);
+                let ready = match item {
+                    Ok(ready) => ready,
+                    Err(ExpertFailure { expert: Some(i), error }) if i < a.experts.len() => {
+                        failures.push((i, error));
+                        continue;
+                    }
+                    Err(ExpertFailure { error, .. }) => {
+                        failures.extend((0..a.experts.len()).map(|i| (i, error.clone())));
+                        break;
+                    }
+                };
+                // A source delivering an entry twice breaks its contract; the first delivery
+                // stands.
+                let mut fresh: Vec<(usize, SwiGlu)> = Vec::with_capacity(ready.len());
+                for (i, w) in ready {
+                    if i < a.experts.len() && !delivered[i] && !fresh.iter().any(|(j, _)| *j == i) {
+                        fresh.push((i, w));
+                    } else {
+                        debug_assert!(false, "expert source delivered plan entry {i} twice");
                     }
                 }
-            }
+                if let [(i, w)] = fresh[..] {
+                    let range = a.experts[i].assigned.clone();
+                    run(i, &w, &mut ys[range.start * h..range.end * h]);
+                } else {
+                    let outs: Vec<Vec<f32>> = fresh
+                        .par_iter()
+                        .map(|(i, w)| {
+                            let mut out = vec![0.0f32; a.experts[*i].assigned.len() * h];
+                            run(*i, w, &mut out);
+                            out
+                        })
+                        .collect();
+                    for ((i, _), out) in fresh.iter().zip(outs) {
+                        let range = a.experts[*i].assigned.clone();
+                        ys[range.start * h..range.end * h].copy_from_slice(&out);
+                    }
+                }
+                for (i, _) in &fresh {
+                    delivered[*i] = true;
+                }
+            },
         }
         // Every expert neither delivered nor failed (a stream that ended early) fails too.
         let mut settled = delivered.clone();

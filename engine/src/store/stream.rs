@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stevedore_cache::{Candidate, Demand, ExpertKey};
-use stevedore_models::{ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertWeights, ExpertsError};
+use stevedore_models::{ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertsError, ReadyExperts};
 
 use super::{fill, ExpertStore, State, StoreError};
 use crate::io::AlignedBuf;
@@ -17,10 +17,11 @@ pub struct StoreStream<'p> {
     store: &'p ExpertStore,
     plan: &'p ExpertPlan<'p>,
     demand: Demand,
-    /// The buffer of the expert handed out last, kept alive until the next call.
-    current: Option<Arc<AlignedBuf>>,
-    /// Whether the front of the demand was handed out and is to be released on the next call.
-    holding: bool,
+    /// The buffers of the experts handed out last, kept alive until the next call.
+    current: Vec<Arc<AlignedBuf>>,
+    /// How many experts at the front of the demand were handed out, to be released on the next
+    /// call.
+    holding: usize,
 }
 
 fn failure(expert: Option<usize>, e: StoreError) -> ExpertFailure {
@@ -71,7 +72,7 @@ impl ExpertStore {
         self.shared.work.notify_all();
         // The plan's contents outlive 'p; narrowing its lifetime parameter to 'p is a coercion.
         let plan: &'p ExpertPlan<'p> = plan;
-        Ok(StoreStream { store: self, plan, demand, current: None, holding: false })
+        Ok(StoreStream { store: self, plan, demand, current: Vec::new(), holding: 0 })
     }
 }
 
@@ -85,17 +86,31 @@ impl StoreStream<'_> {
 }
 
 impl ExpertStream for StoreStream<'_> {
-    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>> {
+    fn next_ready(&mut self, max: usize) -> Option<Result<ReadyExperts<'_>, ExpertFailure>> {
         let shared = &self.store.shared;
         let layouts = &shared.layouts;
         let mut st = shared.lock();
-        if std::mem::take(&mut self.holding) {
-            self.current = None;
-            st.tier.release(&mut self.demand);
+        let mut failed = None;
+        if self.holding > 0 {
+            self.current.clear();
+            // One release and one admission round per expert handed out, as if they had come
+            // one at a time: the tier sees the same calls whatever was ready together (which
+            // depends on read timing), so hits and misses stay those of the simulator.
+            for _ in 0..std::mem::take(&mut self.holding) {
+                let State { tier, slots, .. } = &mut *st;
+                tier.release(&mut self.demand);
+                if let Err(e) = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f)) {
+                    failed = Some(e);
+                    break;
+                }
+            }
             shared.landed.notify_all();
         }
         let mut stalled: Option<Instant> = None;
         let result = loop {
+            if let Some(e) = failed.take() {
+                break Some(Err(failure(None, e.into())));
+            }
             let State { tier, slots, .. } = &mut *st;
             let advanced = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f));
             shared.work.notify_all();
@@ -108,10 +123,18 @@ impl ExpertStream for StoreStream<'_> {
             if let Some(key) = self.demand.front() {
                 let id = *tier.peek(&key).expect("the demand pins its front");
                 match slots.data(id) {
-                    Some(Ok(buf)) => {
-                        self.current = Some(Arc::clone(buf));
-                        self.holding = true;
-                        break Some(Ok(self.index_of(key)));
+                    Some(Ok(_)) => {
+                        // The front and the pinned experts after it whose bytes are in, up to
+                        // `max`: all handed out now, released together on the next call.
+                        let mut ready = Vec::new();
+                        for key in self.demand.pinned().take(max.max(1)) {
+                            let id = *tier.peek(&key).expect("pinned keys are resident");
+                            let Some(Ok(buf)) = slots.data(id) else { break };
+                            self.current.push(Arc::clone(buf));
+                            ready.push(key);
+                        }
+                        self.holding = ready.len();
+                        break Some(Ok(ready));
                     }
                     Some(Err(e)) => {
                         let error = StoreError::Read { key, source: e.clone() };
@@ -133,12 +156,14 @@ impl ExpertStream for StoreStream<'_> {
         }
         drop(st);
         match result? {
-            Ok(i) => {
-                let key = ExpertKey::new(self.plan.layer.0, self.plan.experts[i].expert as usize);
-                let layout = layouts.get(key).expect("checked when the stream began");
-                let buf = self.current.as_ref().expect("set with the index");
-                Some(Ok((i, layout.weights(buf.as_slice()))))
-            }
+            Ok(keys) => Some(Ok(keys
+                .into_iter()
+                .zip(&self.current)
+                .map(|(key, buf)| {
+                    let layout = layouts.get(key).expect("checked when the stream began");
+                    (self.index_of(key), layout.weights(buf.as_slice()))
+                })
+                .collect())),
             Err(f) => Some(Err(f)),
         }
     }
@@ -146,7 +171,7 @@ impl ExpertStream for StoreStream<'_> {
 
 impl Drop for StoreStream<'_> {
     fn drop(&mut self) {
-        self.current = None;
+        self.current.clear();
         let mut st = self.store.shared.lock();
         st.tier.abandon(&mut self.demand);
         drop(st);

@@ -280,3 +280,74 @@ fn concurrent_streams_each_get_their_experts() {
     assert!(nothing_pinned(&store));
     assert!(store.stats().peak_bytes <= fx.min_budget() + 4096);
 }
+
+/// Waits until the warm start's reads have all landed.
+fn warm_filled(store: &ExpertStore) -> StoreStats {
+    for _ in 0..2000 {
+        let s = store.stats();
+        if s.warm_fill_seconds.is_some() {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("the warm start never finished: {:?}", store.stats());
+}
+
+/// A warm start at a budget that holds everything reads every expert once, in layer order,
+/// and every layer step afterwards is all hits with nothing more read; the bytes are the
+/// file's.
+#[test]
+fn a_warm_start_reads_every_expert_once_then_every_step_hits() {
+    let fx = Fixture::new();
+    let total = fx.layouts().footprint().total_bytes;
+    let store = fx.store(total, opts(2));
+    assert_eq!(store.warm(), 24);
+    let s = warm_filled(&store);
+    assert_eq!((s.warm_fills, s.warm_reads, s.warm_bytes, s.reads), (24, 24, total, 24));
+    assert!(s.bytes_read > 0 && s.bytes_read <= total, "{s:?}");
+    for layer in 0..3 {
+        assert_eq!(sorted(route(&fx, &store, layer, &all_experts(&fx)).unwrap()), all_experts(&fx));
+    }
+    let s = store.stats();
+    assert_eq!((s.hits, s.misses, s.reads), (24, 0, 24), "{s:?}");
+    assert!(nothing_pinned(&store));
+}
+
+/// At a budget that holds part of the model the warm start takes a prefix in layer order and
+/// evicts nothing; a layer that needs an expert still queued gets it (its read moves to the
+/// front), and later misses evict as usual.
+#[test]
+fn a_partial_warm_start_fills_layer_order_and_yields_to_demand() {
+    let fx = Fixture::new();
+    // Layer 0's eight experts and two of layer 1's (larger, f32) ones.
+    let keys = fx.layouts().all_keys();
+    let budget: u64 = keys[..10].iter().map(|(_, b)| b).sum();
+    let store = fx.store(budget, opts(1));
+    assert_eq!(store.warm(), 10);
+    assert_eq!(sorted(route(&fx, &store, 1, &[0, 1]).unwrap()), vec![0, 1]);
+    assert_eq!(sorted(route(&fx, &store, 2, &[3, 4]).unwrap()), vec![3, 4]);
+    let s = store.stats();
+    assert_eq!((s.hits, s.misses, s.warm_fills, s.warm_bytes), (2, 2, 10, budget), "{s:?}");
+    assert!(s.peak_bytes <= budget && s.buffer_peak_bytes <= budget, "{s:?}");
+}
+
+/// `next_ready` hands out every resident expert of a layer at once (up to `max`), each exactly
+/// once, and the next call releases them all.
+#[test]
+fn ready_experts_come_together_and_are_released_together() {
+    let fx = Fixture::new();
+    let store = fx.store(u64::MAX, opts(1));
+    route(&fx, &store, 0, &all_experts(&fx)).unwrap();
+    let data = PlanData::new(0, &[1, 3, 4, 6]);
+    let plan = data.plan();
+    let mut s = store.stream(&plan, &[]).unwrap();
+    let first: Vec<u32> =
+        s.next_ready(3).unwrap().unwrap().into_iter().map(|(i, _)| plan.experts[i].expert).collect();
+    assert_eq!(first, vec![1, 3, 4]);
+    let rest = s.next_ready(3).unwrap().unwrap();
+    assert_eq!(rest.len(), 1);
+    fx.check(0, plan.experts[rest[0].0].expert, &rest[0].1);
+    assert!(s.next_ready(3).is_none());
+    drop(s);
+    assert!(nothing_pinned(&store));
+}
