@@ -200,7 +200,7 @@ impl SparseMoe {
         // rows (prefill) each use every core. The results are the same either way.
         let threads = rayon::current_num_threads();
         let few_rows = a.experts.iter().all(|e| e.assigned.len() <= FEW_ROWS);
-        let max = if few_rows { threads } else { 1 };
+        let max = if few_rows { threads.max(a.experts.len()) } else { 1 };
         let run = |i: usize, w: &SwiGlu, out: &mut [f32]| {
             let mut gathered = Vec::with_capacity(plan.rows_of(i).len() * h);
             for &r in plan.rows_of(i) {
