@@ -84,10 +84,18 @@ def convert(model_dir, converter, out):
 
 
 def llama_round(gguf, threads, vocab, decode, prompts, seed):
+    """One round in a fresh process: a mapping left by an earlier round's model would keep its
+    pages in the page cache, and the cold start would not be cold."""
+    drop_from_page_cache([gguf])
+    args = json.dumps([str(gguf), threads, vocab, decode, prompts, seed])
+    out = subprocess.run([sys.executable, __file__, "--llama-child", args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def llama_child(gguf, threads, vocab, decode, prompts, seed):
     from llama_cpp import Llama
     import numpy as np
 
-    drop_from_page_cache([gguf])
     t0 = time.perf_counter()
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
                 n_threads_batch=threads, logits_all=False, verbose=False)
@@ -116,7 +124,7 @@ def llama_round(gguf, threads, vocab, decode, prompts, seed):
         out[f"pp{p}"] = p / (time.perf_counter() - t)
     out[f"tg{decode}"] = decode_run(seed + 2)
     llm.close()
-    return out
+    print(json.dumps(out))
 
 
 def stevedore_round(binary, model, threads, decode, prompts):
@@ -135,6 +143,9 @@ def stevedore_round(binary, model, threads, decode, prompts):
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--llama-child":
+        gguf, threads, vocab, decode, prompts, seed = json.loads(sys.argv[2])
+        return llama_child(Path(gguf), threads, vocab, decode, prompts, seed)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
     ap.add_argument("--stevedore", type=Path, default=ROOT / "target" / "release" / "stevedore")

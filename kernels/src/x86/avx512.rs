@@ -156,7 +156,9 @@ unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs)
                     x_hi[t] = _mm512_loadu_ps(p.add(16));
                 }
             }
-            prefetch_ahead::<D, R>(w, ws, b);
+            if args.streaming {
+                prefetch_ahead::<D, R>(w, ws, b);
+            }
             for r in 0..R {
                 // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
                 let (lo, hi) = unsafe { load_block::<D>(w.add(r * ws + b * block_bytes(D))) };
