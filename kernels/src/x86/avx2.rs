@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{hsum256, prefetch_ahead_bytes};
+use super::{hsum256, prefetch_ahead};
 use crate::matmul::{Micro, TileArgs, XLayout};
 use crate::DType;
 
@@ -94,25 +94,6 @@ unsafe fn load_block<const D: u8>(p: *const u8) -> (__m256, __m256) {
     }
 }
 
-/// Requests the cache lines of block `b` two tiles on (`2 * R` rows further: the rows that
-/// follow in memory). A decode matvec's rows are a few KiB, too short for the hardware prefetcher
-/// to ramp up on, so the lines a later tile needs are asked for while this one computes
-/// (2 MiB bf16 matvecs on 2 AVX2 cores: 12 GB/s without, 19-20 with).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead<const D: u8, const R: usize>(w: *const u8, ws: usize, b: usize) {
-    let bytes = block_bytes(D);
-    let (start, len) = prefetch_ahead_bytes(b * bytes, bytes);
-    for r in 0..R {
-        let row = w.wrapping_add((2 * R + r) * ws);
-        for at in (start..start + len).step_by(64) {
-            // `wrapping_add`: past the last tile the address lies outside the weights, and a
-            // prefetch never faults or reads anything architecturally.
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at) as *const i8);
-        }
-    }
-}
-
 /// `R` weight rows x `T` tokens over `args.blocks` blocks; see [`TileArgs`].
 ///
 /// # Safety
@@ -143,7 +124,7 @@ unsafe fn tile<const D: u8, const R: usize, const T: usize>(args: &mut TileArgs)
                 }
             }
             if args.streaming {
-                prefetch_ahead::<D, R>(w, ws, b);
+                prefetch_ahead(w, ws, b, block_bytes(D), R);
             }
             for r in 0..R {
                 // SAFETY: row r < R, block b < blocks: in bounds by the length assert above.
