@@ -87,6 +87,17 @@ impl<'a> Weight<'a> {
         Ok(Weight { dtype, data, rows, cols })
     }
 
+    /// An f32 matrix (`rows * cols` values, row-major) as a weight: activations multiplied
+    /// like weights (attention's keys and values).
+    pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        // Weights are little-endian bytes; native f32 bytes are those only on little-endian CPUs.
+        const { assert!(cfg!(target_endian = "little")) };
+        assert_eq!(data.len(), rows * cols, "f32 weight of {rows}x{cols} from {} values", data.len());
+        // SAFETY: the bytes of `data`, same lifetime; f32 has no padding and u8 no alignment.
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), size_of_val(data)) };
+        Weight { dtype: DType::F32, data: bytes, rows, cols }
+    }
+
     /// Element `i` of the flat data, converted to f32 (reference path; slow).
     #[inline]
     pub fn get(&self, i: usize) -> f32 {

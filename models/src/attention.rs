@@ -6,7 +6,7 @@
 //! sequence's positions up to its own, read from that sequence's KV blocks.
 
 use rayon::prelude::*;
-use stevedore_kernels::{axpy, dot, rms_norm, softmax, Backend};
+use stevedore_kernels::{matmul_with, rms_norm, softmax, Backend, Isa, MatmulOptions, Threading, Weight};
 
 use crate::kv::{KvError, KvPool};
 use crate::profile::{self, Op};
@@ -181,30 +181,85 @@ impl Attention {
             kv.write(layer, slot, &k[i * kv_dim..(i + 1) * kv_dim], &v[i * kv_dim..(i + 1) * kv_dim]);
         }
 
-        // out[t][head] = softmax(q . k / sqrt(d)) v over the positions 0..=pos of t's sequence.
+        // out[t][head] = softmax(q . k / sqrt(d)) v over the positions 0..=pos of t's sequence,
+        // one task per (sequence, query head), a KV block of positions at a time: the rows of
+        // the sequence that reach a block multiply its keys in one product, and their softmax
+        // weights over it its (transposed) values in another. A row's scores and its sum over
+        // blocks 0..=pos/block do not depend on the other rows of the call (the matmul's row
+        // invariance) nor on where its prompt was cut into chunks.
         let kv = &*kv;
-        let mut tables: Vec<&[u32]> = Vec::with_capacity(n);
-        for span in batch.spans() {
-            let table = kv.table(span.seq).ok_or(KvError::Unknown(span.seq))?;
-            tables.extend(std::iter::repeat_n(table, span.rows.len()));
+        let spans = batch.spans();
+        let mut tables: Vec<&[u32]> = Vec::with_capacity(spans.len());
+        for span in spans {
+            tables.push(kv.table(span.seq).ok_or(KvError::Unknown(span.seq))?);
         }
         let rows = batch.rows();
         let group = self.n_heads / self.n_kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
+        let bs = kv.block_size();
+        let tasks: Vec<(usize, usize)> =
+            (0..spans.len()).flat_map(|s| (0..self.n_heads).map(move |h| (s, h))).collect();
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(s, head)| {
+                let span = &spans[s];
+                let (r0, n) = (span.rows.start, span.rows.len());
+                let pos = |i: usize| rows[r0 + i].pos;
+                let g = head / group;
+                let single = MatmulOptions { isa: Isa::detect(), threading: Threading::Single };
+                let mut qs = Vec::with_capacity(n * d);
+                for i in 0..n {
+                    qs.extend_from_slice(&q[(r0 + i) * q_dim + head * d..][..d]);
+                }
+                // scores[i][p] for p < blocks * bs; rows are in position order.
+                let blocks = pos(n - 1) / bs + 1;
+                let width = blocks * bs;
+                let mut scores = vec![0.0f32; n * width];
+                let mut tile = vec![0.0f32; n * bs];
+                for b in 0..blocks {
+                    // Rows whose position reaches block b: a suffix of the span.
+                    let first = (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n);
+                    let m = n - first;
+                    let keys = Weight::from_f32(kv.key_block(layer, tables[s][b], g), bs, d);
+                    matmul_with(single, &qs[first * d..], &keys, &mut tile[..m * bs]);
+                    for j in 0..m {
+                        scores[(first + j) * width + b * bs..][..bs]
+                            .copy_from_slice(&tile[j * bs..(j + 1) * bs]);
+                    }
+                }
+                for i in 0..n {
+                    let row = &mut scores[i * width..(i + 1) * width];
+                    let (live, rest) = row.split_at_mut(pos(i) + 1);
+                    live.iter_mut().for_each(|x| *x *= scale);
+                    softmax(live);
+                    rest.fill(0.0);
+                }
+                let mut out = vec![0.0f32; n * d];
+                let mut weights = vec![0.0f32; n * bs];
+                let mut partial = vec![0.0f32; n * d];
+                for b in 0..blocks {
+                    let first = (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n);
+                    let m = n - first;
+                    for j in 0..m {
+                        weights[j * bs..(j + 1) * bs]
+                            .copy_from_slice(&scores[(first + j) * width + b * bs..][..bs]);
+                    }
+                    let values = Weight::from_f32(kv.value_block(layer, tables[s][b], g), d, bs);
+                    matmul_with(single, &weights[..m * bs], &values, &mut partial[..m * d]);
+                    for (o, p) in out[first * d..].iter_mut().zip(&partial[..m * d]) {
+                        *o += p;
+                    }
+                }
+                out
+            })
+            .collect();
         let mut out = vec![0.0f32; n * q_dim];
-        out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-            let (t, head) = (i / self.n_heads, i % self.n_heads);
-            let at = (head / group) * d;
-            let qv = &q[t * q_dim + head * d..][..d];
-            let table = tables[t];
-            let mut scores: Vec<f32> = (0..=rows[t].pos)
-                .map(|p| dot(qv, &kv.key(layer, kv.slot_in(table, p))[at..at + d]) * scale)
-                .collect();
-            softmax(&mut scores);
-            for (p, s) in scores.iter().enumerate() {
-                axpy(*s, &kv.value(layer, kv.slot_in(table, p))[at..at + d], o);
+        for (&(s, head), part) in tasks.iter().zip(&parts) {
+            let r0 = spans[s].rows.start;
+            for (i, o) in part.chunks(d).enumerate() {
+                out[(r0 + i) * q_dim + head * d..][..d].copy_from_slice(o);
             }
-        });
+        }
         drop(_t);
         let _t = profile::time(Op::OProj);
         Ok(linear(index, backend, &out, &self.o_proj, None))

@@ -56,13 +56,19 @@ pub struct KvPool {
     block_size: usize,
     /// Floats per position and layer, for keys and for values alike: KV heads x head_dim.
     kv_dim: usize,
+    kv_heads: usize,
+    head_dim: usize,
     num_layers: usize,
     /// Blocks in the pool; block ids are `0..num_blocks`.
     num_blocks: usize,
-    /// `keys[layer][(block * block_size + slot) * kv_dim..][..kv_dim]`: the key of the position
-    /// at `slot` of `block`. Meaningful only for positions below their sequence's `len`.
+    /// `keys[layer][((block * kv_heads + head) * block_size + slot) * head_dim..][..head_dim]`:
+    /// KV head `head`'s key of the position at `slot` of `block`. A block's keys for one head are
+    /// one `[block_size, head_dim]` matrix, which attention multiplies by its queries in one
+    /// product. Meaningful only for positions below their sequence's `len`.
     keys: Vec<Vec<f32>>,
-    /// Laid out as `keys`.
+    /// `values[layer][((block * kv_heads + head) * head_dim + c) * block_size + slot]`: the
+    /// same blocks transposed, one `[head_dim, block_size]` matrix per block and head, which
+    /// attention multiplies by its weights over the block's positions.
     values: Vec<Vec<f32>>,
     /// Blocks held by no sequence, used last-in first-out (recently used pages stay warm).
     /// With the tables' blocks, every id in `0..num_blocks` appears exactly once.
@@ -71,9 +77,12 @@ pub struct KvPool {
     tables: HashMap<SeqId, BlockTable>,
 }
 
-/// Where one position's key and value live: the first float of its row in a layer's buffer.
+/// Where one position's key and value live: its block and its slot in the block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Slot(usize);
+pub(crate) struct Slot {
+    block: usize,
+    slot: usize,
+}
 
 impl KvPool {
     /// Bytes one block occupies over all layers (keys and values, f32).
@@ -103,6 +112,8 @@ impl KvPool {
         Ok(KvPool {
             block_size,
             kv_dim,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
             num_layers: cfg.num_hidden_layers,
             num_blocks,
             keys: (0..cfg.num_hidden_layers).map(|_| layer()).collect(),
@@ -227,7 +238,7 @@ impl KvPool {
             pos,
             capacity: t.blocks.len() * self.block_size,
         })?;
-        Ok(Slot((*block as usize * self.block_size + pos % self.block_size) * self.kv_dim))
+        Ok(Slot { block: *block as usize, slot: pos % self.block_size })
     }
 
     /// `seq`'s block table, to walk its positions without a map look-up each.
@@ -235,28 +246,33 @@ impl KvPool {
         self.tables.get(&seq).map(|t| t.blocks.as_slice())
     }
 
-    /// The slot of position `pos` in a block table from [`KvPool::table`].
-    #[inline]
-    pub(crate) fn slot_in(&self, table: &[u32], pos: usize) -> Slot {
-        Slot((table[pos / self.block_size] as usize * self.block_size + pos % self.block_size) * self.kv_dim)
-    }
-
-    /// Writes one position's key and value in `layer`.
+    /// Writes one position's key and value (all KV heads, `kv_dim` floats each) in `layer`.
     pub(crate) fn write(&mut self, layer: usize, slot: Slot, key: &[f32], value: &[f32]) {
-        self.keys[layer][slot.0..slot.0 + self.kv_dim].copy_from_slice(key);
-        self.values[layer][slot.0..slot.0 + self.kv_dim].copy_from_slice(value);
+        let (bs, d) = (self.block_size, self.head_dim);
+        for h in 0..self.kv_heads {
+            let at = ((slot.block * self.kv_heads + h) * bs + slot.slot) * d;
+            self.keys[layer][at..at + d].copy_from_slice(&key[h * d..(h + 1) * d]);
+            let base = (slot.block * self.kv_heads + h) * d * bs + slot.slot;
+            for (c, &v) in value[h * d..(h + 1) * d].iter().enumerate() {
+                self.values[layer][base + c * bs] = v;
+            }
+        }
     }
 
-    /// The key row at `slot` of `layer` (all KV heads).
+    /// KV head `head`'s keys of `block` in `layer`: `[block_size, head_dim]`, row = slot.
     #[inline]
-    pub(crate) fn key(&self, layer: usize, slot: Slot) -> &[f32] {
-        &self.keys[layer][slot.0..slot.0 + self.kv_dim]
+    pub(crate) fn key_block(&self, layer: usize, block: u32, head: usize) -> &[f32] {
+        let n = self.block_size * self.head_dim;
+        let at = (block as usize * self.kv_heads + head) * n;
+        &self.keys[layer][at..at + n]
     }
 
-    /// The value row at `slot` of `layer` (all KV heads).
+    /// KV head `head`'s values of `block` in `layer`, transposed: `[head_dim, block_size]`.
     #[inline]
-    pub(crate) fn value(&self, layer: usize, slot: Slot) -> &[f32] {
-        &self.values[layer][slot.0..slot.0 + self.kv_dim]
+    pub(crate) fn value_block(&self, layer: usize, block: u32, head: usize) -> &[f32] {
+        let n = self.block_size * self.head_dim;
+        let at = (block as usize * self.kv_heads + head) * n;
+        &self.values[layer][at..at + n]
     }
 }
 
@@ -311,11 +327,15 @@ mod tests {
         }
         p.set_len(1, 6);
         let table = p.table(1).unwrap().to_vec();
+        let d = p.head_dim;
         for pos in 0..6 {
-            let s = p.slot_in(&table, pos);
-            assert_eq!(s, p.slot(1, pos).unwrap());
-            assert_eq!(p.key(1, s)[0], 1.0 + pos as f32);
-            assert_eq!(p.value(1, s), [2.0; 8]);
+            let block = table[pos / p.block_size];
+            for h in 0..p.kv_heads {
+                let keys = p.key_block(1, block, h);
+                assert_eq!(keys[(pos % p.block_size) * d], 1.0 + pos as f32);
+                let values = p.value_block(1, block, h);
+                assert!((0..d).all(|c| values[c * p.block_size + pos % p.block_size] == 2.0));
+            }
         }
         assert_eq!(p.slot(1, 8), Err(KvError::Beyond { seq: 1, pos: 8, capacity: 8 }));
         assert_eq!(p.allocate(1, 1), Err(KvError::Exists(1)));
@@ -367,8 +387,10 @@ mod tests {
             let s = p.slot(100, pos).unwrap();
             p.write(0, s, &[pos as f32; 8], &[0.0; 8]);
         }
+        let table = p.table(100).unwrap().to_vec();
         for pos in 0..16 {
-            assert_eq!(p.key(0, p.slot(100, pos).unwrap())[3], pos as f32);
+            let keys = p.key_block(0, table[pos / p.block_size], 1);
+            assert_eq!(keys[(pos % p.block_size) * p.head_dim + 3], pos as f32);
         }
         assert_partition(&p);
         for seq in (0..8).chain([100]) {
