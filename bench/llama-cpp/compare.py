@@ -16,8 +16,10 @@ It is a benchmark, not a test: CI does not run it. Usage:
 
     bash bench/llama-cpp/setup.sh                      # once: venv, llama-cpp-python, converter
     cargo build --release -p stevedore-engine -p stevedore-bench
-    target/release/e2e --dir /tmp/ck --keep --no-engine --hidden 1024 --intermediate 1024 --top-k 4
-    .venv-llama/bin/python bench/llama-cpp/compare.py --model /tmp/ck --rounds 3 --json-out cmp.json
+    CK=$HOME/ck-olmoe   # 3.5 GB, plus the GGUF beside it
+    target/release/e2e --dir "$CK" --keep --no-engine --hidden 1024 --layers 16 --heads 16 \
+        --kv-heads 16 --experts 32 --top-k 4 --intermediate 1024 --vocab 32000
+    .venv-llama/bin/python bench/llama-cpp/compare.py --model "$CK" --rounds 3 --json-out cmp.json
 """
 
 import argparse
