@@ -275,8 +275,8 @@ fn prompt(vocab: u32, len: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy generation of `new` tokens after `prompt_ids`; EOS does not stop it early (its id
-/// is just another token here).
+/// Greedy generation of up to `new` tokens after `prompt_ids` (an EOS ends it early, as in any
+/// run; rates are over the tokens actually generated).
 fn complete(engine: &Engine, prompt_ids: Vec<u32>, new: usize) -> Result<Completion, CliError> {
     let sampling = SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
     let req = Request { prompt_ids, max_new_tokens: new, sampling };
