@@ -1,11 +1,12 @@
 //! The backend seam: the compute a forward pass hands to a device.
 //!
 //! A model's forward pass keeps its activations as f32 rows and asks a [`Backend`] for the
-//! products that read weights: a matrix product against one weight matrix, and the SwiGLU
+//! products that read weights: matrix products of one input against one or more weight
+//! matrices (`matmuls`: q, k and v as one launch), and the SwiGLU
 //! feed-forward block (an MLP or one routed expert) against three. Everything else (norms,
 //! RoPE, softmax, attention over the KV cache) is element-wise work on activations.
 //!
-//! Three methods, all implemented by every backend, after ggml's split of a backend into a few
+//! Two methods, both implemented by every backend, after ggml's split of a backend into a few
 //! concepts and candle's device enum: the CPU backend ([`Cpu`]) runs the SIMD kernels of this
 //! crate on all cores. A CUDA backend implements the same two methods for weights resident in
 //! device memory (ship the rows over, compute, ship the results back: the Fiddler placement for
@@ -29,10 +30,8 @@ pub struct SwiGlu<'a> {
 /// depend on the other rows passed with it (the engine's "batched equals alone" invariant).
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
-    /// `out[t, r] = sum_c x[t, c] * w[r, c]` for every row `t` of `x`.
-    fn matmul(&self, x: &[f32], w: &Weight<'_>, out: &mut [f32]);
-    /// [`Backend::matmul`] of the same `x` against each weight of `parts` into its output, as
-    /// one launch (q, k and v projections).
+    /// `out[t, r] = sum_c x[t, c] * w[r, c]` for every row `t` of `x`, for each `(w, out)` of
+    /// `parts` (one weight, or several against the same `x` as one launch: q, k and v).
     fn matmuls(&self, x: &[f32], parts: &mut [(Weight<'_>, &mut [f32])]);
     /// `out[t] = down(silu(gate(x[t])) * up(x[t]))` for every row `t` of `x`.
     fn swiglu(&self, x: &[f32], w: &SwiGlu<'_>, out: &mut [f32]);
@@ -45,10 +44,6 @@ pub struct Cpu;
 impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
-    }
-
-    fn matmul(&self, x: &[f32], w: &Weight<'_>, out: &mut [f32]) {
-        matmul(x, w, out)
     }
 
     fn matmuls(&self, x: &[f32], parts: &mut [(Weight<'_>, &mut [f32])]) {

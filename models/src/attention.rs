@@ -216,9 +216,11 @@ impl Attention {
                 let width = blocks * bs;
                 let mut scores = vec![0.0f32; n * width];
                 let mut tile = vec![0.0f32; n * bs];
-                for b in 0..blocks {
-                    // Rows whose position reaches block b: a suffix of the span.
-                    let first = (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n);
+                // For each block, the first row whose position reaches it: those rows are a
+                // suffix of the span.
+                let firsts: Vec<usize> =
+                    (0..blocks).map(|b| (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n)).collect();
+                for (b, &first) in firsts.iter().enumerate() {
                     let m = n - first;
                     let keys = Weight::from_f32(kv.key_block(layer, tables[s][b], g), bs, d);
                     matmul_with(single, &qs[first * d..], &keys, &mut tile[..m * bs]);
@@ -237,8 +239,7 @@ impl Attention {
                 let mut out = vec![0.0f32; n * d];
                 let mut weights = vec![0.0f32; n * bs];
                 let mut partial = vec![0.0f32; n * d];
-                for b in 0..blocks {
-                    let first = (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n);
+                for (b, &first) in firsts.iter().enumerate() {
                     let m = n - first;
                     for j in 0..m {
                         weights[j * bs..(j + 1) * bs]

@@ -50,19 +50,13 @@ pub fn linears(
         ws.iter().zip(outs.iter_mut()).map(|((w, _), o)| (w.weight(index), &mut o[..])).collect();
     backend.matmuls(x, &mut parts);
     for ((w, bias), out) in ws.iter().zip(outs.iter_mut()) {
-        add_bias(out, w.rows, *bias);
-    }
-    outs
-}
-
-fn add_bias(out: &mut [f32], width: usize, bias: Option<&[f32]>) {
-    if let Some(b) = bias {
-        for row in out.chunks_mut(width) {
-            for (o, b) in row.iter_mut().zip(b) {
-                *o += b;
+        if let Some(b) = bias {
+            for row in out.chunks_mut(w.rows) {
+                row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
             }
         }
     }
+    outs
 }
 
 /// `y = x @ w^T (+ bias)` for a batch of rows of `x`.
@@ -73,9 +67,5 @@ pub fn linear(
     w: &Mat,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let n = x.len() / w.cols;
-    let mut out = vec![0.0; n * w.rows];
-    backend.matmul(x, &w.weight(index), &mut out);
-    add_bias(&mut out, w.rows, bias);
-    out
+    linears(index, backend, x, &[(w, bias)]).pop().expect("one matrix in, one output out")
 }

@@ -287,10 +287,7 @@ fn complete(engine: &Engine, prompt_ids: Vec<u32>, new: usize) -> Result<Complet
 fn wait_for_warm_fill(engine: &Engine) -> crate::store::StoreStats {
     loop {
         let s = engine.stats().expert_cache;
-        if s.warm_fills == 0
-            || s.warm_fill_seconds.is_some()
-            || s.warm_reads + s.cancelled_reads >= s.warm_fills
-        {
+        if s.warm_fills == 0 || s.warm_fill_seconds.is_some() {
             return s;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -125,8 +125,8 @@ pub struct StoreStats {
     pub warm_bytes: u64,
     /// Warm-start reads landed so far.
     pub warm_reads: u64,
-    /// Seconds from the warm start until its last read landed; `None` while reads are pending
-    /// (or when an entry was evicted before its read).
+    /// Seconds from the warm start until its last read landed (or its last unread entry was
+    /// evicted); `None` while reads are pending.
     pub warm_fill_seconds: Option<f64>,
 }
 
@@ -146,6 +146,19 @@ struct Warm {
     pending: std::collections::HashSet<ExpertKey>,
     landed: u64,
     seconds: Option<f64>,
+}
+
+impl Warm {
+    /// `key`'s warm read landed (`landed`) or will not happen (evicted first); the fill time is
+    /// taken when the last one settles.
+    fn settle(&mut self, key: &ExpertKey, landed: bool) {
+        if self.pending.remove(key) {
+            self.landed += u64::from(landed);
+            if self.pending.is_empty() {
+                self.seconds = self.started.map(|t| t.elapsed().as_secs_f64());
+            }
+        }
+    }
 }
 
 struct State {
@@ -184,7 +197,11 @@ impl Shared {
 
 /// Gives each entry the tier admits its slot: reusing an evicted entry's buffer of the same
 /// size where one is free, and queueing its read.
-fn fill(slots: &mut Slots, layouts: &Layouts, f: Fill<SlotId>) -> SlotId {
+/// An entry evicted before the warm start read it is no longer the warm start's to wait for.
+fn fill(slots: &mut Slots, warm: &mut Warm, layouts: &Layouts, f: Fill<SlotId>) -> SlotId {
+    for (key, _) in &f.evicted {
+        warm.settle(key, false);
+    }
     let alloc = layouts.get(f.key).expect("keys are checked before the tier sees them").alloc;
     let job = if f.prefetch { Job::Prefetch } else { Job::Demand };
     slots.admit(f.key, alloc, f.evicted.into_iter().map(|(_, id)| id), job)
@@ -248,13 +265,7 @@ fn reader_loop(shared: &Shared, budget: u64) {
         }
         let key = job.key;
         st.slots.land(job, result.map(|(b, _)| b));
-        let warm = &mut st.warm;
-        if warm.pending.remove(&key) {
-            warm.landed += 1;
-            if warm.pending.is_empty() {
-                warm.seconds = warm.started.map(|t| t.elapsed().as_secs_f64());
-            }
-        }
+        st.warm.settle(&key, true);
         shared.landed.notify_all();
         // A buffer may have been freed: another reader may be waiting for room.
         shared.work.notify_all();
@@ -351,9 +362,9 @@ impl ExpertStore {
     pub fn begin_step(&self, candidates: &[Candidate]) {
         let candidates = self.sized(candidates);
         let mut guard = self.shared.lock();
-        let State { tier, slots, .. } = &mut *guard;
+        let State { tier, slots, warm, .. } = &mut *guard;
         let layouts = &self.shared.layouts;
-        tier.begin_step(&candidates, &mut |f| fill(slots, layouts, f));
+        tier.begin_step(&candidates, &mut |f| fill(slots, warm, layouts, f));
         drop(guard);
         self.shared.work.notify_all();
     }
@@ -371,7 +382,7 @@ impl ExpertStore {
         warm.started = Some(Instant::now());
         let n = tier.warm(&keys, &mut |f| {
             warm.pending.insert(f.key);
-            fill(slots, layouts, f)
+            fill(slots, warm, layouts, f)
         });
         if n == 0 {
             warm.seconds = Some(0.0);

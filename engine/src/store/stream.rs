@@ -45,7 +45,7 @@ impl ExpertStore {
         }
         let candidates = self.sized(candidates);
         let mut guard = self.shared.lock();
-        let State { tier, slots, .. } = &mut *guard;
+        let State { tier, slots, warm, .. } = &mut *guard;
         // An entry whose read failed is read again by the next layer that needs it.
         for (key, _) in &keys {
             if let Some(&id) = tier.peek(key) {
@@ -60,7 +60,7 @@ impl ExpertStore {
         for key in demand.pinned() {
             slots.raise(*tier.peek(&key).expect("pinned keys are resident"));
         }
-        let advanced = tier.advance(&mut demand, &mut |f| fill(slots, layouts, f));
+        let advanced = tier.advance(&mut demand, &mut |f| fill(slots, warm, layouts, f));
         if let Err(e) = advanced {
             tier.abandon(&mut demand);
             drop(guard);
@@ -97,9 +97,9 @@ impl ExpertStream for StoreStream<'_> {
             // one at a time: the tier sees the same calls whatever was ready together (which
             // depends on read timing), so hits and misses stay those of the simulator.
             for _ in 0..std::mem::take(&mut self.holding) {
-                let State { tier, slots, .. } = &mut *st;
+                let State { tier, slots, warm, .. } = &mut *st;
                 tier.release(&mut self.demand);
-                if let Err(e) = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f)) {
+                if let Err(e) = tier.advance(&mut self.demand, &mut |f| fill(slots, warm, layouts, f)) {
                     failed = Some(e);
                     break;
                 }
@@ -111,8 +111,8 @@ impl ExpertStream for StoreStream<'_> {
             if let Some(e) = failed.take() {
                 break Some(Err(failure(None, e.into())));
             }
-            let State { tier, slots, .. } = &mut *st;
-            let advanced = tier.advance(&mut self.demand, &mut |f| fill(slots, layouts, f));
+            let State { tier, slots, warm, .. } = &mut *st;
+            let advanced = tier.advance(&mut self.demand, &mut |f| fill(slots, warm, layouts, f));
             shared.work.notify_all();
             if let Err(e) = advanced {
                 break Some(Err(failure(None, e.into())));
