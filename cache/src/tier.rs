@@ -122,6 +122,15 @@ impl<V> Tier<V> {
         self
     }
 
+    /// Changes how far the predictive policy prefetches: candidates at most `layers` MoE
+    /// layers ahead, at most `bytes` per step (nothing changes without anticipation).
+    pub fn set_prefetch(&mut self, layers: usize, bytes: u64) {
+        if let Some(a) = &mut self.anticipation {
+            a.set_prefetch_depth(layers);
+            self.prefetch_budget = bytes;
+        }
+    }
+
     pub fn cache(&self) -> &Cache<V> {
         &self.cache
     }

@@ -6,6 +6,7 @@
 //! file names only what it changes, a misspelt key is an error that names it, and later
 //! sections (`[tiers.gpu]`, `[precision]`, `[regroup]`) slot in without breaking older files.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use stevedore_cache::{AnticipationParams, PolicyKind};
-use stevedore_predictor::{OnlineKind, PathModel, PathPredictor, RoutePredictor, RoutingShape};
+use stevedore_predictor::{
+    Ensemble, NextGatePredictor, OnlineKind, PathModel, PathPredictor, RoutePredictor, RoutingShape,
+};
 
 use crate::size::Size;
 
@@ -177,15 +180,17 @@ impl EngineSection {
 }
 
 /// Routing predictor steering the `predictive` policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PredictorKind {
     Frequency,
     Recency,
-    #[default]
     Transition,
     /// The learned routing-path model; needs `predictor.model`.
     Path,
+    /// Next-gate estimates: the routers of the layers ahead applied to the hidden state.
+    #[default]
+    Gate,
 }
 
 impl PredictorKind {
@@ -195,8 +200,18 @@ impl PredictorKind {
             PredictorKind::Recency => "recency",
             PredictorKind::Transition => "transition",
             PredictorKind::Path => "path",
+            PredictorKind::Gate => "gate",
         }
     }
+}
+
+/// The hidden state next-gate estimates are made from (`predictor.gate_input`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateInputKind {
+    #[default]
+    PostAttention,
+    LayerInput,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -205,8 +220,10 @@ pub struct PredictorConfig {
     pub kind: PredictorKind,
     /// MoE layers looked ahead: experts predicted for them are protected from eviction.
     pub depth: Layers,
-    /// Only predictions at most this many MoE layers ahead are prefetched.
-    pub prefetch_depth: usize,
+    /// Only predictions at most this many MoE layers ahead are prefetched; `auto`: as many as
+    /// the measured disk bandwidth and layer compute time call for ([`crate::horizon`]), and
+    /// then `prefetch_budget` is measured too.
+    pub prefetch_depth: PrefetchDepth,
     /// A predicted layer's best `prefetch_top` experts may be prefetched; `None`: the model's
     /// top-k.
     pub prefetch_top: Option<usize>,
@@ -223,21 +240,83 @@ pub struct PredictorConfig {
     pub max_protected: Size,
     /// Trained model for `kind = "path"`; relative paths are from the config file's directory.
     pub model: Option<PathBuf>,
+    /// Predictors blended with `kind`, each with its weight (`kind` weighs 1).
+    pub ensemble: BTreeMap<PredictorKind, f32>,
+    /// Which hidden state next-gate estimates apply the routers ahead to.
+    pub gate_input: GateInputKind,
+    /// Experts taken from each next-gate estimate beyond the router's top-k; `None`: top-k.
+    pub gate_margin: Option<usize>,
 }
 
 impl Default for PredictorConfig {
     fn default() -> Self {
         PredictorConfig {
-            kind: PredictorKind::Transition,
+            kind: PredictorKind::Gate,
             depth: Layers::Percent(60.0),
-            prefetch_depth: 1,
+            prefetch_depth: PrefetchDepth::Auto,
             prefetch_top: None,
             prefetch_min_lift: 1.8,
             protect_min_lift: 0.0,
             prefetch_budget: Size::Percent(5.0),
             max_protected: Size::Percent(75.0),
             model: None,
+            ensemble: BTreeMap::from([(PredictorKind::Transition, 0.5)]),
+            gate_input: GateInputKind::PostAttention,
+            gate_margin: None,
         }
+    }
+}
+
+/// How far ahead to prefetch: a fixed number of MoE layers or `"auto"` (measured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefetchDepth {
+    Auto,
+    Layers(usize),
+}
+
+impl PrefetchDepth {
+    /// The depth to start with: `auto` starts at one layer.
+    pub fn initial(self) -> usize {
+        match self {
+            PrefetchDepth::Auto => 1,
+            PrefetchDepth::Layers(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for PrefetchDepth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrefetchDepth::Auto => f.write_str("auto"),
+            PrefetchDepth::Layers(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PrefetchDepth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DepthVisitor;
+        impl Visitor<'_> for DepthVisitor {
+            type Value = PrefetchDepth;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of MoE layers (1) or \"auto\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PrefetchDepth, E> {
+                match v {
+                    "auto" => Ok(PrefetchDepth::Auto),
+                    _ => Err(E::custom(format!("`{v}` is neither a number of layers nor \"auto\""))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PrefetchDepth, E> {
+                usize::try_from(v)
+                    .map(PrefetchDepth::Layers)
+                    .map_err(|_| E::custom(format!("{v} layers is negative")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PrefetchDepth, E> {
+                Ok(PrefetchDepth::Layers(v as usize))
+            }
+        }
+        d.deserialize_any(DepthVisitor)
     }
 }
 
@@ -304,7 +383,7 @@ impl PredictorConfig {
         AnticipationParams {
             protect_min_score: (self.protect_min_lift * chance).min(1.0),
             prefetch_min_score: (self.prefetch_min_lift * chance).min(1.0),
-            prefetch_depth: self.prefetch_depth,
+            prefetch_depth: self.prefetch_depth.initial(),
             prefetch_top: self.prefetch_top.unwrap_or(shape.top_k),
             max_protected_fraction: match self.max_protected {
                 Size::Percent(p) => p / 100.0,
@@ -324,7 +403,31 @@ impl PredictorConfig {
             }
             _ => None,
         };
-        Ok(PredictorSource { kind: self.kind, model, model_path: self.model.clone() })
+        Ok(PredictorSource {
+            kind: self.kind,
+            ensemble: self.ensemble.iter().filter(|(k, _)| **k != self.kind).map(|(&k, &w)| (k, w)).collect(),
+            gate_margin: self.gate_margin,
+            model,
+            model_path: self.model.clone(),
+        })
+    }
+
+    /// Whether any predictor in use reads next-gate estimates.
+    pub fn uses_gate(&self) -> bool {
+        self.kind == PredictorKind::Gate || self.ensemble.contains_key(&PredictorKind::Gate)
+    }
+
+    /// What each MoE layer should estimate ahead for a model of `shape` looking `depth` MoE
+    /// layers ahead; `None` when no predictor reads the estimates.
+    pub fn foresight(&self, shape: RoutingShape, depth: usize) -> Option<stevedore_models::Foresight> {
+        self.uses_gate().then(|| stevedore_models::Foresight {
+            depth,
+            candidates: shape.top_k + self.gate_margin.unwrap_or(shape.top_k),
+            input: match self.gate_input {
+                GateInputKind::PostAttention => stevedore_models::GateInput::PostAttention,
+                GateInputKind::LayerInput => stevedore_models::GateInput::LayerInput,
+            },
+        })
     }
 }
 
@@ -332,6 +435,9 @@ impl PredictorConfig {
 /// predictors from it.
 pub struct PredictorSource {
     kind: PredictorKind,
+    /// Members blended with `kind`, and their weights.
+    ensemble: Vec<(PredictorKind, f32)>,
+    gate_margin: Option<usize>,
     model: Option<Arc<PathModel>>,
     model_path: Option<PathBuf>,
 }
@@ -340,8 +446,23 @@ impl PredictorSource {
     /// A predictor for a model of `shape`, with no history. The trained path model must have
     /// been trained for the same shape.
     pub fn build(&self, shape: RoutingShape) -> Result<Box<dyn RoutePredictor>, String> {
+        let first = self.build_one(self.kind, shape)?;
+        if self.ensemble.is_empty() {
+            return Ok(first);
+        }
+        let mut members = vec![(first, 1.0)];
+        for &(kind, weight) in &self.ensemble {
+            members.push((self.build_one(kind, shape)?, weight));
+        }
+        Ok(Box::new(Ensemble::new(shape, members)))
+    }
+
+    fn build_one(&self, kind: PredictorKind, shape: RoutingShape) -> Result<Box<dyn RoutePredictor>, String> {
         let online = |k: OnlineKind| Ok(k.build(shape));
-        match self.kind {
+        match kind {
+            PredictorKind::Gate => {
+                Ok(Box::new(NextGatePredictor::new(shape, self.gate_margin.unwrap_or(shape.top_k))))
+            }
             PredictorKind::Frequency => online(OnlineKind::Frequency),
             PredictorKind::Recency => online(OnlineKind::Recency),
             PredictorKind::Transition => online(OnlineKind::Transition),
@@ -437,8 +558,10 @@ impl Config {
             }
             _ => {}
         }
-        if p.prefetch_depth > MAX_DEPTH {
-            return Err(format!("predictor.prefetch_depth: {} is more than {MAX_DEPTH}", p.prefetch_depth));
+        if let PrefetchDepth::Layers(n) = p.prefetch_depth {
+            if n > MAX_DEPTH {
+                return Err(format!("predictor.prefetch_depth: {n} is more than {MAX_DEPTH}"));
+            }
         }
         if p.prefetch_top == Some(0) {
             return Err(
@@ -460,7 +583,17 @@ impl Config {
                 p.max_protected
             ));
         }
-        if p.kind == PredictorKind::Path && p.model.is_none() {
+        for (kind, w) in &p.ensemble {
+            if !(w.is_finite() && *w > 0.0) {
+                return Err(format!(
+                    "predictor.ensemble.{}: weight {w} must be more than zero",
+                    kind.as_str()
+                ));
+            }
+        }
+        if (p.kind == PredictorKind::Path || p.ensemble.contains_key(&PredictorKind::Path))
+            && p.model.is_none()
+        {
             return Err("predictor.model: kind = \"path\" needs the trained model file (from `stevedore predictor train`)".into());
         }
         match self.simulator.expert_bytes {
@@ -494,14 +627,27 @@ policy = "predictive"
 split = "shared"
 
 [predictor]
-# What steers the predictive policy: "frequency", "recency", "transition" (inter-layer
-# statistics, learned online) or "path" (a model trained by `stevedore predictor train`).
-kind = "transition"
+# What steers the predictive policy: "gate" (next-gate estimates: each MoE layer applies the
+# routers of the layers ahead to its hidden state), "frequency", "recency", "transition"
+# (inter-layer statistics, learned online) or "path" (a model trained by `stevedore predictor
+# train`).
+kind = "gate"
+# Predictors blended with `kind` (which weighs 1), each with its weight: each layer's experts
+# are scored by the weighted mean of the members that predict that layer. The gate sees only
+# the current token's layers; the transition statistics also predict the next token's first.
+ensemble = { transition = 0.5 }
+# The hidden state the next-gate estimates start from: "post_attention" (the residual stream
+# after the layer's attention, the newest at its routing) or "layer_input" (before attention).
+gate_input = "post_attention"
+# Experts taken from each estimate beyond the router's top-k (default: top-k more).
+# gate_margin = 2
 # MoE layers looked ahead: experts predicted for them are protected from eviction. A number of
 # layers (4) or a percentage of the model's MoE layers ("60%").
 depth = "60%"
-# Of those, the nearest layers whose predicted experts are prefetched.
-prefetch_depth = 1
+# Of those, the nearest layers whose predicted experts are prefetched: a number, or "auto" to
+# follow the measured disk bandwidth, expert size and layer compute time (the prefetch budget
+# below is then measured too; the figures are in the stats' `horizon`).
+prefetch_depth = "auto"
 # Prefetch at most this many of a layer's predicted experts (default: the model's top-k).
 # prefetch_top = 2
 # Prefetch only experts predicted at least this many times as likely as chance
@@ -510,7 +656,8 @@ prefetch_min_lift = 1.8
 # ...and protect only those at least this many times as likely.
 protect_min_lift = 0.0
 # Most bytes prefetched per step (a token's start, or one MoE layer's routing): the transfer
-# one step of compute can hide. A percentage is of the tier's budget.
+# one step of compute can hide. A percentage is of the tier's budget. With prefetch_depth =
+# "auto", the bytes one layer's compute time can move, times the horizon, instead.
 prefetch_budget = "5%"
 # Most of the cache that protection may hold, so that misses always find room.
 max_protected = "75%"

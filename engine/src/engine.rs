@@ -23,11 +23,12 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use stevedore_cache::PolicyKind;
-use stevedore_models::{KvPool, Model, SeqId};
+use stevedore_models::{Foresight, KvPool, Model, SeqId};
 use stevedore_predictor::RoutingShape;
 
-use crate::config::PredictorConfig;
+use crate::config::{PredictorConfig, PrefetchDepth};
 use crate::forecast::{ForecastStats, Forecaster};
+use crate::horizon::{HorizonControl, HorizonStats};
 use crate::record::Recorder;
 use crate::sampling::SamplingParams;
 use crate::size::Size;
@@ -310,24 +311,29 @@ impl Loaded {
             num_experts: cfg.num_experts,
             top_k: cfg.num_experts_per_tok,
         };
-        let (forecaster, anticipation) = match config.policy {
-            PolicyKind::Predictive => {
-                let p = &config.predictor;
-                let predictor = p.source().map_err(|e| EngineError::Config(e.to_string()))?.build(shape);
-                let predictor = predictor.map_err(EngineError::Config)?;
-                let layer_ids = self.model.layers.moe_layers().iter().map(|l| l.0).collect();
-                let f = Forecaster::new(predictor, shape, layer_ids, p.depth.of(shape.moe_layers));
-                (Some(Mutex::new(f)), Some((p.anticipation_params(shape), p.prefetch_budget.bytes(budget))))
+        let fp = self.layouts.footprint();
+        let (mut forecaster, mut anticipation, mut foresight, mut horizon) = (None, None, None, None);
+        if config.policy == PolicyKind::Predictive {
+            let p = &config.predictor;
+            let predictor = p.source().map_err(|e| EngineError::Config(e.to_string()))?.build(shape);
+            let predictor = predictor.map_err(EngineError::Config)?;
+            let layer_ids = self.model.layers.moe_layers().iter().map(|l| l.0).collect();
+            let depth = p.depth.of(shape.moe_layers);
+            forecaster = Some(Mutex::new(Forecaster::new(predictor, shape, layer_ids, depth)));
+            anticipation = Some((p.anticipation_params(shape), p.prefetch_budget.bytes(budget)));
+            foresight = p.foresight(shape, depth);
+            if p.prefetch_depth == PrefetchDepth::Auto {
+                let count = (shape.moe_layers * shape.num_experts).max(1) as u64;
+                horizon = Some(Mutex::new(HorizonControl::new(fp.total_bytes / count, depth)));
             }
-            PolicyKind::Lru | PolicyKind::Lfu => (None, None),
-        };
+        }
         let shards: Vec<PathBuf> = self.model.index.shards.iter().map(|s| s.path.clone()).collect();
         let opts = StoreOptions {
             policy: config.policy,
             force_buffered: config.force_buffered,
             readers: config.readers,
         };
-        let total = self.layouts.footprint().total_bytes;
+        let total = fp.total_bytes;
         let store =
             ExpertStore::new(self.layouts, &shards, budget, opts, anticipation, cfg.num_experts_per_tok)?;
         if config.warm_start.applies(budget, total) {
@@ -371,6 +377,8 @@ impl Loaded {
             text: self.text,
             store,
             forecaster,
+            foresight,
+            horizon,
             recorder: Mutex::new(recorder),
             stats: Mutex::new(StepStats::default()),
             trace_error: Mutex::new(None),
@@ -488,6 +496,8 @@ pub struct EngineStats {
     pub budgets: Budgets,
     pub expert_cache: StoreStats,
     pub forecast: Option<ForecastStats>,
+    /// With `prefetch_depth = "auto"`: the prefetch horizon and the figures behind it.
+    pub horizon: Option<HorizonStats>,
 }
 
 /// What the engine and its worker share.
@@ -496,6 +506,10 @@ pub(crate) struct Inner {
     pub text: Option<Text>,
     pub store: ExpertStore,
     pub forecaster: Option<Mutex<Forecaster>>,
+    /// The next-gate estimates each MoE layer makes for the forecaster.
+    pub foresight: Option<Foresight>,
+    /// With `prefetch_depth = "auto"`: the measured prefetch horizon.
+    pub horizon: Option<Mutex<HorizonControl>>,
     /// Present with `--trace`; taken out when the engine finishes.
     pub recorder: Mutex<Option<Recorder>>,
     pub stats: Mutex<StepStats>,
@@ -619,6 +633,7 @@ impl Engine {
             budgets: self.inner.budgets,
             expert_cache: self.inner.store.stats(),
             forecast: self.inner.forecaster.as_ref().map(|f| lock(f).stats()),
+            horizon: self.inner.horizon.as_ref().map(|h| lock(h).stats()),
         }
     }
 

@@ -42,6 +42,19 @@ pub struct ForecastStats {
     pub predicted: u64,
     pub correct: u64,
     pub routed: u64,
+    /// The same per distance (1 = the next MoE layer, as the three counts above), nearest first.
+    pub by_distance: Vec<DistanceScore>,
+}
+
+/// Predictions made `distance` MoE layers ahead, scored as [`ForecastStats`]'s are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DistanceScore {
+    pub distance: usize,
+    pub predicted: u64,
+    pub correct: u64,
+    pub routed: u64,
+    pub recall: f64,
+    pub precision: f64,
 }
 
 impl ForecastStats {
@@ -74,6 +87,13 @@ pub struct StepRow {
 /// One row's choice at one layer: experts best first and their gate weights.
 type Choice = (Vec<u32>, Vec<f32>);
 
+/// One row's next-gate estimates made at a layer: (MoE layer estimated, experts best first,
+/// their router probabilities).
+pub type RowAhead<'a> = Vec<(usize, &'a [u32], &'a [f32])>;
+
+/// A prediction waiting for its layer's routing: (distance, MoE layer, its top-k experts).
+type Pending = (usize, usize, Vec<u32>);
+
 /// A prompt chunk's routing, kept until the step's last MoE layer.
 struct Chunk {
     seq: u64,
@@ -95,9 +115,8 @@ pub struct Forecaster {
     rows: Vec<StepRow>,
     chunk_of: Vec<Option<usize>>,
     chunks: Vec<Chunk>,
-    /// Per sequence: its latest next-layer prediction (MoE layer, top-k experts), scored when
-    /// that layer routes it.
-    pending: HashMap<u64, (usize, Vec<u32>)>,
+    /// Per sequence: its predictions not yet scored, each scored when its layer routes.
+    pending: HashMap<u64, Vec<Pending>>,
     stats: ForecastStats,
 }
 
@@ -118,6 +137,9 @@ impl Forecaster {
             predicted: 0,
             correct: 0,
             routed: 0,
+            by_distance: (1..=depth)
+                .map(|distance| DistanceScore { distance, ..Default::default() })
+                .collect(),
         };
         Forecaster {
             predictor,
@@ -176,12 +198,15 @@ impl Forecaster {
     }
 
     /// MoE layer `moe` routed the step's rows: `choice(r)` is row `r`'s experts (best first)
-    /// and gate weights, or `None` where the row was not routed. Returns the candidates for the
-    /// layers ahead.
+    /// and gate weights, or `None` where the row was not routed; `ahead(r)` the next-gate
+    /// estimates the layer made for the row (used for one-row sequences; a prompt chunk
+    /// predicts only at the step's last layer, for the next step). Returns the candidates for
+    /// the layers ahead.
     pub fn observe<'a>(
         &mut self,
         moe: usize,
         choice: impl Fn(usize) -> Option<(&'a [u32], &'a [f32])>,
+        ahead: impl Fn(usize) -> RowAhead<'a>,
     ) -> Vec<Candidate> {
         let t0 = Instant::now();
         let mut single = Vec::new();
@@ -193,6 +218,9 @@ impl Forecaster {
                     self.score(seq, moe, experts);
                     let cursor = self.cursors.get_mut(&seq).expect("begin_step made it");
                     observe(&mut *self.predictor, cursor, moe, experts, weights);
+                    for (layer, experts, probs) in ahead(r) {
+                        cursor.foresee(moe, layer, experts, probs);
+                    }
                     single.push(seq);
                 }
                 Some(c) => {
@@ -221,14 +249,29 @@ impl Forecaster {
         self.finish(&single, t0)
     }
 
-    /// Scores `seq`'s pending prediction if it was for MoE layer `moe`, which routed `experts`.
+    /// Scores `seq`'s pending predictions for MoE layer `moe`, which routed `experts`.
     fn score(&mut self, seq: u64, moe: usize, experts: &[u32]) {
-        if self.pending.get(&seq).is_some_and(|(l, _)| *l == moe) {
-            let (_, predicted) = self.pending.remove(&seq).expect("checked");
-            self.stats.predicted += predicted.len() as u64;
-            self.stats.correct += predicted.iter().filter(|e| experts.contains(e)).count() as u64;
-            self.stats.routed += experts.len() as u64;
-        }
+        let Some(pending) = self.pending.get_mut(&seq) else { return };
+        let stats = &mut self.stats;
+        pending.retain(|(distance, layer, predicted)| {
+            if *layer != moe {
+                return true;
+            }
+            let correct = predicted.iter().filter(|e| experts.contains(e)).count() as u64;
+            if let Some(d) = stats.by_distance.get_mut(distance - 1) {
+                d.predicted += predicted.len() as u64;
+                d.correct += correct;
+                d.routed += experts.len() as u64;
+                d.recall = ratio(d.correct, d.routed);
+                d.precision = ratio(d.correct, d.predicted);
+            }
+            if *distance == 1 {
+                stats.predicted += predicted.len() as u64;
+                stats.correct += correct;
+                stats.routed += experts.len() as u64;
+            }
+            false
+        });
     }
 
     /// The sequences' predictions combined into candidates (nearest distance, then layer and
@@ -240,11 +283,12 @@ impl Forecaster {
             let Some(cursor) = self.cursors.get(seq) else { continue };
             let predictions: Vec<Prediction> = self.predictor.predict(cursor, self.depth);
             self.stats.predictions += 1;
-            if let Some(next) = predictions.iter().find(|p| p.distance == 1) {
-                let mut best = next.experts.clone();
+            let pending = self.pending.entry(*seq).or_default();
+            for p in &predictions {
+                let mut best = p.experts.clone();
                 best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 let top: Vec<u32> = best.iter().take(self.shape.top_k).map(|&(e, _)| e).collect();
-                self.pending.insert(*seq, (next.layer, top));
+                pending.push((p.distance, p.layer, top));
             }
             for p in predictions {
                 for &(e, score) in &p.experts {

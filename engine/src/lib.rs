@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod forecast;
+pub mod horizon;
 pub mod io;
 pub mod predictor_cli;
 pub mod record;

@@ -10,8 +10,8 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use stevedore_predictor::{
-    evaluate, replay, split_holdout, train_path_model, Hits, OnlineKind, PathModel, PathPredictor, Report,
-    RoutePredictor, RoutingShape, SequenceCursors, Split, Trace, TrainConfig,
+    evaluate, replay, split_holdout, train_path_model, Hits, NextGatePredictor, OnlineKind, PathModel,
+    PathPredictor, Report, RoutePredictor, RoutingShape, SequenceCursors, Split, Trace, TrainConfig,
 };
 
 use crate::commands::CliError;
@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// Where to write the model.
     #[arg(long)]
     pub out: PathBuf,
+    /// Routed experts per MoE layer of the traced model, for a CSV whose header does not say
+    /// (without it: read from the file, else inferred from the largest id, and printed).
+    #[arg(long, value_name = "N")]
+    pub experts: Option<usize>,
     /// Fraction of the trace held out from training and evaluated on (0 = train on all).
     #[arg(long, default_value_t = 0.2)]
     pub holdout: f64,
@@ -80,6 +84,9 @@ pub struct EvalArgs {
     /// Routing trace (stevedore's format or an imported one).
     #[arg(long)]
     pub trace: PathBuf,
+    /// Routed experts per MoE layer of the traced model (see `predictor train --experts`).
+    #[arg(long, value_name = "N")]
+    pub experts: Option<usize>,
     /// A trained path model. Without one, a model is trained on the trace's training part.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -100,6 +107,14 @@ pub struct EvalArgs {
     pub train: TrainFlags,
 }
 
+/// Reads a trace (with `--experts N` when given), saying on stderr where its shape came from.
+fn load_trace(path: &std::path::Path, experts: Option<usize>) -> Result<crate::trace::Trace, CliError> {
+    let declared = crate::trace::declared(None, experts)?;
+    let imported = crate::trace::load_with(path, &declared)?;
+    eprintln!("trace {}", imported.describe(path));
+    Ok(imported.trace)
+}
+
 pub fn run(command: &PredictorCommand) -> Result<(), CliError> {
     match command {
         PredictorCommand::Train(a) => train(a),
@@ -109,7 +124,7 @@ pub fn run(command: &PredictorCommand) -> Result<(), CliError> {
 
 fn train(args: &TrainArgs) -> Result<(), CliError> {
     check_holdout(args.holdout)?;
-    let trace = crate::trace::load(&args.trace)?;
+    let trace = load_trace(&args.trace, args.experts)?;
     let shape = RoutingShape::from(&trace.meta);
     let split = if args.holdout > 0.0 {
         split_holdout(&trace.tokens, args.holdout)
@@ -167,8 +182,9 @@ pub struct Evaluation {
     pub reports: Vec<Report>,
 }
 
-/// Evaluates the online predictors (after replaying the training part to them) and the path
-/// model on `trace`'s held-out part.
+/// Evaluates the online predictors (after replaying the training part to them), the path
+/// model and, when the trace recorded next-gate estimates, the gate predictor on `trace`'s
+/// held-out part.
 pub fn evaluate_all(
     trace: &Trace,
     model: Option<(PathModel, String)>,
@@ -198,6 +214,11 @@ pub fn evaluate_all(
         let mut predictors: Vec<Box<dyn RoutePredictor>> =
             OnlineKind::ALL.iter().map(|kind| kind.build(shape)).collect();
         predictors.push(Box::new(PathPredictor::new(model.clone())));
+        // The live next-gate estimates, replayed as recorded (`generate --trace` with the gate
+        // predictor); their margin is whatever the live run kept.
+        if trace.tokens.iter().any(|t| !t.ahead.is_empty()) {
+            predictors.push(Box::new(NextGatePredictor::new(shape, shape.num_experts)));
+        }
         for p in &mut predictors {
             // One cursor per traced sequence, carried from the training part into the test part.
             let mut cursors = SequenceCursors::new(shape);
@@ -213,7 +234,7 @@ fn eval(args: &EvalArgs) -> Result<(), CliError> {
     if args.holdout == 0.0 {
         return Err("--holdout must be above 0: evaluation needs held-out tokens".into());
     }
-    let trace = crate::trace::load(&args.trace)?;
+    let trace = load_trace(&args.trace, args.experts)?;
     let shape = RoutingShape::from(&trace.meta);
     let ks = args.k.clone().unwrap_or_else(|| vec![shape.top_k, 2 * shape.top_k]);
     if ks.contains(&0) || args.depth == 0 {
@@ -288,7 +309,11 @@ fn to_table(path: &Path, trace: &Trace, ev: &Evaluation) -> String {
     );
     for r in &ev.reports {
         for d in &r.distances {
-            let cell = |h: Hits| format!("{:.3}/{:.3}", h.recall(), h.precision());
+            // "-" where the predictor made no prediction of that kind (the gate at a token start).
+            let cell = |h: Hits| match h.events {
+                0 => "-".to_owned(),
+                _ => format!("{:.3}/{:.3}", h.recall(), h.precision()),
+            };
             let _ = writeln!(
                 s,
                 "{:<11} {:>3} {:>2}  {:>13}  {:>13}  {:>13}  {:>13}",
@@ -377,8 +402,14 @@ mod tests {
             min_token_count: 2,
             seed: 1,
         };
-        train(&TrainArgs { trace: trace.clone(), out: out.clone(), holdout: 0.2, train: flags.clone() })
-            .unwrap();
+        train(&TrainArgs {
+            trace: trace.clone(),
+            out: out.clone(),
+            experts: None,
+            holdout: 0.2,
+            train: flags.clone(),
+        })
+        .unwrap();
         let model = read_path_model(&out).unwrap();
         assert_eq!((model.shape().moe_layers, model.shape().num_experts, model.max_depth()), (32, 8, 2));
         let loaded = crate::trace::load(&trace).unwrap();
@@ -442,6 +473,8 @@ mod tests {
             },
             tokens: (0..10)
                 .map(|pos| TokenRouting {
+                    ahead: Vec::new(),
+                    horizon: None,
                     seq: 0,
                     pos,
                     step: None,

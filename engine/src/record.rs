@@ -1,12 +1,14 @@
 //! Recording routing while generating (`--trace FILE`): every token of every forward pass, with
-//! its sequence, position, step and each MoE layer's choice, in stevedore's trace format
+//! its sequence, position, step and each MoE layer's choice (and, for the tokens that use them,
+//! the next-gate estimates each layer made, and the step's prefetch horizon when measured), in
+//! stevedore's trace format
 //! (`docs/traces.md`). The simulator replays such a trace with the engine's own schedule.
 
 use std::path::Path;
 
 use stevedore_models::{ExpertPlan, LayerMap, ModelConfig};
 
-use crate::trace::{LayerChoice, Phase, TokenRouting, TraceError, TraceMeta, TraceWriter};
+use crate::trace::{Foreseen, Horizon, LayerChoice, Phase, TokenRouting, TraceError, TraceMeta, TraceWriter};
 
 /// One row of a forward pass as the recorder needs it.
 #[derive(Clone, Copy, Debug)]
@@ -23,6 +25,9 @@ pub struct Recorder {
     step: u64,
     /// The tokens of the forward pass in progress, filled layer by layer.
     pending: Vec<TokenRouting>,
+    /// Per pending token: whether it is its sequence's only row in the pass, the tokens whose
+    /// next-gate estimates the forecaster uses and the trace keeps.
+    alone: Vec<bool>,
 }
 
 impl Recorder {
@@ -39,20 +44,30 @@ impl Recorder {
             layer_ids: layers.moe_layers().iter().map(|l| l.0 as u32).collect(),
         };
         let writer = TraceWriter::create(path, &meta)?;
-        Ok(Recorder { writer, step: 0, pending: Vec::new() })
+        Ok(Recorder { writer, step: 0, pending: Vec::new(), alone: Vec::new() })
     }
 
-    /// A forward pass begins with `rows`.
-    pub fn begin_step(&mut self, rows: &[RecordRow], moe_layers: usize) {
+    /// A forward pass begins with `rows` (a sequence's rows contiguous), prefetching as far
+    /// as `horizon` when that was set from measurement.
+    pub fn begin_step(&mut self, rows: &[RecordRow], moe_layers: usize, horizon: Option<Horizon>) {
+        self.alone = (0..rows.len())
+            .map(|i| {
+                let same =
+                    |j: Option<usize>| j.and_then(|j| rows.get(j)).is_some_and(|r| r.seq == rows[i].seq);
+                !same(i.checked_sub(1)) && !same(Some(i + 1))
+            })
+            .collect();
         self.pending = rows
             .iter()
             .map(|r| TokenRouting {
+                ahead: Vec::new(),
                 seq: r.seq,
                 pos: r.pos as u32,
                 step: Some(self.step),
                 token_id: Some(r.token),
                 phase: r.phase,
                 layers: vec![None; moe_layers],
+                horizon,
             })
             .collect();
         self.step += 1;
@@ -65,6 +80,17 @@ impl Recorder {
                 let (experts, weights) = plan.choice(r);
                 tok.layers[plan.moe.0] =
                     Some(LayerChoice { experts: experts.to_vec(), weights: weights.to_vec() });
+                if self.alone[r] {
+                    for g in plan.ahead {
+                        let (experts, probs) = g.row(r);
+                        tok.ahead.push(Foreseen {
+                            at: plan.moe.0,
+                            layer: g.moe.0,
+                            experts: experts.to_vec(),
+                            probs: probs.to_vec(),
+                        });
+                    }
+                }
             }
         }
     }

@@ -50,6 +50,53 @@ pub struct ExpertPlan<'a> {
     pub assigned_rows: &'a [u32],
     /// The gate weight of each entry of `assigned_rows`.
     pub assigned_weights: &'a [f32],
+    /// Next-gate estimates of the MoE layers ahead, nearest first, when the source asked for
+    /// them ([`ExpertSource::foresight`]); empty otherwise.
+    pub ahead: &'a [GateEstimate],
+}
+
+/// Which hidden state an MoE layer applies the routers of the layers ahead to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateInput {
+    /// The residual stream after the layer's attention: the newest state at the layer's
+    /// routing.
+    PostAttention,
+    /// The residual stream entering the layer, before its attention.
+    LayerInput,
+}
+
+/// What a source asks each MoE layer to estimate ahead (see [`GateEstimate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Foresight {
+    /// MoE layers ahead of the current one (the current token's only).
+    pub depth: usize,
+    /// Experts kept per row and estimate, best first.
+    pub candidates: usize,
+    pub input: GateInput,
+}
+
+/// A next-gate estimate (mixtral-offloading's speculative loading): at one MoE layer, the
+/// router of a later MoE layer applied to a hidden state available now (normalised with that
+/// layer's own pre-FFN norm), before the later layer's routing is known. Per row, its best
+/// experts with their router probabilities (softmax over every expert).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateEstimate {
+    pub moe: MoeIndex,
+    /// MoE layers between the plan's layer and `moe` (1 = the next MoE layer).
+    pub distance: usize,
+    /// Experts per row.
+    pub per_row: usize,
+    /// Row-major, `per_row` each, best first.
+    pub experts: Vec<u32>,
+    pub probs: Vec<f32>,
+}
+
+impl GateEstimate {
+    /// Row `r`'s experts and probabilities.
+    pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let k = self.per_row;
+        (&self.experts[r * k..(r + 1) * k], &self.probs[r * k..(r + 1) * k])
+    }
 }
 
 impl ExpertPlan<'_> {
@@ -104,6 +151,10 @@ pub type ReadyExperts<'a> = Vec<(usize, ExpertWeights<'a>)>;
 
 /// Where expert weights come from.
 pub trait ExpertSource: Sync {
+    /// The next-gate estimates each MoE layer's plan should carry; `None` for none (they cost
+    /// a router product per layer ahead).
+    fn foresight(&self) -> Option<Foresight>;
+
     /// Starts delivering `plan.experts`.
     fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError>;
 }
@@ -232,6 +283,11 @@ impl ExpertStream for MappedStream<'_> {
 }
 
 impl ExpertSource for MappedExperts<'_> {
+    /// Everything is resident: nothing to prepare for.
+    fn foresight(&self) -> Option<Foresight> {
+        None
+    }
+
     fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {
         // The plan's contents outlive 'p; narrowing its lifetime parameter to 'p is a coercion.
         let plan: &'p ExpertPlan<'p> = plan;

@@ -21,7 +21,7 @@ pub use config::{Arch, ModelConfig};
 pub use error::Error;
 pub use experts::{
     ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights,
-    ExpertsError, MappedExperts, ReadyExperts, TensorLoc,
+    ExpertsError, Foresight, GateEstimate, GateInput, MappedExperts, ReadyExperts, TensorLoc,
 };
 pub use kv::{KvError, KvPool};
 pub use layers::{LayerId, LayerMap, MoeIndex};

@@ -9,7 +9,7 @@ use stevedore_kernels::{axpy, rms_norm, Backend, Cpu};
 use tracing::debug_span;
 
 use crate::attention::{Attention, QkNorm, Rope};
-use crate::experts::{ExpertSource, ExpertTensors, ExpertsError};
+use crate::experts::{ExpertSource, ExpertTensors, ExpertsError, Foresight, GateEstimate, GateInput};
 use crate::kv::KvPool;
 use crate::moe::{Mlp, SparseMoe};
 use crate::profile::{self, Op};
@@ -217,8 +217,13 @@ impl Model {
         // Rows still running: a sequence whose expert failed stops being routed.
         let mut routed = vec![true; n];
         let mut failed: Vec<(SeqId, ExpertsError)> = Vec::new();
+        let foresight = experts.foresight();
         for (l, layer) in self.decoder.iter().enumerate() {
             let _span = debug_span!("layer", l).entered();
+            let input = match foresight {
+                Some(f) if f.input == GateInput::LayerInput => Some(x.clone()),
+                _ => None,
+            };
             let t = profile::time(Op::Norm);
             let mut hs = x.clone();
             rms_norm(&mut hs, &layer.input_layernorm, cfg.rms_norm_eps);
@@ -238,7 +243,15 @@ impl Model {
                     mlp.forward(&self.index, backend, &hs)
                 }
                 FeedForward::Sparse(moe) => {
-                    let (out, failed_rows) = moe.forward(&self.index, backend, &hs, rows, &routed, experts);
+                    let ahead = match foresight {
+                        Some(f) => {
+                            let _t = profile::time(Op::Router);
+                            self.estimate_ahead(l, input.as_deref().unwrap_or(&x), f)
+                        }
+                        None => Vec::new(),
+                    };
+                    let (out, failed_rows) =
+                        moe.forward(&self.index, backend, &hs, rows, &routed, (experts, &ahead));
                     for (r, error) in failed_rows {
                         let seq = rows[r].seq;
                         if !failed.iter().any(|(s, _)| *s == seq) {
@@ -265,6 +278,23 @@ impl Model {
         let _t = profile::time(Op::LmHead);
         let logits = linear(&self.index, backend, &last, &self.lm_head, None);
         Ok(Forward { logits, failed })
+    }
+
+    /// Next-gate estimates at decoder layer `l` of the next `f.depth` MoE layers from `x` (see
+    /// [`GateEstimate`]), nearest first.
+    fn estimate_ahead(&self, l: usize, x: &[f32], f: Foresight) -> Vec<GateEstimate> {
+        let eps = self.config.rms_norm_eps;
+        (self.decoder[l + 1..].iter())
+            .filter_map(|layer| match &layer.ffn {
+                FeedForward::Sparse(moe) => Some((moe, &layer.post_attention_layernorm)),
+                FeedForward::Dense(_) => None,
+            })
+            .take(f.depth)
+            .enumerate()
+            .map(|(i, (moe, norm))| {
+                moe.estimate(&self.index, &*self.backend, (x, norm, eps), i + 1, f.candidates)
+            })
+            .collect()
     }
 
     /// Weight bytes one decode token reads: every dense weight but the embedding table (one row

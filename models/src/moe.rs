@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use stevedore_kernels::{softmax, Backend, SwiGlu};
 
-use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError};
+use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError, GateEstimate};
 use crate::profile::{self, Op};
 use crate::tensor::{linear, Mat};
 use crate::{Error, LayerId, ModelConfig, MoeIndex, Row, WeightIndex};
@@ -137,6 +137,35 @@ impl SparseMoe {
         })
     }
 
+    /// This layer's router applied to `x` (rows of the residual stream, normalised here with
+    /// `norm`, this layer's pre-FFN norm) from `distance` MoE layers before it: per row the
+    /// best `keep` experts and their softmax probabilities.
+    pub(crate) fn estimate(
+        &self,
+        index: &WeightIndex,
+        backend: &dyn Backend,
+        (x, norm, eps): (&[f32], &[f32], f32),
+        distance: usize,
+        keep: usize,
+    ) -> GateEstimate {
+        let mut hs = x.to_vec();
+        stevedore_kernels::rms_norm(&mut hs, norm, eps);
+        let mut logits = linear(index, backend, &hs, &self.router, None);
+        let e = self.router.rows;
+        let keep = keep.clamp(1, e);
+        let (mut experts, mut probs) = (Vec::new(), Vec::new());
+        let mut order: Vec<u32> = Vec::with_capacity(e);
+        for row in logits.chunks_mut(e) {
+            softmax(row);
+            order.clear();
+            order.extend(0..e as u32);
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            experts.extend_from_slice(&order[..keep]);
+            probs.extend(order[..keep].iter().map(|&i| row[i as usize]));
+        }
+        GateEstimate { moe: self.moe, distance, per_row: keep, experts, probs }
+    }
+
     /// Softmax over all experts, then the top-k per row (ties to the lower index).
     fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
         let mut logits = linear(index, backend, x, &self.router, None);
@@ -170,7 +199,7 @@ impl SparseMoe {
         x: &[f32],
         rows: &[Row],
         routed: &[bool],
-        source: &dyn ExpertSource,
+        (source, ahead): (&dyn ExpertSource, &[GateEstimate]),
     ) -> (Vec<f32>, FailedRows) {
         let h = self.router.cols;
         let n = rows.len();
@@ -189,6 +218,7 @@ impl SparseMoe {
             experts: &a.experts,
             assigned_rows: &a.rows,
             assigned_weights: &a.weights,
+            ahead,
         };
         // ys[j] is the output of assignment j (expert of plan entry i, row rows_of(i)[..]).
         let mut ys = vec![0.0f32; a.rows.len() * h];

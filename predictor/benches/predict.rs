@@ -40,6 +40,8 @@ fn tokens(shape: RoutingShape, n: usize) -> Vec<TokenRouting> {
                 })
                 .collect();
             TokenRouting {
+                ahead: Vec::new(),
+                horizon: None,
                 seq: 0,
                 pos: i as u32,
                 step: None,

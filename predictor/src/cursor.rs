@@ -78,6 +78,17 @@ struct LayerHistory {
     older: Slot,
 }
 
+/// A next-gate estimate of one layer of the current token (see [`RouteCursor::foresee`]).
+#[derive(Clone, Debug, Default)]
+struct ForeseenSlot {
+    /// The token it was made for; `None` while empty.
+    token: Option<u64>,
+    /// MoE layers between the layer it was made at and the estimated one.
+    distance: usize,
+    /// Best first.
+    experts: Vec<(u32, f32)>,
+}
+
 /// Where one sequence stands on its routing path and what it has routed: the per-sequence
 /// state every predictor reads. The engine keeps one per sequence, the simulator and
 /// [`crate::evaluate`] one per traced `seq`; predictors keep only what they learn across
@@ -94,6 +105,8 @@ pub struct RouteCursor {
     previous_last: Option<usize>,
     /// Indexed by MoE layer.
     layers: Vec<LayerHistory>,
+    /// Indexed by MoE layer: the latest next-gate estimate for the current token.
+    foreseen: Vec<ForeseenSlot>,
 }
 
 impl RouteCursor {
@@ -105,6 +118,7 @@ impl RouteCursor {
             position: Position::TokenStart,
             previous_last: None,
             layers: vec![LayerHistory::default(); shape.moe_layers],
+            foreseen: vec![ForeseenSlot::default(); shape.moe_layers],
         }
     }
 
@@ -140,6 +154,34 @@ impl RouteCursor {
         }
         h.newest.routed.set(experts, weights, self.shape.num_experts);
         self.position = Position::After(layer);
+    }
+
+    /// Records a next-gate estimate for the current token, made at MoE layer `at` for the later
+    /// MoE layer `layer`: `experts` best first with their router `probs` (parallel). Replaces
+    /// any earlier estimate of that layer (a later one is made from a nearer hidden state).
+    /// Out-of-range layers and experts are ignored, like [`RouteCursor::observe`]'s.
+    pub fn foresee(&mut self, at: usize, layer: usize, experts: &[u32], probs: &[f32]) {
+        if layer <= at {
+            return;
+        }
+        let (token, num_experts) = (self.token, self.shape.num_experts);
+        let Some(slot) = self.foreseen.get_mut(layer) else { return };
+        slot.token = Some(token);
+        slot.distance = layer - at;
+        slot.experts.clear();
+        for (i, &e) in experts.iter().enumerate() {
+            if (e as usize) < num_experts && !slot.experts.iter().any(|&(x, _)| x == e) {
+                let p = probs.get(i).copied().filter(|p| p.is_finite()).unwrap_or(0.0);
+                slot.experts.push((e, p.clamp(0.0, 1.0)));
+            }
+        }
+    }
+
+    /// The current token's latest next-gate estimate of `layer`: how many MoE layers ahead it
+    /// was made, and its experts best first with their router probabilities.
+    pub fn foreseen(&self, layer: usize) -> Option<(usize, &[(u32, f32)])> {
+        let slot = self.foreseen.get(layer)?;
+        (slot.token == Some(self.token)).then_some((slot.distance, &slot.experts[..]))
     }
 
     pub fn token_id(&self) -> Option<u32> {
@@ -297,6 +339,21 @@ mod tests {
         c.observe(1, &[0], &[]);
         assert_eq!(targets(&c, 3), [(1, 2, false), (2, 0, true), (3, 1, true)]);
         assert_eq!(targets(&c, 100).len(), 4);
+    }
+
+    #[test]
+    fn estimates_belong_to_their_token_and_the_latest_wins() {
+        let mut c = RouteCursor::new(SHAPE);
+        c.begin_token(None);
+        c.observe(0, &[1], &[]);
+        c.foresee(0, 2, &[3, 9, 3, 1], &[0.5, 0.4, 0.3, f32::NAN]);
+        assert_eq!(c.foreseen(2), Some((2, &[(3, 0.5), (1, 0.0)][..])), "out of range and repeats dropped");
+        c.foresee(1, 2, &[2], &[0.9]);
+        assert_eq!(c.foreseen(2), Some((1, &[(2, 0.9)][..])));
+        c.foresee(2, 1, &[2], &[0.9]);
+        assert_eq!(c.foreseen(1), None, "an estimate is of a layer ahead");
+        c.begin_token(None);
+        assert_eq!(c.foreseen(2), None, "estimates are the token's own");
     }
 
     #[test]

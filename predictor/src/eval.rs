@@ -102,6 +102,14 @@ impl fmt::Display for Report {
     }
 }
 
+/// Hands `cursor` the next-gate estimates `token` recorded at MoE layer `at`: what the engine
+/// does right after observing that layer.
+pub fn foresee_at(cursor: &mut crate::RouteCursor, token: &TokenRouting, at: usize) {
+    for f in token.ahead_at(at) {
+        cursor.foresee(at, f.layer, &f.experts, &f.probs);
+    }
+}
+
 /// Feeds `tokens` to `predictor` in order, as the engine would, without scoring: how online
 /// predictors learn from a trace before being evaluated on the rest. Each sequence moves its own
 /// cursor in `cursors`, so a later [`evaluate`] continues where its sequences stopped.
@@ -112,6 +120,7 @@ pub fn replay(predictor: &mut dyn RoutePredictor, cursors: &mut SequenceCursors,
         for (layer, choice) in token.layers.iter().enumerate() {
             if let Some(c) = choice {
                 observe(predictor, cursor, layer, &c.experts, &c.weights);
+                foresee_at(cursor, token, layer);
             }
         }
     }
@@ -140,6 +149,7 @@ pub fn evaluate(
         for (layer, choice) in token.layers.iter().enumerate() {
             if let Some(c) = choice {
                 observe(predictor, cursor, layer, &c.experts, &c.weights);
+                foresee_at(cursor, token, layer);
                 score(&predictor.predict(cursor, depth), false, token, next, k, &mut distances);
             }
         }
@@ -224,6 +234,8 @@ mod tests {
 
     fn token(seq: u64, pos: u32, layers: &[Option<&[u32]>]) -> TokenRouting {
         TokenRouting {
+            horizon: None,
+            ahead: Vec::new(),
             seq,
             pos,
             step: None,

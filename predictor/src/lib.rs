@@ -18,6 +18,7 @@
 mod baseline;
 mod cursor;
 mod eval;
+mod gate;
 mod path;
 mod rng;
 mod trace;
@@ -25,9 +26,10 @@ mod transition;
 
 pub use baseline::{FrequencyPredictor, RecencyPredictor};
 pub use cursor::{RouteCursor, Routed, SequenceCursors};
-pub use eval::{evaluate, replay, split_holdout, DistanceStats, Hits, Report, Split};
+pub use eval::{evaluate, foresee_at, replay, split_holdout, DistanceStats, Hits, Report, Split};
+pub use gate::{Ensemble, NextGatePredictor};
 pub use path::{train_path_model, ModelError, PathModel, PathPredictor, TrainConfig};
-pub use trace::{LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
+pub use trace::{Foreseen, Horizon, LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
 pub use transition::TransitionPredictor;
 
 /// One predicted future MoE layer: the experts expected there, best first, with scores in [0, 1]

@@ -15,6 +15,20 @@ pub struct LayerChoice {
     pub weights: Vec<f32>,
 }
 
+/// A next-gate estimate: at MoE layer `at`, the router of MoE layer `layer` (further on in the
+/// same token) applied to the hidden state available then, before `layer`'s routing is known.
+/// Its best experts, best first, with their router probabilities. The live engine makes these
+/// (`predictor.kind = "gate"`) and records them in its traces, so that a replay feeds a
+/// predictor exactly what it was fed live.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Foreseen {
+    pub at: usize,
+    pub layer: usize,
+    pub experts: Vec<u32>,
+    /// Parallel to `experts`: the router's softmax probability of each over all experts.
+    pub probs: Vec<f32>,
+}
+
 /// One token's path through the MoE layers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenRouting {
@@ -29,6 +43,26 @@ pub struct TokenRouting {
     pub phase: Phase,
     /// Indexed by MoE layer; `None` where the trace did not record that layer for this token.
     pub layers: Vec<Option<LayerChoice>>,
+    /// Next-gate estimates made while the token ran (empty when none were recorded), in the
+    /// order they were made.
+    pub ahead: Vec<Foreseen>,
+    /// The prefetch horizon in force for the token's step, when the engine set it from
+    /// measurement (`predictor.horizon = "auto"`).
+    pub horizon: Option<Horizon>,
+}
+
+/// How far ahead a step prefetched: MoE layers, and bytes at most per prefetch round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Horizon {
+    pub layers: usize,
+    pub bytes: u64,
+}
+
+impl TokenRouting {
+    /// The estimates made at MoE layer `at`.
+    pub fn ahead_at(&self, at: usize) -> impl Iterator<Item = &Foreseen> {
+        self.ahead.iter().filter(move |f| f.at == at)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +112,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(pos, &seq)| TokenRouting {
+                horizon: None,
+                ahead: Vec::new(),
                 seq,
                 pos: pos as u32,
                 step: None,

@@ -125,6 +125,11 @@ impl Anticipation {
         &self.params
     }
 
+    /// Prefetch candidates at most `layers` MoE layers ahead from now on.
+    pub fn set_prefetch_depth(&mut self, layers: usize) {
+        self.params.prefetch_depth = layers;
+    }
+
     /// Whether `key` is protected from eviction now: pass `&|k| anticipation.protects(k)` as the
     /// `protect` argument of [`Cache::evict_for`], or make room through
     /// [`Anticipation::make_room`].
@@ -156,30 +161,41 @@ impl Anticipation {
         }
     }
 
-    /// The candidates of the last [`Anticipation::update`] to prefetch now, in order: not
-    /// resident, scoring at least `prefetch_min_score`, at most `budget` bytes of them (the
-    /// transfer one step can hide behind compute), and only as many as fit without evicting a
-    /// protected or pinned entry. Planned keys become protected. The caller loads each, making
+    /// The candidates of the last [`Anticipation::update`] to prefetch now, best expected
+    /// benefit first (score over distance): not resident, scoring at least
+    /// `prefetch_min_score`, at most `budget` bytes of them (the transfer one step can hide
+    /// behind compute), and only as many as fit without evicting a protected or pinned entry. Planned keys become protected. The caller loads each, making
     /// room with [`Anticipation::make_room`], which then never needs to break protection.
     pub fn plan_prefetch<V>(&mut self, cache: &Cache<V>, budget: u64) -> Vec<Candidate> {
         let cap = self.protect_cap(cache);
         // Bytes no prefetch may evict. Planned keys are protected once in, so each one planned
         // adds its bytes; nothing else changes while planning.
         let mut locked = self.locked_bytes(cache);
-        let mut planned = Vec::new();
-        let mut planned_bytes = 0u64;
-        let mut rank = 0;
-        let mut last_distance = 0;
+        // Eligible: among its layer's `prefetch_top` best (resident or not), within the
+        // horizon, likely enough, absent. Then ranked across layers by expected benefit: the
+        // chance of being needed over the layers left to hide the read behind (a nearer layer
+        // first at equal odds: a farther one can still be prefetched at the next step).
+        let mut eligible: Vec<&Candidate> = Vec::new();
+        let (mut rank, mut last_distance) = (0, 0);
         for c in &self.candidates {
             rank = if c.distance == last_distance { rank + 1 } else { 0 };
             last_distance = c.distance;
-            if rank >= self.params.prefetch_top
-                || c.distance > self.params.prefetch_depth
-                || c.score < self.params.prefetch_min_score
-                || planned_bytes + c.bytes > budget
+            if rank < self.params.prefetch_top
+                && c.distance <= self.params.prefetch_depth
+                && c.score >= self.params.prefetch_min_score
+                && !cache.contains(&c.key)
+            {
+                eligible.push(c);
+            }
+        }
+        let benefit = |c: &Candidate| c.score / c.distance.max(1) as f32;
+        eligible.sort_by(|a, b| benefit(b).total_cmp(&benefit(a)).then(a.distance.cmp(&b.distance)));
+        let mut planned = Vec::new();
+        let mut planned_bytes = 0u64;
+        for c in eligible.into_iter().copied() {
+            if planned_bytes + c.bytes > budget
                 || self.protected_bytes + c.bytes > cap
                 || locked + c.bytes > cache.budget()
-                || cache.contains(&c.key)
             {
                 continue;
             }
@@ -187,7 +203,7 @@ impl Anticipation {
             self.protected_bytes += c.bytes;
             locked += c.bytes;
             planned_bytes += c.bytes;
-            planned.push(*c);
+            planned.push(c);
         }
         planned
     }

@@ -170,6 +170,7 @@ fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
         "steps": engine_stats.steps,
         "expert_cache": engine_stats.expert_cache,
         "forecast": engine_stats.forecast,
+        "horizon": engine_stats.horizon,
         "profile": stevedore_models::profile::enabled().then(stevedore_models::profile::snapshot),
     })
 }

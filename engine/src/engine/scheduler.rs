@@ -301,6 +301,10 @@ impl Scheduler {
         }
 
         let t0 = Instant::now();
+        let horizon = inner.horizon.as_ref().map(|h| lock(h).horizon());
+        if let Some(h) = horizon {
+            inner.store.set_horizon(h.layers, h.bytes);
+        }
         if let Some(f) = &inner.forecaster {
             let step_rows: Vec<StepRow> =
                 batch.rows().iter().map(|r| StepRow { seq: r.seq, token: Some(r.token) }).collect();
@@ -319,9 +323,10 @@ impl Scheduler {
                     phase: if self.running[i].prefilled() { Phase::Decode } else { Phase::Prefill },
                 })
                 .collect();
-            r.begin_step(&record, inner.model.layers.num_moe_layers());
+            r.begin_step(&record, inner.model.layers.num_moe_layers(), horizon);
         }
         let source = StepSource {
+            foresight: inner.foresight,
             store: &inner.store,
             forecaster: inner.forecaster.as_ref(),
             recorder: &inner.recorder,
@@ -366,6 +371,9 @@ impl Scheduler {
             st.max_batch_seen = st.max_batch_seen.max(rows.len());
             st.count_batch(rows.len());
             let (steps, experts) = (source.layer_steps.into_inner(), source.layer_experts.into_inner());
+            if let Some(h) = &inner.horizon {
+                lock(h).update(&inner.store.stats(), forward_seconds, steps);
+            }
             st.layer_steps += steps;
             st.layer_experts += experts;
             if rows.iter().all(|&(i, _)| self.running[i].prefilled()) {

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use stevedore_models::{ExpertPlan, ExpertSource, ExpertStream, ExpertsError};
+use stevedore_models::{ExpertPlan, ExpertSource, ExpertStream, ExpertsError, Foresight};
 
 use super::lock;
 use crate::forecast::Forecaster;
@@ -24,9 +24,15 @@ pub(crate) struct StepSource<'a> {
     pub layer_experts: AtomicU64,
     /// With regrouping: the routes of each sequence's last row.
     pub route_rows: Option<RouteRows>,
+    /// The next-gate estimates each layer makes for the forecaster (and the trace).
+    pub foresight: Option<Foresight>,
 }
 
 impl ExpertSource for StepSource<'_> {
+    fn foresight(&self) -> Option<Foresight> {
+        self.foresight
+    }
+
     fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {
         if let Some(r) = lock(self.recorder).as_mut() {
             r.record(plan);
@@ -42,7 +48,18 @@ impl ExpertSource for StepSource<'_> {
             }
         }
         let candidates = match self.forecaster {
-            Some(f) => lock(f).observe(plan.moe.0, |r| plan.routed[r].then(|| plan.choice(r))),
+            Some(f) => lock(f).observe(
+                plan.moe.0,
+                |r| plan.routed[r].then(|| plan.choice(r)),
+                |r| {
+                    (plan.ahead.iter())
+                        .map(|g| {
+                            let (experts, probs) = g.row(r);
+                            (g.moe.0, experts, probs)
+                        })
+                        .collect()
+                },
+            ),
             None => Vec::new(),
         };
         match self.store.stream(plan, &candidates) {

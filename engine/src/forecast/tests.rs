@@ -89,7 +89,7 @@ fn run_script(fx: &Fixture, store: &ExpertStore, mut forecaster: Option<&mut For
             let data = PlanData::rows(l, &[ids.to_vec()]);
             let plan = data.plan();
             let candidates = match forecaster.as_deref_mut() {
-                Some(f) => f.observe(l, |r| Some(plan.choice(r))),
+                Some(f) => f.observe(l, |r| Some(plan.choice(r)), |_| Vec::new()),
                 None => Vec::new(),
             };
             let mut seen = stream_all(fx, store, &plan, &candidates).unwrap();
@@ -271,7 +271,7 @@ fn prompt_chunks_are_fed_token_major_at_the_last_layer_and_decode_tokens_as_they
     };
     for l in 0..3u32 {
         let c = choice(l);
-        f.observe(l as usize, |r| Some((&c[r].0[..], &c[r].1[..])));
+        f.observe(l as usize, |r| Some((&c[r].0[..], &c[r].1[..])), |_| Vec::new());
     }
     let learn = |t, l, e: [u32; 2], w: [f32; 2]| Call::Learn(Some(t), l, e.to_vec(), w.to_vec());
     let want = vec![
@@ -334,7 +334,7 @@ fn each_sequence_predicts_from_its_own_history() {
         f.begin_step(&rows);
         for l in 0..3 {
             let c = [(vec![l as u32, 7], vec![0.5, 0.5]), (vec![(l + 3) as u32, 7], vec![0.5, 0.5])];
-            let cands = f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])));
+            let cands = f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])), |_| Vec::new());
             if step == 1 && l == 0 {
                 // Layer 1 next: sequence 1 used {1, 7} there, sequence 2 {4, 7}.
                 let mut keys: Vec<u32> = cands.iter().map(|c| c.key.expert).collect();
@@ -356,7 +356,7 @@ fn next_layer_predictions_are_scored_against_the_routing_that_followed() {
         f.begin_step(&rows);
         for l in 0..3 {
             let c = [(vec![l as u32, 7], vec![0.5, 0.5]), (vec![(l + 3) as u32, 7], vec![0.5, 0.5])];
-            f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])));
+            f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])), |_| Vec::new());
         }
     }
     let s = f.stats();

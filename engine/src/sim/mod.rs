@@ -38,6 +38,11 @@ pub struct SimulateArgs {
     /// config's `simulator.expert_bytes`.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Routed experts per MoE layer of the traced model, for a trace whose file does not say
+    /// (a CSV without a header comment); `--model` says it too. Without either, it is read
+    /// from the file or inferred from the largest expert id (and printed).
+    #[arg(long, value_name = "N")]
+    pub experts: Option<usize>,
     /// Count only the last FRAC of the trace (split as `stevedore predictor train --holdout`
     /// splits it); the rest is replayed first to warm caches and predictors. Use it to measure
     /// a path model on tokens it was not trained on.
@@ -230,7 +235,10 @@ pub fn run(args: &SimulateArgs) -> Result<(), SimError> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    let trace = trace::load(&args.trace)?;
+    let declared = trace::declared(args.model.as_deref(), args.experts).map_err(SimError::Invalid)?;
+    let imported = trace::load_with(&args.trace, &declared)?;
+    eprintln!("trace {}", imported.describe(&args.trace));
+    let trace = imported.trace;
     let sizes = match (&args.model, cfg.simulator.expert_bytes) {
         (Some(dir), _) => ExpertSizes::from_model(dir, &trace.meta)?,
         (None, Some(bytes)) => ExpertSizes::uniform(&trace.meta, bytes.bytes(0)),

@@ -222,6 +222,10 @@ pub fn replay(
             tokens += range.len() as u64;
         }
         let rows = &trace.tokens[range];
+        // A horizon the live run measured is replayed as it was set.
+        if let Some(h) = rows.iter().find_map(|t| t.horizon) {
+            tiers.iter_mut().for_each(|t| t.set_prefetch(h.layers, h.bytes / num_caches as u64));
+        }
         if let Some(f) = forecaster.as_mut() {
             let step_rows: Vec<StepRow> =
                 rows.iter().map(|t| StepRow { seq: t.seq, token: t.token_id }).collect();
@@ -241,7 +245,9 @@ pub fn replay(
             // The routing is known: predictions move on before the misses are loaded, so that
             // the misses evict around the experts predicted for the layers ahead.
             let cands = match forecaster.as_mut() {
-                Some(f) => route(f.observe(l, choice)),
+                Some(f) => route(f.observe(l, choice, |r| {
+                    rows[r].ahead_at(l).map(|a| (a.layer, &a.experts[..], &a.probs[..])).collect()
+                })),
                 None => vec![Vec::new(); num_caches],
             };
             for (tier, cands) in tiers.iter_mut().zip(&cands) {

@@ -21,6 +21,8 @@ fn trace(num_experts: usize, paths: &[&[&[u32]]]) -> Trace {
         },
         tokens: (paths.iter().enumerate())
             .map(|(pos, path)| TokenRouting {
+                ahead: Vec::new(),
+                horizon: None,
                 seq: 0,
                 pos: pos as u32,
                 step: None,
@@ -220,8 +222,15 @@ fn simulate_reports_missing_expert_sizes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.jsonl");
     crate::trace::write(&path, &trace(4, &[&[&[0]]])).unwrap();
-    let args =
-        SimulateArgs { trace: path, config: None, capacity: vec![], model: None, holdout: 0.0, json: true };
+    let args = SimulateArgs {
+        trace: path,
+        config: None,
+        capacity: vec![],
+        model: None,
+        experts: None,
+        holdout: 0.0,
+        json: true,
+    };
     let err = super::run(&args).unwrap_err().to_string();
     assert!(err.contains("expert sizes unknown: pass --model DIR or set `expert_bytes`"), "{err}");
 }

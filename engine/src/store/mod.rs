@@ -83,7 +83,7 @@ impl Default for StoreOptions {
 }
 
 /// Counters since the store was built. Times are in seconds.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct StoreStats {
     pub policy: &'static str,
     pub budget_bytes: u64,
@@ -117,6 +117,9 @@ pub struct StoreStats {
     pub readers: usize,
     /// Time the reader threads spent reading, summed over readers.
     pub read_seconds: f64,
+    /// Wall time with at least one read in flight: `bytes_read / busy_seconds` is the disk
+    /// bandwidth the store saw, however many readers shared it.
+    pub busy_seconds: f64,
     /// Time layers waited for bytes or room.
     pub stall_seconds: f64,
     /// Experts a warm start admitted (read behind every demand, in layer order).
@@ -137,6 +140,26 @@ struct IoCounters {
     bytes_read: u64,
     read_seconds: f64,
     stall_seconds: f64,
+    busy_seconds: f64,
+    /// Reads in flight, and since when at least one has been.
+    in_flight: usize,
+    busy_since: Option<Instant>,
+}
+
+impl IoCounters {
+    fn start_read(&mut self) {
+        self.in_flight += 1;
+        if self.in_flight == 1 {
+            self.busy_since = Some(Instant::now());
+        }
+    }
+
+    fn end_read(&mut self) {
+        self.in_flight -= 1;
+        if self.in_flight == 0 {
+            self.busy_seconds += self.busy_since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// A warm start's progress: which of its reads are still to land.
@@ -231,6 +254,7 @@ fn reader_loop(shared: &Shared, budget: u64) {
             continue;
         };
         let layout = shared.layouts.get(job.key).expect("queued keys have layouts");
+        st.io.start_read();
         drop(st);
         let t0 = Instant::now();
         let buf = match job.buf.take() {
@@ -252,6 +276,7 @@ fn reader_loop(shared: &Shared, budget: u64) {
         let result = read.unwrap_or_else(|_| Err(IoError::Panicked { what: format!("reading {}", job.key) }));
         let seconds = t0.elapsed().as_secs_f64();
         st = shared.lock();
+        st.io.end_read();
         st.io.read_seconds += seconds;
         match &result {
             Ok((_, bytes)) => {
@@ -393,6 +418,12 @@ impl ExpertStore {
         n
     }
 
+    /// Sets how far ahead the predictive policy prefetches: `layers` MoE layers, at most
+    /// `bytes` per prefetch round (see [`crate::horizon`]).
+    pub fn set_horizon(&self, layers: usize, bytes: u64) {
+        self.shared.lock().tier.set_prefetch(layers, bytes);
+    }
+
     pub fn stats(&self) -> StoreStats {
         let st = self.shared.lock();
         let (t, c, io) = (st.tier.stats(), st.tier.cache_stats(), &st.io);
@@ -415,6 +446,7 @@ impl ExpertStore {
             direct_io: self.shared.reader.direct_io(),
             readers: self.readers.len(),
             read_seconds: io.read_seconds,
+            busy_seconds: io.busy_seconds + io.busy_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
             stall_seconds: io.stall_seconds,
             warm_fills: t.warm_fills,
             warm_bytes: t.warm_bytes,

@@ -180,6 +180,11 @@ impl Drop for StoreStream<'_> {
 }
 
 impl ExpertSource for ExpertStore {
+    /// Without predictions, estimates would go unused.
+    fn foresight(&self) -> Option<stevedore_models::Foresight> {
+        None
+    }
+
     /// A layer step without predictions (the predictive policy then protects nothing).
     fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {
         match ExpertStore::stream(self, plan, &[]) {

@@ -253,6 +253,7 @@ impl PlanData {
             experts: &self.uses,
             assigned_rows: &self.assigned_rows,
             assigned_weights: &self.assigned_weights,
+            ahead: &[],
         }
     }
 }

@@ -8,13 +8,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{validate_meta, validate_token, LayerChoice, Phase, TokenRouting, Trace, TraceError, TraceMeta};
+use super::{
+    validate_meta, validate_token, Foreseen, Horizon, LayerChoice, Phase, TokenRouting, Trace, TraceError,
+    TraceMeta,
+};
 
 /// Value of the header's `format` field.
 pub const FORMAT_NAME: &str = "stevedore-trace";
 /// Version this code writes. Bump it on any change an older reader would misread. Version 2
-/// added the tokens' optional `step`; version 1 files (without it) are read too.
-pub const FORMAT_VERSION: u32 = 2;
+/// added the tokens' optional `step`, version 3 their optional `ahead` and `horizon`; older
+/// files (without them) are read too.
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +51,27 @@ struct TokenLine {
     phase: PhaseName,
     experts: Vec<Option<Vec<u32>>>,
     weights: Vec<Option<Vec<f32>>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ahead: Vec<AheadEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    horizon: Option<HorizonEntry>,
+}
+
+/// A next-gate estimate: made at MoE layer `at` for MoE layer `layer`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AheadEntry {
+    at: usize,
+    layer: usize,
+    experts: Vec<u32>,
+    probs: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HorizonEntry {
+    layers: usize,
+    bytes: u64,
 }
 
 impl From<&TraceMeta> for Header {
@@ -75,6 +100,15 @@ impl From<&TokenRouting> for TokenLine {
             },
             experts: t.layers.iter().map(|l| l.as_ref().map(|c| c.experts.clone())).collect(),
             weights: t.layers.iter().map(|l| l.as_ref().map(|c| c.weights.clone())).collect(),
+            ahead: (t.ahead.iter())
+                .map(|f| AheadEntry {
+                    at: f.at,
+                    layer: f.layer,
+                    experts: f.experts.clone(),
+                    probs: f.probs.clone(),
+                })
+                .collect(),
+            horizon: t.horizon.map(|h| HorizonEntry { layers: h.layers, bytes: h.bytes }),
         }
     }
 }
@@ -106,6 +140,10 @@ impl TokenLine {
             token_id: self.token_id,
             phase,
             layers,
+            ahead: (self.ahead.into_iter())
+                .map(|a| Foreseen { at: a.at, layer: a.layer, experts: a.experts, probs: a.probs })
+                .collect(),
+            horizon: self.horizon.map(|h| Horizon { layers: h.layers, bytes: h.bytes }),
         })
     }
 }

@@ -5,6 +5,15 @@
 //! Shared conventions: lines starting with `#` are comments; `meta.layer_ids` lists the decoder
 //! layers that appear in the file (for Qwen's partial trace, only those five); tokens keep the
 //! order in which their first row appears.
+//!
+//! No file format implies a model: the number of routed experts comes from what the user
+//! declares (`--model DIR`, `--experts N`: [`Declared`]), else from the file's header comment
+//! (`num_experts: 64`, or prose such as "64 routed experts"), else it is inferred from the data
+//! (the largest id + 1), and [`Imported::experts_from`] says which. An id at or beyond the
+//! count is an error naming its line; a count declared one way and written another is an
+//! error. The top-k is the number of `e0, e1, ...` columns (the longest record in JSONL), and
+//! the MoE layers are those the file routes. The model's name is the header comment's first
+//! phrase, else the file's name.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -30,26 +39,190 @@ pub enum Format {
     QwenCsv,
 }
 
-/// Reads a trace in any supported format.
-pub fn load(path: &Path) -> Result<Trace, TraceError> {
-    import(path, detect(path)?)
+/// What the user says of the model behind a trace (`--model DIR`, `--experts N`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Declared {
+    pub num_experts: Option<usize>,
+    /// The router's top-k, when a checkpoint says it.
+    pub top_k: Option<usize>,
+    /// The decoder layers that are MoE layers, when a checkpoint says so.
+    pub moe_layers: Option<Vec<u32>>,
+    /// Where it was said, for messages: `--model tests/fixtures/mixtral`, `--experts 8`.
+    pub source: String,
 }
 
-/// Reads `path` as `format`.
-pub fn import(path: &Path, format: Format) -> Result<Trace, TraceError> {
-    let trace = match format {
-        Format::Stevedore => return format::read(path),
+impl Declared {
+    /// Nothing declared.
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
+/// Where an imported trace's number of experts came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpertsFrom {
+    /// What the user declared (its source).
+    Declared(String),
+    /// The file's own header (a stevedore trace's, or a CSV's comment).
+    Header,
+    /// The largest expert id in the data, plus one.
+    Inferred,
+}
+
+impl std::fmt::Display for ExpertsFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpertsFrom::Declared(source) => write!(f, "from {source}"),
+            ExpertsFrom::Header => f.write_str("from the file's header"),
+            ExpertsFrom::Inferred => f.write_str("inferred from the largest expert id in the file"),
+        }
+    }
+}
+
+/// A trace read from a file, and how its shape was decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Imported {
+    pub trace: Trace,
+    pub experts_from: ExpertsFrom,
+}
+
+impl Imported {
+    /// One line for the user: the file, its shape, and where the expert count came from.
+    pub fn describe(&self, path: &Path) -> String {
+        let m = &self.trace.meta;
+        format!(
+            "{}: {} ({} tokens, {} MoE layers, {} experts {}, top-{})",
+            path.display(),
+            m.model,
+            self.trace.tokens.len(),
+            m.layer_ids.len(),
+            m.num_experts,
+            self.experts_from,
+            m.top_k
+        )
+    }
+}
+
+/// Reads a trace in any supported format, with nothing declared about its model.
+pub fn load(path: &Path) -> Result<Trace, TraceError> {
+    Ok(load_with(path, &Declared::none())?.trace)
+}
+
+/// Reads a trace in any supported format against what `declared` says of its model.
+pub fn load_with(path: &Path, declared: &Declared) -> Result<Imported, TraceError> {
+    import(path, detect(path)?, declared)
+}
+
+/// Reads `path` as `format` against what `declared` says of its model.
+pub fn import(path: &Path, format: Format, declared: &Declared) -> Result<Imported, TraceError> {
+    let header = Header::read(path)?;
+    let parsed = match format {
+        Format::Stevedore => {
+            let trace = format::read(path)?;
+            check_declared(path, &trace.meta, declared)?;
+            return Ok(Imported { trace, experts_from: ExpertsFrom::Header });
+        }
         Format::FlameCsv => flame(path)?,
         Format::MixtralCsv => mixtral_csv(path)?,
         Format::MixtralJsonl => mixtral_jsonl(path)?,
         Format::QwenCsv => qwen(path)?,
     };
+    let imported = parsed.assemble(path, &header, declared)?;
+    let trace = &imported.trace;
     validate_meta(&trace.meta).map_err(|msg| TraceError::file(path, msg))?;
     for t in &trace.tokens {
         validate_token(&trace.meta, t)
             .map_err(|msg| TraceError::file(path, format!("token seq {} pos {}: {msg}", t.seq, t.pos)))?;
     }
-    Ok(trace)
+    Ok(imported)
+}
+
+/// A stevedore trace's header against what the user declared.
+fn check_declared(path: &Path, meta: &TraceMeta, declared: &Declared) -> Result<(), TraceError> {
+    let src = &declared.source;
+    if let Some(n) = declared.num_experts.filter(|&n| n != meta.num_experts) {
+        return Err(TraceError::file(
+            path,
+            format!("the trace's header says {} routed experts, but {src} has {n}", meta.num_experts),
+        ));
+    }
+    if let Some(k) = declared.top_k.filter(|&k| k != meta.top_k) {
+        return Err(TraceError::file(
+            path,
+            format!("the trace's header says top-{}, but {src} routes top-{k}", meta.top_k),
+        ));
+    }
+    if let Some(moe) = &declared.moe_layers {
+        if let Some(l) = meta.layer_ids.iter().find(|l| !moe.contains(l)) {
+            return Err(TraceError::file(
+                path,
+                format!("the trace routes decoder layer {l}, which is not an MoE layer of {src}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a file's leading comment lines say: the model's name (the first comment's first
+/// phrase) and the number of routed experts, when written.
+#[derive(Debug, Default)]
+struct Header {
+    model: Option<String>,
+    num_experts: Option<(usize, usize)>,
+}
+
+impl Header {
+    fn read(path: &Path) -> Result<Self, TraceError> {
+        let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
+        let mut h = Header::default();
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| TraceError::io(path, e))?;
+            let t = line.trim();
+            if t.is_empty() {
+                continue;
+            }
+            let Some(text) = t.strip_prefix('#') else { break };
+            if h.model.is_none() {
+                let name = text.split([';', '(', ',']).next().unwrap_or("").trim();
+                h.model = (!name.is_empty()).then(|| name.to_owned());
+            }
+            if let Some(n) = experts_in(text) {
+                match h.num_experts {
+                    Some((m, at)) if m != n => {
+                        return Err(TraceError::line(
+                            path,
+                            i + 1,
+                            format!("the header says {n} routed experts here but {m} on line {at}"),
+                        ))
+                    }
+                    _ => h.num_experts = Some((n, i + 1)),
+                }
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// The number of routed experts a comment states: `num_experts: 64`, `num_experts=64`, or prose
+/// such as "64 routed experts" or "8 experts".
+fn experts_in(text: &str) -> Option<usize> {
+    let words: Vec<&str> =
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| !w.is_empty()).collect();
+    for (i, w) in words.iter().enumerate() {
+        let next = |j: usize| words.get(i + j).copied().unwrap_or("");
+        if w.eq_ignore_ascii_case("num_experts") {
+            if let Ok(n) = next(1).parse() {
+                return Some(n);
+            }
+        }
+        if let Ok(n) = w.parse::<usize>() {
+            let noun = if next(1).eq_ignore_ascii_case("routed") { next(2) } else { next(1) };
+            if noun.eq_ignore_ascii_case("experts") {
+                return Some(n);
+            }
+        }
+    }
+    None
 }
 
 /// Tells the format of `path` from its first line that is neither blank nor a `#` comment.
@@ -119,57 +292,105 @@ impl TokenKey {
     }
 }
 
-/// Groups rows into tokens (in order of first appearance) and checks that no (token, layer)
-/// appears twice.
-fn assemble(
-    path: &Path,
-    model: &str,
-    num_experts: usize,
+/// A file's records before its shape is decided.
+struct Parsed {
     top_k: usize,
     rows: Vec<Row>,
-    token_ids: &HashMap<TokenKey, u32>,
-) -> Result<Trace, TraceError> {
-    let layer_ids: Vec<u32> = rows.iter().map(|r| r.layer).collect::<BTreeSet<_>>().into_iter().collect();
-    let layer_index: HashMap<u32, usize> = layer_ids.iter().enumerate().map(|(i, &l)| (l, i)).collect();
-    let mut index: HashMap<TokenKey, usize> = HashMap::new();
-    let mut tokens: Vec<TokenRouting> = Vec::new();
-    let mut seen: Vec<Vec<bool>> = Vec::new();
-    for row in rows {
-        let t = *index.entry(row.token).or_insert_with(|| {
-            tokens.push(TokenRouting {
-                seq: row.token.seq,
-                pos: row.token.pos,
-                step: None,
-                token_id: token_ids.get(&row.token).copied(),
-                phase: row.token.phase(),
-                layers: vec![None; layer_ids.len()],
-            });
-            seen.push(vec![false; layer_ids.len()]);
-            tokens.len() - 1
-        });
-        let l = layer_index[&row.layer];
-        if std::mem::replace(&mut seen[t][l], true) {
-            return Err(TraceError::line(
+    token_ids: HashMap<TokenKey, u32>,
+    /// The rows of one decode step ran as one batch (Qwen's vLLM trace).
+    decode_steps: bool,
+}
+
+impl Parsed {
+    /// Decides the number of experts (declared, else the header's, else inferred), checks
+    /// every record against it and the declared model, and groups rows into tokens (in order
+    /// of first appearance), checking that no (token, layer) appears twice.
+    fn assemble(self, path: &Path, header: &Header, declared: &Declared) -> Result<Imported, TraceError> {
+        let Parsed { top_k, rows, token_ids, decode_steps } = self;
+        let src = &declared.source;
+        let largest =
+            rows.iter().filter_map(|r| r.choice.as_ref()).flat_map(|c| c.experts.iter().copied()).max();
+        let (num_experts, experts_from) = match (declared.num_experts, header.num_experts) {
+            (Some(n), Some((m, line))) if n != m => {
+                return Err(TraceError::line(
+                    path,
+                    line,
+                    format!("the header says {m} routed experts, but {src} has {n}"),
+                ))
+            }
+            (Some(n), _) => (n, ExpertsFrom::Declared(src.clone())),
+            (None, Some((m, _))) => (m, ExpertsFrom::Header),
+            (None, None) => (largest.map_or(1, |e| e as usize + 1), ExpertsFrom::Inferred),
+        };
+        if let Some(k) = declared.top_k.filter(|&k| k != top_k) {
+            return Err(TraceError::file(
                 path,
-                row.line,
-                format!("second record for layer {} of this token", row.layer),
+                format!("the trace records {top_k} experts per token and layer, but {src} routes top-{k}"),
             ));
         }
-        if let Some(c) = &row.choice {
-            if let Some(&e) = c.experts.iter().find(|&&e| e as usize >= num_experts) {
+        let counted = || format!("the model has {num_experts} routed experts ({experts_from})");
+        let layer_ids: Vec<u32> = rows.iter().map(|r| r.layer).collect::<BTreeSet<_>>().into_iter().collect();
+        let layer_index: HashMap<u32, usize> = layer_ids.iter().enumerate().map(|(i, &l)| (l, i)).collect();
+        let mut index: HashMap<TokenKey, usize> = HashMap::new();
+        let mut tokens: Vec<TokenRouting> = Vec::new();
+        let mut seen: Vec<Vec<bool>> = Vec::new();
+        for row in rows {
+            if let Some(moe) = &declared.moe_layers {
+                if !moe.contains(&row.layer) {
+                    return Err(TraceError::line(
+                        path,
+                        row.line,
+                        format!("layer {} is not an MoE layer of {src}", row.layer),
+                    ));
+                }
+            }
+            let t = *index.entry(row.token).or_insert_with(|| {
+                tokens.push(TokenRouting {
+                    seq: row.token.seq,
+                    pos: row.token.pos,
+                    step: None,
+                    token_id: token_ids.get(&row.token).copied(),
+                    phase: row.token.phase(),
+                    layers: vec![None; layer_ids.len()],
+                    ahead: Vec::new(),
+                    horizon: None,
+                });
+                seen.push(vec![false; layer_ids.len()]);
+                tokens.len() - 1
+            });
+            let l = layer_index[&row.layer];
+            if std::mem::replace(&mut seen[t][l], true) {
                 return Err(TraceError::line(
                     path,
                     row.line,
-                    format!("expert {e} out of range: {model} has {num_experts} routed experts"),
+                    format!("second record for layer {} of this token", row.layer),
                 ));
             }
+            if let Some(c) = &row.choice {
+                if let Some(&e) = c.experts.iter().find(|&&e| e as usize >= num_experts) {
+                    return Err(TraceError::line(
+                        path,
+                        row.line,
+                        format!("expert {e} out of range: {}", counted()),
+                    ));
+                }
+            }
+            tokens[t].layers[l] = row.choice;
         }
-        tokens[t].layers[l] = row.choice;
+        if tokens.is_empty() {
+            return Err(TraceError::file(path, "no routing records"));
+        }
+        if decode_steps {
+            for t in tokens.iter_mut().filter(|t| t.phase == Phase::Decode) {
+                t.step = Some(t.pos as u64);
+            }
+        }
+        let model = header.model.clone().unwrap_or_else(|| {
+            path.file_stem().map_or_else(|| "unknown".into(), |s| s.to_string_lossy().into_owned())
+        });
+        let meta = TraceMeta { model, num_experts, top_k, layer_ids };
+        Ok(Imported { trace: Trace { meta, tokens }, experts_from })
     }
-    if tokens.is_empty() {
-        return Err(TraceError::file(path, "no routing records"));
-    }
-    Ok(Trace { meta: TraceMeta { model: model.into(), num_experts, top_k, layer_ids }, tokens })
 }
 
 /// A comma-separated file with a header row naming its columns.
@@ -277,10 +498,10 @@ fn phase(path: &Path, line: usize, value: &str) -> Result<Phase, TraceError> {
     }
 }
 
-/// FLAME-MoE-290M (64 routed experts): `[seq,]pos,token_id,layer,e0..e5,w0..w5`, teacher-forced
+/// FLAME-MoE-290M's columns (any per-token CSV of this shape): `[seq,]pos,token_id,layer,e0..,w0..`, teacher-forced
 /// text, so every token is `prefill` and its id is known. Without a `seq` column all rows are
 /// sequence 0.
-fn flame(path: &Path) -> Result<Trace, TraceError> {
+fn flame(path: &Path) -> Result<Parsed, TraceError> {
     let csv = Csv::read(path)?;
     let seq_col = csv.columns.iter().position(|c| c == "seq");
     let (pos_col, tok_col, layer_col) =
@@ -305,12 +526,12 @@ fn flame(path: &Path) -> Result<Trace, TraceError> {
         let layer = parse(path, *line, "layer", &f[layer_col])?;
         rows.push(Row { line: *line, token, layer, choice: choice(path, *line, f, &cols)? });
     }
-    assemble(path, "FLAME-MoE-290M", 64, cols.0.len(), rows, &token_ids)
+    Ok(Parsed { top_k: cols.0.len(), rows, token_ids, decode_steps: false })
 }
 
-/// Mixtral-8x7B (8 experts): `phase,pos,layer,e0,e1,w0,w1`, one sequence. Prefill `pos` is the
+/// Mixtral-8x7B's CSV columns: `phase,pos,layer,e0,e1,..,w0,w1,..`, one sequence. Prefill `pos` is the
 /// prompt position; decode `pos` is the step, stored as position `prompt length + step`.
-fn mixtral_csv(path: &Path) -> Result<Trace, TraceError> {
+fn mixtral_csv(path: &Path) -> Result<Parsed, TraceError> {
     let csv = Csv::read(path)?;
     let (phase_col, pos_col, layer_col) =
         (csv.column(path, "phase")?, csv.column(path, "pos")?, csv.column(path, "layer")?);
@@ -341,16 +562,16 @@ fn mixtral_csv(path: &Path) -> Result<Trace, TraceError> {
             Row { line, token: TokenKey::new(phase, 0, pos), layer, choice }
         })
         .collect();
-    assemble(path, "Mixtral-8x7B", 8, cols.0.len(), rows, &HashMap::new())
+    Ok(Parsed { top_k: cols.0.len(), rows, token_ids: HashMap::new(), decode_steps: false })
 }
 
-/// Qwen1.5-MoE-A2.7B (60 routed experts): `phase,pos,slot,layer,e0..e3,w0..w3`, 25 prompts
+/// Qwen1.5-MoE-A2.7B's CSV columns: `phase,pos,slot,layer,e0..,w0..`, 25 prompts
 /// batched. Prefill rows index the concatenation of all prompts (boundaries were not recorded):
 /// they become sequence 0 at position `pos`. Decode rows become sequence `slot` at position
 /// `pos` (the decode step), and the rows of one decode step one `step`: vLLM ran them as one
 /// batch. Slots are batch slots, not request ids: they are re-packed as requests finish, so a
 /// slot's later tokens may belong to another request.
-fn qwen(path: &Path) -> Result<Trace, TraceError> {
+fn qwen(path: &Path) -> Result<Parsed, TraceError> {
     let csv = Csv::read(path)?;
     let (phase_col, pos_col, slot_col, layer_col) = (
         csv.column(path, "phase")?,
@@ -383,12 +604,8 @@ fn qwen(path: &Path) -> Result<Trace, TraceError> {
             choice: choice(path, *line, f, &cols)?,
         });
     }
-    let mut trace = assemble(path, "Qwen1.5-MoE-A2.7B", 60, cols.0.len(), rows, &HashMap::new())?;
     // The decode rows of one step ran as one batch in vLLM: replay them as one step.
-    for t in trace.tokens.iter_mut().filter(|t| t.phase == Phase::Decode) {
-        t.step = Some(t.pos as u64);
-    }
-    Ok(trace)
+    Ok(Parsed { top_k: cols.0.len(), rows, token_ids: HashMap::new(), decode_steps: true })
 }
 
 #[derive(serde::Deserialize)]
@@ -404,7 +621,7 @@ struct JsonRecord {
 /// dropped some records and numbered each layer's records on its own, so a layer's stream is
 /// exact but alignment across layers is not: token `i` of a layer is that layer's `i`-th
 /// record, and layers with fewer records than the longest lack their last tokens.
-fn mixtral_jsonl(path: &Path) -> Result<Trace, TraceError> {
+fn mixtral_jsonl(path: &Path) -> Result<Parsed, TraceError> {
     let file = File::open(path).map_err(|e| TraceError::io(path, e))?;
     // Records so far per (problem, layer): the next record's token index.
     let mut counts: HashMap<(u32, u32), u32> = HashMap::new();
@@ -451,5 +668,5 @@ fn mixtral_jsonl(path: &Path) -> Result<Trace, TraceError> {
         }
     }
     rows.sort_by_key(|r| (problems.iter().position(|&p| p == r.token.seq), r.token.pos, r.layer));
-    assemble(path, "Mixtral-8x7B", 8, top_k, rows, &HashMap::new())
+    Ok(Parsed { top_k, rows, token_ids: HashMap::new(), decode_steps: false })
 }

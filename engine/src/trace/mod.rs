@@ -11,8 +11,8 @@ mod import;
 use std::path::{Path, PathBuf};
 
 pub use format::{read, write, TraceWriter, FORMAT_NAME, FORMAT_VERSION};
-pub use import::{detect, import, load, Format};
-pub use stevedore_predictor::{LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
+pub use import::{detect, import, load, load_with, Declared, ExpertsFrom, Format, Imported};
+pub use stevedore_predictor::{Foreseen, Horizon, LayerChoice, Phase, TokenRouting, Trace, TraceMeta};
 
 /// A trace file that cannot be read or written. Messages name the file and, for bad content,
 /// the line.
@@ -38,6 +38,34 @@ impl TraceError {
     pub(crate) fn file(path: &Path, msg: impl Into<String>) -> Self {
         TraceError::File { path: path.to_owned(), msg: msg.into() }
     }
+}
+
+/// What `--model DIR` (its `config.json`) and `--experts N` declare about a trace's model.
+pub fn declared(model: Option<&Path>, experts: Option<usize>) -> Result<Declared, String> {
+    let Some(dir) = model else {
+        return Ok(match experts {
+            Some(n) => {
+                Declared { num_experts: Some(n), source: format!("--experts {n}"), ..Declared::none() }
+            }
+            None => Declared::none(),
+        });
+    };
+    let cfg =
+        stevedore_models::ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+    let source = format!("the model in {}", dir.display());
+    if let Some(n) = experts.filter(|&n| n != cfg.num_experts) {
+        return Err(format!(
+            "--experts {n} contradicts {source}, which has {} routed experts",
+            cfg.num_experts
+        ));
+    }
+    let layers = stevedore_models::LayerMap::new(&cfg);
+    Ok(Declared {
+        num_experts: Some(cfg.num_experts),
+        top_k: Some(cfg.num_experts_per_tok),
+        moe_layers: Some(layers.moe_layers().iter().map(|l| l.0 as u32).collect()),
+        source,
+    })
 }
 
 /// Checks a header: at least one MoE layer, distinct layer ids, `1 <= top_k <= num_experts`.
@@ -106,6 +134,28 @@ pub fn validate_token(meta: &TraceMeta, token: &TokenRouting) -> Result<(), Stri
         }
         if let Some(w) = c.weights.iter().find(|w| !w.is_finite()) {
             return Err(format!("{}: weight {w} is not finite", at()));
+        }
+    }
+    let layers = meta.layer_ids.len();
+    for (i, f) in token.ahead.iter().enumerate() {
+        let at = || format!("`ahead` entry {i}");
+        if f.at >= f.layer || f.layer >= layers {
+            return Err(format!(
+                "{}: an estimate made at MoE layer {} for MoE layer {} (the trace has {layers}; the layer \
+                 estimated must come after the one it is made at)",
+                at(),
+                f.at,
+                f.layer
+            ));
+        }
+        if f.experts.len() != f.probs.len() || f.experts.is_empty() {
+            return Err(format!("{}: {} experts but {} probs", at(), f.experts.len(), f.probs.len()));
+        }
+        if let Some(&e) = f.experts.iter().find(|&&e| e as usize >= meta.num_experts) {
+            return Err(format!("{}: expert {e} out of range (the model has {})", at(), meta.num_experts));
+        }
+        if let Some(p) = f.probs.iter().find(|p| !(p.is_finite() && (0.0..=1.0).contains(*p))) {
+            return Err(format!("{}: probability {p} is not between 0 and 1", at()));
         }
     }
     Ok(())

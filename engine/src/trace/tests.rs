@@ -22,6 +22,8 @@ fn meta() -> TraceMeta {
 
 fn token(seq: u64, pos: u32, phase: Phase, layers: Vec<Option<(Vec<u32>, Vec<f32>)>>) -> TokenRouting {
     TokenRouting {
+        ahead: Vec::new(),
+        horizon: None,
         seq,
         pos,
         step: None,
@@ -47,6 +49,13 @@ fn sample() -> Trace {
             token(0, 1, Phase::Decode, vec![None, Some((vec![2, 1], vec![]))]),
             TokenRouting {
                 step: Some(3),
+                ahead: vec![Foreseen {
+                    at: 0,
+                    layer: 1,
+                    experts: vec![2, 0, 3],
+                    probs: vec![0.5, 0.25, 1e-3],
+                }],
+                horizon: Some(Horizon { layers: 2, bytes: 1 << 40 }),
                 ..token(7, 4, Phase::Decode, vec![Some((vec![3, 0], vec![0.333_333_34, 0.666_666_7])), None])
             },
         ],
@@ -112,8 +121,22 @@ fn reader_errors_name_file_and_line() {
             "bad.jsonl:2: bad token line: unknown field `sequence`",
         ),
         (
-            header.replace("\"version\":1", "\"version\":3"),
-            "bad.jsonl:1: trace format version 3 is not supported",
+            header.replace("\"version\":1", "\"version\":4"),
+            "bad.jsonl:1: trace format version 4 is not supported",
+        ),
+        (
+            format!(
+                "{header}\n{}\n",
+                good.replace("}", ",\"ahead\":[{\"at\":1,\"layer\":1,\"experts\":[0],\"probs\":[0.5]}]}")
+            ),
+            "bad.jsonl:2: `ahead` entry 0: an estimate made at MoE layer 1 for MoE layer 1",
+        ),
+        (
+            format!(
+                "{header}\n{}\n",
+                good.replace("}", ",\"ahead\":[{\"at\":0,\"layer\":1,\"experts\":[0],\"probs\":[1.5]}]}")
+            ),
+            "bad.jsonl:2: `ahead` entry 0: probability 1.5 is not between 0 and 1",
         ),
         ("# only a comment\n".into(), "bad.jsonl: empty file"),
     ];
@@ -149,16 +172,27 @@ fn importers_handle_small_hand_made_files() {
     std::fs::write(&path, text.replace("prefill,1,1,3,4", "prefill,1,0,3,4")).unwrap();
     let err = load(&path).unwrap_err().to_string();
     assert!(err.contains("t.csv:6: second record for layer 0"), "{err}");
+    // Nothing says how many experts: the largest id + 1, said so.
+    std::fs::write(&path, text).unwrap();
+    let imported = load_with(&path, &Declared::none()).unwrap();
+    assert_eq!((imported.trace.meta.num_experts, &imported.experts_from), (8, &ExpertsFrom::Inferred));
+    assert_eq!(imported.trace.meta.model, "comment");
     std::fs::write(&path, text.replace("7,6,", "9,6,")).unwrap();
-    let err = load(&path).unwrap_err().to_string();
-    assert!(err.contains("t.csv:7: expert 9 out of range: Mixtral-8x7B has 8"), "{err}");
+    assert_eq!(load(&path).unwrap().meta.num_experts, 10);
+    let eight = declared(None, Some(8)).unwrap();
+    let err = load_with(&path, &eight).unwrap_err().to_string();
+    assert!(
+        err.contains("t.csv:7: expert 9 out of range: the model has 8 routed experts (from --experts 8)"),
+        "{err}"
+    );
 
     // Qwen: decode slots become sequences; prefill is sequence 0.
-    let text = "phase,pos,slot,layer,e0,e1,e2,e3,w0,w1,w2,w3\nprefill,0,-1,8,1,2,3,4,0.4,0.3,0.2,0.1\n\
+    let text = "# Qwen1.5-MoE-A2.7B, 60 routed experts top-4\nphase,pos,slot,layer,e0,e1,e2,e3,w0,w1,w2,w3\nprefill,0,-1,8,1,2,3,4,0.4,0.3,0.2,0.1\n\
                 decode,0,0,8,5,6,7,8,0.4,0.3,0.2,0.1\ndecode,0,1,8,9,10,11,12,0.4,0.3,0.2,0.1\n";
     std::fs::write(&path, text).unwrap();
     let t = load(&path).unwrap();
     assert_eq!((t.meta.num_experts, t.meta.top_k, t.meta.layer_ids.clone()), (60, 4, vec![8]));
+    assert_eq!(t.meta.model, "Qwen1.5-MoE-A2.7B");
     let seqs: Vec<_> = t.tokens.iter().map(|t| (t.phase, t.seq, t.pos)).collect();
     assert_eq!(seqs, [(Phase::Prefill, 0, 0), (Phase::Decode, 0, 0), (Phase::Decode, 1, 0)]);
 
@@ -178,6 +212,72 @@ fn importers_handle_small_hand_made_files() {
     assert_eq!(shape, [(3, 0, true), (3, 1, false), (1, 0, true)]);
 }
 
+/// A user's own traces: the expert count comes from the file's header, a declaration, or the
+/// data, never from the format; what contradicts it is an error naming the file and line.
+#[test]
+fn csv_traces_of_any_model_keep_their_own_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |experts: u32, n: u32| -> String {
+        (0..n)
+            .flat_map(|pos| (0..2).map(move |layer| (pos, layer)))
+            .map(|(pos, layer)| {
+                let e = (pos * 7 + layer * 3) % experts;
+                format!("{pos},{},{layer},{e},{},0.7,0.3\n", pos + 10, (e + 1) % experts)
+            })
+            .collect()
+    };
+    // 8 experts, said by the header; 128 experts said as `num_experts: 128`.
+    let eight = dir.path().join("eight.csv");
+    std::fs::write(
+        &eight,
+        format!("# my-moe: 8 experts, top-2\npos,token_id,layer,e0,e1,w0,w1\n{}", rows(8, 40)),
+    )
+    .unwrap();
+    let big = dir.path().join("big.csv");
+    std::fs::write(&big, format!("# num_experts: 128\npos,token_id,layer,e0,e1,w0,w1\n{}", rows(100, 40)))
+        .unwrap();
+    let t = load_with(&eight, &Declared::none()).unwrap();
+    assert_eq!((t.trace.meta.num_experts, t.trace.meta.top_k, t.experts_from), (8, 2, ExpertsFrom::Header));
+    assert_eq!(t.trace.meta.model, "my-moe: 8 experts");
+    let t = load_with(&big, &Declared::none()).unwrap();
+    assert_eq!((t.trace.meta.num_experts, &t.experts_from), (128, &ExpertsFrom::Header));
+    assert!(t.describe(&big).contains("128 experts from the file's header, top-2"), "{}", t.describe(&big));
+    // Declared the same way: fine; declared otherwise: an error naming both.
+    assert_eq!(load_with(&big, &declared(None, Some(128)).unwrap()).unwrap().trace.meta.num_experts, 128);
+    let err = load_with(&eight, &declared(None, Some(64)).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("eight.csv:1: the header says 8 routed experts, but --experts 64 has 64"), "{err}");
+    // Against a checkpoint: the Mixtral fixture has 8 experts, top-2, MoE layers 0 and 1.
+    let mixtral = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral");
+    let by_model = declared(Some(&mixtral), None).unwrap();
+    assert_eq!(load_with(&eight, &by_model).unwrap().trace.meta.num_experts, 8);
+    let err = load_with(&big, &by_model).unwrap_err().to_string();
+    assert!(err.contains("big.csv:1: the header says 128 routed experts, but the model in"), "{err}");
+    assert!(declared(Some(&mixtral), Some(16))
+        .unwrap_err()
+        .contains("--experts 16 contradicts the model in"));
+    // An id beyond the count names its line.
+    std::fs::write(
+        &eight,
+        format!("# 8 experts\npos,token_id,layer,e0,e1,w0,w1\n{}5,15,1,8,2,0.6,0.4\n", rows(8, 5)),
+    )
+    .unwrap();
+    let err = load(&eight).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "eight.csv:13: expert 8 out of range: the model has 8 routed experts (from the file's header)"
+        ),
+        "{err}"
+    );
+    // A layer the checkpoint does not route, and a top-k it does not use.
+    std::fs::write(&eight, format!("pos,token_id,layer,e0,e1,w0,w1\n{}0,10,5,1,2,0.5,0.5\n", rows(8, 1)))
+        .unwrap();
+    let err = load_with(&eight, &by_model).unwrap_err().to_string();
+    assert!(err.contains("eight.csv:4: layer 5 is not an MoE layer of the model in"), "{err}");
+    std::fs::write(&eight, "pos,token_id,layer,e0,w0\n0,1,0,3,1.0\n").unwrap();
+    let err = load_with(&eight, &by_model).unwrap_err().to_string();
+    assert!(err.contains("records 1 experts per token and layer, but the model in"), "{err}");
+}
+
 #[test]
 fn imports_the_shared_traces() {
     let Some(dir) = shared_traces() else { return };
@@ -185,10 +285,24 @@ fn imports_the_shared_traces() {
     let cases = [
         ("flame-moe-290m/flame_moe_290m_prefill_2048tok.csv", "FLAME-MoE-290M", 64, 6, 8, 2048),
         ("flame-moe-290m/flame_moe_290m_first10tok_64seq.csv", "FLAME-MoE-290M", 64, 6, 8, 640),
-        ("mixtral-8x7b/mixtral_humaneval_p0_prefill_decode.csv", "Mixtral-8x7B", 8, 2, 32, 135 + 83),
-        ("mixtral-8x7b/gsm8k_2_routing.jsonl", "Mixtral-8x7B", 8, 2, 32, 168 + 79),
-        ("mixtral-8x7b/humaneval_2_routing.jsonl", "Mixtral-8x7B", 8, 2, 32, 83 + 255),
-        ("qwen1.5-moe-a2.7b/qwen15moe_gsm8k25_5layers.csv", "Qwen1.5-MoE-A2.7B", 60, 4, 5, 1406 + 2886),
+        (
+            "mixtral-8x7b/mixtral_humaneval_p0_prefill_decode.csv",
+            "Mixtral-8x7B-Instruct-v0.1-FP8 via vLLM",
+            8,
+            2,
+            32,
+            135 + 83,
+        ),
+        ("mixtral-8x7b/gsm8k_2_routing.jsonl", "gsm8k_2_routing", 8, 2, 32, 168 + 79),
+        ("mixtral-8x7b/humaneval_2_routing.jsonl", "humaneval_2_routing", 8, 2, 32, 83 + 255),
+        (
+            "qwen1.5-moe-a2.7b/qwen15moe_gsm8k25_5layers.csv",
+            "Qwen1.5-MoE-A2.7B-Chat via vLLM",
+            60,
+            4,
+            5,
+            1406 + 2886,
+        ),
     ];
     for (file, model, experts, top_k, layers, tokens) in cases {
         let t = load(&dir.join(file)).unwrap();
@@ -198,6 +312,11 @@ fn imports_the_shared_traces() {
             "{file}"
         );
     }
+    // The FLAME prefill and Qwen files state their count; the others are inferred from the ids.
+    let from = |f: &str| load_with(&dir.join(f), &Declared::none()).unwrap().experts_from;
+    assert_eq!(from(cases[0].0), ExpertsFrom::Header);
+    assert_eq!(from(cases[1].0), ExpertsFrom::Inferred);
+    assert_eq!(from(cases[5].0), ExpertsFrom::Header);
     let flame = load(&dir.join(cases[0].0)).unwrap();
     assert_eq!(flame.meta.layer_ids, (2..10).collect::<Vec<u32>>());
     assert_eq!(flame.tokens[0].token_id, Some(1512));

@@ -3,6 +3,8 @@ use crate::{evaluate, observe, LayerChoice, Phase, SequenceCursors, TokenRouting
 
 fn token(pos: u32, token_id: Option<u32>, path: &[u32]) -> TokenRouting {
     TokenRouting {
+        horizon: None,
+        ahead: Vec::new(),
         seq: 0,
         pos,
         step: None,
