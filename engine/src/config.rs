@@ -228,8 +228,9 @@ pub struct PredictorConfig {
     /// top-k.
     pub prefetch_top: Option<usize>,
     /// Prefetch only experts whose score is at least this multiple of `top_k / num_experts`,
-    /// the chance that an expert picked at random is routed to. A lift, not a raw score, so
-    /// that one value suits models with 8 experts and with 64.
+    /// the chance that an expert picked at random is routed to (or halfway from chance to
+    /// certainty where that is less). A lift, not a raw score, so that one value suits models
+    /// with 8 experts and with 64.
     pub prefetch_min_lift: f32,
     /// Protect only experts scoring at least this multiple of `top_k / num_experts`.
     pub protect_min_lift: f32,
@@ -382,7 +383,9 @@ impl PredictorConfig {
         let chance = shape.top_k as f32 / shape.num_experts.max(1) as f32;
         AnticipationParams {
             protect_min_score: (self.protect_min_lift * chance).min(1.0),
-            prefetch_min_score: (self.prefetch_min_lift * chance).min(1.0),
+            // Capped halfway from chance to certainty: where a router picks half the experts,
+            // 1.8x chance would ask for more than certainty.
+            prefetch_min_score: (self.prefetch_min_lift * chance).min((1.0 + chance) / 2.0),
             prefetch_depth: self.prefetch_depth.initial(),
             prefetch_top: self.prefetch_top.unwrap_or(shape.top_k),
             max_protected_fraction: match self.max_protected {
@@ -651,7 +654,8 @@ prefetch_depth = "auto"
 # Prefetch at most this many of a layer's predicted experts (default: the model's top-k).
 # prefetch_top = 2
 # Prefetch only experts predicted at least this many times as likely as chance
-# (top_k / num_experts, the chance that an expert picked at random is routed to)...
+# (top_k / num_experts, the chance that an expert picked at random is routed to), or halfway
+# from chance to certainty where that is less...
 prefetch_min_lift = 1.8
 # ...and protect only those at least this many times as likely.
 protect_min_lift = 0.0

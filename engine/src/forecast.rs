@@ -91,6 +91,18 @@ type Choice = (Vec<u32>, Vec<f32>);
 /// their router probabilities).
 pub type RowAhead<'a> = Vec<(usize, &'a [u32], &'a [f32])>;
 
+/// For rows whose sequences are contiguous (`seqs`, one per row): whether each row is its
+/// sequence's only one in the step, the rows that begin a token on their cursor (and use
+/// next-gate estimates).
+pub fn alone_rows(seqs: &[u64]) -> Vec<bool> {
+    (0..seqs.len())
+        .map(|i| {
+            let same = |j: Option<usize>| j.and_then(|j| seqs.get(j)) == Some(&seqs[i]);
+            !same(i.checked_sub(1)) && !same(Some(i + 1))
+        })
+        .collect()
+}
+
 /// A prediction waiting for its layer's routing: (distance, MoE layer, its top-k experts).
 type Pending = (usize, usize, Vec<u32>);
 
@@ -170,9 +182,14 @@ impl Forecaster {
         self.cursors.entry(seq).or_insert_with(|| RouteCursor::new(shape))
     }
 
-    /// The start of a step with `rows` (one per token, a sequence's rows contiguous). Returns
-    /// the candidates for the step's first layers.
-    pub fn begin_step(&mut self, rows: &[StepRow]) -> Vec<Candidate> {
+    /// The start of a step with `rows` (one per token, a sequence's rows contiguous), and the
+    /// next-gate estimates made from each row's embedding (`ahead(r)`, used for one-row
+    /// sequences). Returns the candidates for the step's first layers.
+    pub fn begin_step<'a>(
+        &mut self,
+        rows: &[StepRow],
+        ahead: impl Fn(usize) -> RowAhead<'a>,
+    ) -> Vec<Candidate> {
         let t0 = Instant::now();
         self.rows.clear();
         self.rows.extend_from_slice(rows);
@@ -185,7 +202,11 @@ impl Forecaster {
             let end = i + rows[i..].iter().take_while(|r| r.seq == seq).count();
             if end - i == 1 {
                 self.chunk_of.push(None);
-                self.cursor(seq).begin_token(rows[i].token);
+                let cursor = self.cursor(seq);
+                cursor.begin_token(rows[i].token);
+                for (layer, experts, probs) in ahead(i) {
+                    cursor.foresee(None, layer, experts, probs);
+                }
                 single.push(seq);
             } else {
                 let layers = vec![vec![None; end - i]; self.shape.moe_layers];
@@ -219,7 +240,7 @@ impl Forecaster {
                     let cursor = self.cursors.get_mut(&seq).expect("begin_step made it");
                     observe(&mut *self.predictor, cursor, moe, experts, weights);
                     for (layer, experts, probs) in ahead(r) {
-                        cursor.foresee(moe, layer, experts, probs);
+                        cursor.foresee(Some(moe), layer, experts, probs);
                     }
                     single.push(seq);
                 }

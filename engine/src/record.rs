@@ -50,13 +50,7 @@ impl Recorder {
     /// A forward pass begins with `rows` (a sequence's rows contiguous), prefetching as far
     /// as `horizon` when that was set from measurement.
     pub fn begin_step(&mut self, rows: &[RecordRow], moe_layers: usize, horizon: Option<Horizon>) {
-        self.alone = (0..rows.len())
-            .map(|i| {
-                let same =
-                    |j: Option<usize>| j.and_then(|j| rows.get(j)).is_some_and(|r| r.seq == rows[i].seq);
-                !same(i.checked_sub(1)) && !same(Some(i + 1))
-            })
-            .collect();
+        self.alone = crate::forecast::alone_rows(&rows.iter().map(|r| r.seq).collect::<Vec<_>>());
         self.pending = rows
             .iter()
             .map(|r| TokenRouting {
@@ -73,6 +67,21 @@ impl Recorder {
         self.step += 1;
     }
 
+    /// The next-gate estimates made from the rows' embeddings at the pass's start (`ahead(r)`),
+    /// kept for the rows that use them.
+    pub fn record_start<'a>(&mut self, ahead: impl Fn(usize) -> crate::forecast::RowAhead<'a>) {
+        for (r, tok) in self.pending.iter_mut().enumerate().filter(|(r, _)| self.alone[*r]) {
+            for (layer, experts, probs) in ahead(r) {
+                tok.ahead.push(Foreseen {
+                    at: None,
+                    layer,
+                    experts: experts.to_vec(),
+                    probs: probs.to_vec(),
+                });
+            }
+        }
+    }
+
     /// An MoE layer routed the pass's rows (those of failed sequences are left unrecorded).
     pub fn record(&mut self, plan: &ExpertPlan<'_>) {
         for (r, tok) in self.pending.iter_mut().enumerate() {
@@ -84,7 +93,7 @@ impl Recorder {
                     for g in plan.ahead {
                         let (experts, probs) = g.row(r);
                         tok.ahead.push(Foreseen {
-                            at: plan.moe.0,
+                            at: Some(plan.moe.0),
                             layer: g.moe.0,
                             experts: experts.to_vec(),
                             probs: probs.to_vec(),

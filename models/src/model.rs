@@ -283,8 +283,30 @@ impl Model {
     /// Next-gate estimates at decoder layer `l` of the next `f.depth` MoE layers from `x` (see
     /// [`GateEstimate`]), nearest first.
     fn estimate_ahead(&self, l: usize, x: &[f32], f: Foresight) -> Vec<GateEstimate> {
+        self.estimate_from(l + 1, x, f)
+    }
+
+    /// Next-gate estimates at the start of a forward pass, before any layer: the first
+    /// `f.depth` MoE layers' routers applied to the embeddings of `tokens` (one row each), the
+    /// first MoE layer at distance 1. What a token's first layers can be prefetched from once
+    /// the token is known.
+    pub fn estimate_at_start(&self, tokens: &[u32], f: Foresight) -> Vec<GateEstimate> {
+        let h = self.config.hidden_size;
+        let embed = self.embed_tokens.weight(&self.index);
+        let mut x = vec![0.0f32; tokens.len() * h];
+        for (xr, &t) in x.chunks_mut(h).zip(tokens) {
+            if (t as usize) < self.config.vocab_size {
+                embed.row_to_f32(t as usize, xr);
+            }
+        }
+        self.estimate_from(0, &x, f)
+    }
+
+    /// The routers of the first `f.depth` MoE layers from decoder layer `first` on, applied to
+    /// `x`, nearest first (distance 1).
+    fn estimate_from(&self, first: usize, x: &[f32], f: Foresight) -> Vec<GateEstimate> {
         let eps = self.config.rms_norm_eps;
-        (self.decoder[l + 1..].iter())
+        (self.decoder[first.min(self.decoder.len())..].iter())
             .filter_map(|layer| match &layer.ffn {
                 FeedForward::Sparse(moe) => Some((moe, &layer.post_attention_layernorm)),
                 FeedForward::Dense(_) => None,

@@ -156,18 +156,22 @@ impl RouteCursor {
         self.position = Position::After(layer);
     }
 
-    /// Records a next-gate estimate for the current token, made at MoE layer `at` for the later
-    /// MoE layer `layer`: `experts` best first with their router `probs` (parallel). Replaces
-    /// any earlier estimate of that layer (a later one is made from a nearer hidden state).
-    /// Out-of-range layers and experts are ignored, like [`RouteCursor::observe`]'s.
-    pub fn foresee(&mut self, at: usize, layer: usize, experts: &[u32], probs: &[f32]) {
-        if layer <= at {
-            return;
-        }
+    /// Records a next-gate estimate for the current token, made at MoE layer `at` (`None`: at
+    /// the token's start) for the later MoE layer `layer`: `experts` best first with their
+    /// router `probs` (parallel). Replaces any earlier estimate of that layer (a later one is
+    /// made from a nearer hidden state). Out-of-range layers and experts are ignored, like
+    /// [`RouteCursor::observe`]'s.
+    pub fn foresee(&mut self, at: Option<usize>, layer: usize, experts: &[u32], probs: &[f32]) {
+        // Distances count as `targets` does: from the token start, layer 0 is 1 ahead.
+        let distance = match at {
+            Some(at) if layer <= at => return,
+            Some(at) => layer - at,
+            None => layer + 1,
+        };
         let (token, num_experts) = (self.token, self.shape.num_experts);
         let Some(slot) = self.foreseen.get_mut(layer) else { return };
         slot.token = Some(token);
-        slot.distance = layer - at;
+        slot.distance = distance;
         slot.experts.clear();
         for (i, &e) in experts.iter().enumerate() {
             if (e as usize) < num_experts && !slot.experts.iter().any(|&(x, _)| x == e) {
@@ -346,14 +350,16 @@ mod tests {
         let mut c = RouteCursor::new(SHAPE);
         c.begin_token(None);
         c.observe(0, &[1], &[]);
-        c.foresee(0, 2, &[3, 9, 3, 1], &[0.5, 0.4, 0.3, f32::NAN]);
+        c.foresee(Some(0), 2, &[3, 9, 3, 1], &[0.5, 0.4, 0.3, f32::NAN]);
         assert_eq!(c.foreseen(2), Some((2, &[(3, 0.5), (1, 0.0)][..])), "out of range and repeats dropped");
-        c.foresee(1, 2, &[2], &[0.9]);
+        c.foresee(Some(1), 2, &[2], &[0.9]);
         assert_eq!(c.foreseen(2), Some((1, &[(2, 0.9)][..])));
-        c.foresee(2, 1, &[2], &[0.9]);
+        c.foresee(Some(2), 1, &[2], &[0.9]);
         assert_eq!(c.foreseen(1), None, "an estimate is of a layer ahead");
         c.begin_token(None);
         assert_eq!(c.foreseen(2), None, "estimates are the token's own");
+        c.foresee(None, 0, &[1], &[0.5]);
+        assert_eq!(c.foreseen(0), Some((1, &[(1, 0.5)][..])), "from the token start, layer 0 is 1 ahead");
     }
 
     #[test]

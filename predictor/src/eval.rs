@@ -102,9 +102,9 @@ impl fmt::Display for Report {
     }
 }
 
-/// Hands `cursor` the next-gate estimates `token` recorded at MoE layer `at`: what the engine
-/// does right after observing that layer.
-pub fn foresee_at(cursor: &mut crate::RouteCursor, token: &TokenRouting, at: usize) {
+/// Hands `cursor` the next-gate estimates `token` recorded at MoE layer `at` (`None`: at its
+/// start): what the engine does right after observing that layer (or beginning the token).
+pub fn foresee_at(cursor: &mut crate::RouteCursor, token: &TokenRouting, at: Option<usize>) {
     for f in token.ahead_at(at) {
         cursor.foresee(at, f.layer, &f.experts, &f.probs);
     }
@@ -117,10 +117,11 @@ pub fn replay(predictor: &mut dyn RoutePredictor, cursors: &mut SequenceCursors,
     for token in tokens {
         let cursor = cursors.of(token.seq);
         cursor.begin_token(token.token_id);
+        foresee_at(cursor, token, None);
         for (layer, choice) in token.layers.iter().enumerate() {
             if let Some(c) = choice {
                 observe(predictor, cursor, layer, &c.experts, &c.weights);
-                foresee_at(cursor, token, layer);
+                foresee_at(cursor, token, Some(layer));
             }
         }
     }
@@ -145,11 +146,12 @@ pub fn evaluate(
         let next = next.map(|n| &tokens[n]);
         let cursor = cursors.of(token.seq);
         cursor.begin_token(token.token_id);
+        foresee_at(cursor, token, None);
         score(&predictor.predict(cursor, depth), true, token, next, k, &mut distances);
         for (layer, choice) in token.layers.iter().enumerate() {
             if let Some(c) = choice {
                 observe(predictor, cursor, layer, &c.experts, &c.weights);
-                foresee_at(cursor, token, layer);
+                foresee_at(cursor, token, Some(layer));
                 score(&predictor.predict(cursor, depth), false, token, next, k, &mut distances);
             }
         }

@@ -145,7 +145,7 @@ mod tests {
         let mut c = RouteCursor::new(SHAPE);
         c.begin_token(None);
         observe(&mut p, &mut c, 0, &[0, 1], &[]);
-        c.foresee(0, 1, &[4, 5, 6, 7], &[0.4, 0.3, 0.2, 0.1]);
+        c.foresee(Some(0), 1, &[4, 5, 6, 7], &[0.4, 0.3, 0.2, 0.1]);
         let got = p.predict(&c, 3);
         // Layer 1 only: layer 2 has no estimate, and the next token's layers are not the gate's.
         assert_eq!(got.len(), 1);
@@ -160,7 +160,7 @@ mod tests {
                 let mut c = c.clone();
                 c.begin_token(None);
                 c.observe(0, &[0, 1], &[]);
-                c.foresee(0, 1, &[4, 5, 6], &[0.4, 0.3, 0.2]);
+                c.foresee(Some(0), 1, &[4, 5, 6], &[0.4, 0.3, 0.2]);
                 c
             },
             1,
@@ -181,7 +181,7 @@ mod tests {
         c.observe(2, &[4, 5], &[1.0, 1.0]);
         c.begin_token(None);
         c.observe(0, &[0, 1], &[]);
-        c.foresee(0, 1, &[2, 6], &[0.9, 0.1]);
+        c.foresee(Some(0), 1, &[2, 6], &[0.9, 0.1]);
         let got = e.predict(&c, 2);
         // Layer 1: gate (2: 0.75, 6: 0.75) x 3 and recency (2, 3: 0.5) x 1, over weight 4.
         assert_eq!(got[0].experts, [(2, 0.6875), (6, 0.5625), (3, 0.125)]);

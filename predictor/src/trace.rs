@@ -15,14 +15,15 @@ pub struct LayerChoice {
     pub weights: Vec<f32>,
 }
 
-/// A next-gate estimate: at MoE layer `at`, the router of MoE layer `layer` (further on in the
-/// same token) applied to the hidden state available then, before `layer`'s routing is known.
+/// A next-gate estimate: at MoE layer `at` (`None`: at the token's start, from its embedding),
+/// the router of MoE layer `layer` (further on in the same token) applied to the hidden state
+/// available then, before `layer`'s routing is known.
 /// Its best experts, best first, with their router probabilities. The live engine makes these
 /// (`predictor.kind = "gate"`) and records them in its traces, so that a replay feeds a
 /// predictor exactly what it was fed live.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Foreseen {
-    pub at: usize,
+    pub at: Option<usize>,
     pub layer: usize,
     pub experts: Vec<u32>,
     /// Parallel to `experts`: the router's softmax probability of each over all experts.
@@ -59,8 +60,8 @@ pub struct Horizon {
 }
 
 impl TokenRouting {
-    /// The estimates made at MoE layer `at`.
-    pub fn ahead_at(&self, at: usize) -> impl Iterator<Item = &Foreseen> {
+    /// The estimates made at MoE layer `at` (`None`: at the token's start).
+    pub fn ahead_at(&self, at: Option<usize>) -> impl Iterator<Item = &Foreseen> {
         self.ahead.iter().filter(move |f| f.at == at)
     }
 }

@@ -151,14 +151,15 @@ fn the_config_sets_budget_and_policy_and_flags_override_it() {
     let s = run(&["--config", config, "--policy", "predictive", "--host-cache", &min]);
     assert_eq!(s["expert_cache"]["policy"], "predictive");
     assert_eq!(u64_at(&s["expert_cache"], "budget_bytes").to_string(), min);
-    assert_eq!(s["forecast"]["predictor"], "transition");
+    assert_eq!(s["forecast"]["predictor"], "ensemble");
 
-    // No config: LRU, and the automatic budget unless given; an empty config file is the
-    // default config, whose policy is predictive.
+    // No config: the default config's policy (predictive, next-gate prediction blended with
+    // the transition statistics), and the automatic budget unless given; an empty config file
+    // is the default config.
     let s = run(&["--host-cache", "100%"]);
-    assert_eq!(s["expert_cache"]["policy"], "lru");
+    assert_eq!(s["expert_cache"]["policy"], "predictive");
     assert_eq!(u64_at(&s["expert_cache"], "budget_bytes"), all);
-    assert!(s["forecast"].is_null());
+    assert_eq!(s["forecast"]["predictor"], "ensemble");
     let empty = write_config(tmp.path(), "empty.toml", "");
     let s = run(&["--config", empty.to_str().unwrap()]);
     assert_eq!(s["expert_cache"]["policy"], "predictive");

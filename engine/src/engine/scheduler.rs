@@ -19,7 +19,7 @@ use stevedore_models::{Batch, KvPool, SeqId};
 use super::regroup::{self, Ready, Route, Schedule};
 use super::source::StepSource;
 use super::{lock, Command, Completion, Event, FinishReason, Inner, Request, Sink};
-use crate::forecast::StepRow;
+use crate::forecast::{alone_rows, RowAhead, StepRow};
 use crate::record::RecordRow;
 use crate::sampling::Sampler;
 use crate::text::Detokenizer;
@@ -305,10 +305,38 @@ impl Scheduler {
         if let Some(h) = horizon {
             inner.store.set_horizon(h.layers, h.bytes);
         }
+        // Next-gate estimates of the first layers from each one-row sequence's embedding.
+        let brows = batch.rows();
+        let alone = alone_rows(&brows.iter().map(|r| r.seq).collect::<Vec<_>>());
+        let at_start = match inner.foresight {
+            Some(f) => {
+                let tokens: Vec<u32> =
+                    (brows.iter().zip(&alone)).filter(|(_, a)| **a).map(|(r, _)| r.token).collect();
+                inner.model.estimate_at_start(&tokens, f)
+            }
+            None => Vec::new(),
+        };
+        let row_of: Vec<Option<usize>> = alone
+            .iter()
+            .scan(0usize, |n, &a| {
+                let i = *n;
+                *n += usize::from(a);
+                Some(a.then_some(i))
+            })
+            .collect();
+        let start_ahead = |r: usize| -> RowAhead<'_> {
+            let Some(i) = row_of[r] else { return Vec::new() };
+            (at_start.iter())
+                .map(|g| {
+                    let (experts, probs) = g.row(i);
+                    (g.moe.0, experts, probs)
+                })
+                .collect()
+        };
         if let Some(f) = &inner.forecaster {
             let step_rows: Vec<StepRow> =
                 batch.rows().iter().map(|r| StepRow { seq: r.seq, token: Some(r.token) }).collect();
-            let candidates = lock(f).begin_step(&step_rows);
+            let candidates = lock(f).begin_step(&step_rows, start_ahead);
             inner.store.begin_step(&candidates);
         }
         if let Some(r) = lock(&inner.recorder).as_mut() {
@@ -324,6 +352,7 @@ impl Scheduler {
                 })
                 .collect();
             r.begin_step(&record, inner.model.layers.num_moe_layers(), horizon);
+            r.record_start(start_ahead);
         }
         let source = StepSource {
             foresight: inner.foresight,

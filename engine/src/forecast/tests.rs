@@ -83,7 +83,7 @@ fn run_script(fx: &Fixture, store: &ExpertStore, mut forecaster: Option<&mut For
     for (t, layers) in script.iter().enumerate() {
         let rows = [StepRow { seq: 0, token: Some(t as u32) }];
         if let Some(f) = forecaster.as_deref_mut() {
-            store.begin_step(&f.begin_step(&rows));
+            store.begin_step(&f.begin_step(&rows, |_| Vec::new()));
         }
         for (l, ids) in layers.iter().enumerate() {
             let data = PlanData::rows(l, &[ids.to_vec()]);
@@ -259,7 +259,7 @@ fn prompt_chunks_are_fed_token_major_at_the_last_layer_and_decode_tokens_as_they
         StepRow { seq: 1, token: Some(7) },
         StepRow { seq: 1, token: Some(9) },
     ];
-    let start = f.begin_step(&rows);
+    let start = f.begin_step(&rows, |_| Vec::new());
     assert_eq!(start.iter().map(|c| (c.key, c.distance)).collect::<Vec<_>>(), [(ExpertKey::new(0, 3), 1)]);
     // Per layer l: the decode token picks (l, 3); the chunk's tokens (l, l+1) and (l+4, l+5).
     let choice = |l: u32| {
@@ -315,7 +315,9 @@ fn predictions_of_several_sequences_combine() {
         }
     }
     let mut f = Forecaster::new(Box::new(Fixed), SHAPE, vec![0, 5, 9], 2);
-    let c = f.begin_step(&[StepRow { seq: 10, token: Some(1) }, StepRow { seq: 20, token: Some(2) }]);
+    let c = f.begin_step(&[StepRow { seq: 10, token: Some(1) }, StepRow { seq: 20, token: Some(2) }], |_| {
+        Vec::new()
+    });
     assert_eq!(c.len(), 2);
     assert_eq!((c[0].key, c[0].distance), (ExpertKey::new(5, 4), 1));
     assert!((c[0].score - (1.0 - 0.7 * 0.5)).abs() < 1e-6, "{c:?}");
@@ -331,7 +333,7 @@ fn each_sequence_predicts_from_its_own_history() {
     let mut f = Forecaster::new(OnlineKind::Recency.build(SHAPE), SHAPE, vec![0, 1, 2], 1);
     let rows = [StepRow { seq: 1, token: Some(1) }, StepRow { seq: 2, token: Some(2) }];
     for step in 0..2 {
-        f.begin_step(&rows);
+        f.begin_step(&rows, |_| Vec::new());
         for l in 0..3 {
             let c = [(vec![l as u32, 7], vec![0.5, 0.5]), (vec![(l + 3) as u32, 7], vec![0.5, 0.5])];
             let cands = f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])), |_| Vec::new());
@@ -353,7 +355,7 @@ fn next_layer_predictions_are_scored_against_the_routing_that_followed() {
     let mut f = Forecaster::new(OnlineKind::Recency.build(SHAPE), SHAPE, vec![0, 1, 2], 1);
     let rows = [StepRow { seq: 1, token: Some(1) }, StepRow { seq: 2, token: Some(2) }];
     for _ in 0..3 {
-        f.begin_step(&rows);
+        f.begin_step(&rows, |_| Vec::new());
         for l in 0..3 {
             let c = [(vec![l as u32, 7], vec![0.5, 0.5]), (vec![(l + 3) as u32, 7], vec![0.5, 0.5])];
             f.observe(l, |r| Some((&c[r].0[..], &c[r].1[..])), |_| Vec::new());

@@ -17,7 +17,7 @@ use stevedore_predictor::{RoutePredictor, RoutingShape};
 
 use super::{ExpertSizes, SimError};
 use crate::config::Split;
-use crate::forecast::{Forecaster, StepRow};
+use crate::forecast::{Forecaster, RowAhead, StepRow};
 use crate::trace::Trace;
 
 /// The policies the simulator compares.
@@ -229,7 +229,10 @@ pub fn replay(
         if let Some(f) = forecaster.as_mut() {
             let step_rows: Vec<StepRow> =
                 rows.iter().map(|t| StepRow { seq: t.seq, token: t.token_id }).collect();
-            for (tier, cands) in tiers.iter_mut().zip(route(f.begin_step(&step_rows))) {
+            let start = |r: usize| -> RowAhead<'_> {
+                rows[r].ahead_at(None).map(|a| (a.layer, &a.experts[..], &a.probs[..])).collect()
+            };
+            for (tier, cands) in tiers.iter_mut().zip(route(f.begin_step(&step_rows, start))) {
                 tier.begin_step(&cands, &mut |_| ());
             }
         }
@@ -246,7 +249,7 @@ pub fn replay(
             // the misses evict around the experts predicted for the layers ahead.
             let cands = match forecaster.as_mut() {
                 Some(f) => route(f.observe(l, choice, |r| {
-                    rows[r].ahead_at(l).map(|a| (a.layer, &a.experts[..], &a.probs[..])).collect()
+                    rows[r].ahead_at(Some(l)).map(|a| (a.layer, &a.experts[..], &a.probs[..])).collect()
                 })),
                 None => vec![Vec::new(); num_caches],
             };

@@ -61,7 +61,9 @@ struct TokenLine {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AheadEntry {
-    at: usize,
+    /// `null` (or absent) for an estimate made at the token's start, from its embedding.
+    #[serde(default)]
+    at: Option<usize>,
     layer: usize,
     experts: Vec<u32>,
     probs: Vec<f32>,

@@ -139,12 +139,12 @@ pub fn validate_token(meta: &TraceMeta, token: &TokenRouting) -> Result<(), Stri
     let layers = meta.layer_ids.len();
     for (i, f) in token.ahead.iter().enumerate() {
         let at = || format!("`ahead` entry {i}");
-        if f.at >= f.layer || f.layer >= layers {
+        if f.at.is_some_and(|a| a >= f.layer) || f.layer >= layers {
+            let made = f.at.map_or("the token's start".to_owned(), |a| format!("MoE layer {a}"));
             return Err(format!(
-                "{}: an estimate made at MoE layer {} for MoE layer {} (the trace has {layers}; the layer \
+                "{}: an estimate made at {made} for MoE layer {} (the trace has {layers}; the layer \
                  estimated must come after the one it is made at)",
                 at(),
-                f.at,
                 f.layer
             ));
         }

@@ -49,12 +49,10 @@ fn sample() -> Trace {
             token(0, 1, Phase::Decode, vec![None, Some((vec![2, 1], vec![]))]),
             TokenRouting {
                 step: Some(3),
-                ahead: vec![Foreseen {
-                    at: 0,
-                    layer: 1,
-                    experts: vec![2, 0, 3],
-                    probs: vec![0.5, 0.25, 1e-3],
-                }],
+                ahead: vec![
+                    Foreseen { at: None, layer: 0, experts: vec![3], probs: vec![0.75] },
+                    Foreseen { at: Some(0), layer: 1, experts: vec![2, 0, 3], probs: vec![0.5, 0.25, 1e-3] },
+                ],
                 horizon: Some(Horizon { layers: 2, bytes: 1 << 40 }),
                 ..token(7, 4, Phase::Decode, vec![Some((vec![3, 0], vec![0.333_333_34, 0.666_666_7])), None])
             },
