@@ -102,6 +102,9 @@ pub fn generate(
         .args(["--prompt-ids", &ids.join(",")])
         .args(["--max-new-tokens", &max_new_tokens.to_string()])
         .args(["--host-cache", host_cache])
+        // The streaming store alone, as measured before the default became predictive; the
+        // prediction benchmark (`prefetch`) compares the policies.
+        .args(["--policy", "lru"])
         .args(["--temperature", "0"])
         .arg("--json");
     let meter = CpuMeter::start();

@@ -764,6 +764,24 @@ mod tests {
         assert_eq!(cfg.simulator.expert_bytes, Some(Size::Bytes(336 << 20)));
         // Untouched keys keep their defaults.
         assert_eq!(cfg.predictor.max_protected, Size::Percent(75.0));
+        assert_eq!(cfg.predictor.prefetch_depth, PrefetchDepth::Auto);
+        let p = Config::parse(
+            "[predictor]\nkind = \"transition\"\nensemble = { gate = 2.0, path = 0.5 }\nmodel = \"m.bin\"\n\
+             gate_input = \"layer_input\"\ngate_margin = 1\nprefetch_depth = 2\n",
+        )
+        .unwrap()
+        .predictor;
+        assert_eq!(p.ensemble, BTreeMap::from([(PredictorKind::Gate, 2.0), (PredictorKind::Path, 0.5)]));
+        assert_eq!(
+            (p.gate_input, p.gate_margin, p.prefetch_depth),
+            (GateInputKind::LayerInput, Some(1), PrefetchDepth::Layers(2))
+        );
+        let shape = RoutingShape { moe_layers: 8, num_experts: 16, top_k: 2 };
+        let f = p.foresight(shape, 4).unwrap();
+        assert_eq!((f.depth, f.candidates, f.input), (4, 3, stevedore_models::GateInput::LayerInput));
+        // Without the gate anywhere, nothing is estimated.
+        let p = Config::parse("[predictor]\nkind = \"transition\"\nensemble = {}\n").unwrap().predictor;
+        assert_eq!(p.foresight(shape, 4), None);
     }
 
     #[test]
@@ -780,6 +798,18 @@ mod tests {
             ("[tiers.host]\nbudget = \"150%\"\n", "a percentage must be in (0, 100]"),
             ("[tiers.host]\nbudget = 0\n", "tiers.host.budget: must be more than 0"),
             ("[predictor]\ndepth = 0\n", "predictor.depth: 0 is not between 1 and 64"),
+            ("[predictor]\nprefetch_depth = \"far\"\n", "`far` is neither a number of layers nor \"auto\""),
+            ("[predictor]\nprefetch_depth = 65\n", "predictor.prefetch_depth: 65 is more than 64"),
+            (
+                "[predictor]\nensemble = { transition = 0.0 }\n",
+                "predictor.ensemble.transition: weight 0 must be more than zero",
+            ),
+            ("[predictor]\nensemble = { lstm = 1.0 }\n", "unknown variant `lstm`"),
+            (
+                "[predictor]\nensemble = { path = 1.0 }\n",
+                "predictor.model: kind = \"path\" needs the trained model file",
+            ),
+            ("[predictor]\ngate_input = \"output\"\n", "unknown variant `output`"),
             ("[predictor]\ndepth = -1\n", "-1 layers is negative"),
             ("[predictor]\ndepth = \"4MiB\"\n", "`4MiB` is neither a number of layers nor a percentage"),
             ("[predictor]\nprefetch_top = 0\n", "predictor.prefetch_top: must be at least 1"),

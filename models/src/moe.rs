@@ -150,40 +150,47 @@ impl SparseMoe {
     ) -> GateEstimate {
         let mut hs = x.to_vec();
         stevedore_kernels::rms_norm(&mut hs, norm, eps);
-        let mut logits = linear(index, backend, &hs, &self.router, None);
-        let e = self.router.rows;
-        let keep = keep.clamp(1, e);
+        let keep = keep.clamp(1, self.router.rows);
         let (mut experts, mut probs) = (Vec::new(), Vec::new());
-        let mut order: Vec<u32> = Vec::with_capacity(e);
-        for row in logits.chunks_mut(e) {
-            softmax(row);
-            order.clear();
-            order.extend(0..e as u32);
-            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        self.ranked(index, backend, &hs, |row, order| {
             experts.extend_from_slice(&order[..keep]);
             probs.extend(order[..keep].iter().map(|&i| row[i as usize]));
-        }
+        });
         GateEstimate { moe: self.moe, distance, per_row: keep, experts, probs }
     }
 
-    /// Softmax over all experts, then the top-k per row (ties to the lower index).
-    fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
+    /// The router's softmax over all experts for each row of `x`, handed to `each` with the
+    /// experts ranked best first (ties to the lower index).
+    fn ranked(
+        &self,
+        index: &WeightIndex,
+        backend: &dyn Backend,
+        x: &[f32],
+        mut each: impl FnMut(&[f32], &[u32]),
+    ) {
         let mut logits = linear(index, backend, x, &self.router, None);
         let e = self.router.rows;
-        let (mut ids, mut weights) = (Vec::new(), Vec::new());
         let mut order: Vec<u32> = Vec::with_capacity(e);
         for probs in logits.chunks_mut(e) {
             softmax(probs);
             order.clear();
             order.extend(0..e as u32);
             order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+            each(probs, &order);
+        }
+    }
+
+    /// Softmax over all experts, then the top-k per row (ties to the lower index).
+    fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
+        let (mut ids, mut weights) = (Vec::new(), Vec::new());
+        self.ranked(index, backend, x, |probs, order| {
             let top = &order[..self.top_k];
             let sum: f32 = top.iter().map(|&i| probs[i as usize]).sum();
             for &i in top {
                 ids.push(i);
                 weights.push(if self.norm_topk_prob { probs[i as usize] / sum } else { probs[i as usize] });
             }
-        }
+        });
         Routing { ids, weights }
     }
 

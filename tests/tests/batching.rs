@@ -235,9 +235,10 @@ fn bad_batch_lines_name_the_line() {
     }
 }
 
-/// The engine records its forward passes (`--trace`); the simulator replays the trace through
-/// the same schedule, policies and predictor and, given the live budget in bytes and expert
-/// sizes from the model, counts exactly the demand hits, misses and prefetches the engine did.
+/// The engine records its forward passes (`--trace`), with the next-gate estimates and the
+/// measured prefetch horizon of every step; the simulator replays the trace through the same
+/// schedule, policies and predictor and, given the live budget in bytes and expert sizes from
+/// the model, counts exactly the demand hits, misses and prefetches the engine did.
 #[test]
 fn the_simulator_counts_what_the_engine_counted() {
     let dir = fixture_dir(PYDOC_MOE);
@@ -267,6 +268,14 @@ fn the_simulator_counts_what_the_engine_counted() {
                 ],
             );
             let cache = &live["stats"]["expert_cache"];
+            if label == "predictive" {
+                // The default predictor: next-gate estimates and a measured horizon, both
+                // recorded, so the replay below feeds the forecaster what it was fed live.
+                let text = std::fs::read_to_string(&trace).unwrap();
+                assert!(text.contains("\"ahead\":[{\"at\":null") && text.contains("\"at\":0,"), "{label}");
+                assert!(text.contains("\"horizon\":{\"layers\":"), "{label}");
+                assert!(u64_at(&live["stats"]["horizon"], "updates") > 0, "{label}");
+            }
             let sim = stevedore([
                 "simulate",
                 "--trace",

@@ -311,6 +311,19 @@ mod tests {
         assert!(la.protects(&k(1)) && !la.protects(&k(0)) && !la.protects(&k(5)));
     }
 
+    /// Across layers, the likelier-per-layer-of-lead prefetch goes first: a near layer at
+    /// equal odds, a far one when it is much likelier; the horizon can be moved.
+    #[test]
+    fn prefetches_go_by_expected_benefit_within_the_horizon() {
+        let c = full_cache();
+        let mut la = Anticipation::new(AnticipationParams { prefetch_min_score: 0.1, ..params() });
+        assert_eq!(step(&mut la, &c, &[cand(6, 2, 0.9), cand(5, 1, 0.5)], 10), [k(5)]);
+        assert_eq!(step(&mut la, &c, &[cand(6, 2, 0.9), cand(5, 1, 0.3)], 10), [k(6)]);
+        assert_eq!(step(&mut la, &c, &[cand(6, 2, 0.9), cand(5, 1, 0.3)], 20), [k(6), k(5)]);
+        la.set_prefetch_depth(1);
+        assert_eq!(step(&mut la, &c, &[cand(6, 2, 0.9), cand(5, 1, 0.3)], 20), [k(5)]);
+    }
+
     #[test]
     fn protection_is_capped_and_yields_to_demand() {
         let mut c = full_cache();

@@ -129,7 +129,11 @@ pub struct CapacityReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct PredictorSummary {
     pub kind: &'static str,
+    /// The members blended with `kind`, with their weights (`transition x0.5`).
+    pub ensemble: String,
     pub depth: String,
+    /// A number of MoE layers, or `auto` (a recorded trace's horizons, else one layer).
+    pub prefetch_depth: String,
     pub prefetch_budget: String,
 }
 
@@ -222,7 +226,13 @@ pub fn simulate(
         },
         predictor: PredictorSummary {
             kind: cfg.predictor.kind.as_str(),
+            ensemble: (cfg.predictor.ensemble.iter())
+                .filter(|(k, _)| **k != cfg.predictor.kind)
+                .map(|(k, w)| format!("{} x{w}", k.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
             depth: cfg.predictor.depth.to_string(),
+            prefetch_depth: cfg.predictor.prefetch_depth.to_string(),
             prefetch_budget: cfg.predictor.prefetch_budget.to_string(),
         },
         capacities: reports,
@@ -275,7 +285,7 @@ pub fn render(r: &Report) -> String {
     let mut out = format!(
         "trace      {}: {}, {} tokens{}, {} MoE layers x {} experts, top-{}\n\
          experts    {} in all ({} x {})\n\
-         configured {} ({} cache; predictor {}, depth {}, prefetch {} per step)\n",
+         configured {} ({} cache; predictor {}{}, depth {}, prefetch depth {}, {} per step)\n",
         r.trace,
         r.model,
         r.tokens,
@@ -293,7 +303,9 @@ pub fn render(r: &Report) -> String {
         r.configured,
         r.split,
         r.predictor.kind,
+        if r.predictor.ensemble.is_empty() { String::new() } else { format!(" + {}", r.predictor.ensemble) },
         r.predictor.depth,
+        r.predictor.prefetch_depth,
         r.predictor.prefetch_budget,
     );
     for c in &r.capacities {
