@@ -1,5 +1,9 @@
-//! `config.json` parsing. Accepts both the older Hugging Face layout (`rope_theta` at top level,
-//! `torch_dtype`) and the newer one (`rope_parameters`, `dtype`).
+//! `config.json` parsing. Accepts what transformers 4.x and 5.x write: the older layout
+//! (`rope_theta` at top level, `torch_dtype`) and the newer one (`rope_parameters`, `dtype`),
+//! every spelling of a field that a family's config class accepts (its `attribute_map`:
+//! transformers 5 writes Qwen3-MoE's and Mixtral's expert count as `num_local_experts`, OLMoE
+//! reads either), and `model_type` where `architectures` is absent (transformers falls back to
+//! it too).
 
 use std::path::Path;
 
@@ -22,6 +26,14 @@ impl Arch {
         ("Qwen2MoeForCausalLM", Arch::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Arch::Qwen3Moe),
         ("OlmoeForCausalLM", Arch::Olmoe),
+    ];
+
+    /// Each architecture's `model_type`, what a config without `architectures` names.
+    pub const MODEL_TYPES: [(&'static str, Arch); 4] = [
+        ("mixtral", Arch::Mixtral),
+        ("qwen2_moe", Arch::Qwen2Moe),
+        ("qwen3_moe", Arch::Qwen3Moe),
+        ("olmoe", Arch::Olmoe),
     ];
 
     pub fn hf_name(self) -> &'static str {
@@ -148,6 +160,7 @@ impl OneOrMany {
 #[derive(Deserialize, Debug)]
 struct RawConfig {
     architectures: Option<Vec<String>>,
+    model_type: Option<String>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -189,12 +202,27 @@ fn req(v: Option<usize>, name: &str) -> Result<usize, String> {
 
 impl RawConfig {
     fn normalise(self) -> Result<ModelConfig, String> {
-        let names = self.architectures.ok_or("missing field `architectures`")?;
-        let name = names.first().ok_or("field `architectures` is empty")?;
-        let arch = Arch::SUPPORTED.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| {
-            let list: Vec<_> = Arch::SUPPORTED.iter().map(|(n, _)| *n).collect();
-            format!("unsupported architecture `{name}`; supported: {}", list.join(", "))
-        })?;
+        let arch = match (self.architectures.as_deref(), self.model_type.as_deref()) {
+            (Some([name, ..]), _) => {
+                Arch::SUPPORTED.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| {
+                    let list: Vec<_> = Arch::SUPPORTED.iter().map(|(n, _)| *n).collect();
+                    format!("unsupported architecture `{name}`; supported: {}", list.join(", "))
+                })?
+            }
+            (Some([]), None) => {
+                return Err("field `architectures` is empty and there is no `model_type`".into())
+            }
+            (_, Some(t)) => {
+                Arch::MODEL_TYPES.iter().find(|(n, _)| *n == t).map(|(_, a)| *a).ok_or_else(|| {
+                    let list: Vec<_> = Arch::MODEL_TYPES.iter().map(|(n, _)| *n).collect();
+                    format!(
+                        "unsupported `model_type` `{t}` (and no `architectures`); supported: {}",
+                        list.join(", ")
+                    )
+                })?
+            }
+            (None, None) => return Err("missing fields `architectures` and `model_type`".into()),
+        };
         let hidden_size = req(self.hidden_size, "hidden_size")?;
         let num_attention_heads = req(self.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads =
@@ -226,9 +254,18 @@ impl RawConfig {
         }
         let rope_theta =
             self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
-        let (num_experts_field, num_experts) = match arch {
-            Arch::Mixtral => ("num_local_experts", self.num_local_experts),
-            _ => ("num_experts", self.num_experts),
+        // Either spelling, for every family: transformers 5 writes Mixtral's and Qwen3-MoE's as
+        // `num_local_experts` (4.x: Qwen3-MoE's as `num_experts`) and OLMoE maps one to the other.
+        let (num_experts_field, num_experts) = match (self.num_local_experts, self.num_experts) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "fields `num_local_experts` ({a}) and `num_experts` ({b}) disagree; they are one setting"
+                ))
+            }
+            (Some(a), _) => ("num_local_experts", Some(a)),
+            (None, Some(b)) => ("num_experts", Some(b)),
+            (None, None) if arch == Arch::Mixtral => ("num_local_experts", None),
+            (None, None) => ("num_experts", None),
         };
         let num_experts = req(num_experts, num_experts_field)?;
         let num_experts_per_tok = req(self.num_experts_per_tok, "num_experts_per_tok")?;
@@ -273,9 +310,10 @@ impl RawConfig {
         }
         // Qwen's configs carry `sliding_window` with `use_sliding_window: false`; Mixtral's
         // applies whenever it is set.
+        // transformers 5 writes Qwen2-MoE's unused window as 0.
         let sliding_window = match arch {
             Arch::Qwen2Moe | Arch::Qwen3Moe if !self.use_sliding_window.unwrap_or(false) => None,
-            _ => self.sliding_window,
+            _ => self.sliding_window.filter(|&w| w > 0),
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if rms_norm_eps.is_nan() || rms_norm_eps < 0.0 {
@@ -360,6 +398,49 @@ mod tests {
         assert_eq!((c.rope_theta, c.head_dim, c.moe_intermediate_size), (5000.0, 8, 8));
         assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![1]);
         assert_eq!(c.eos_token_ids, vec![1, 2]);
+    }
+
+    /// What transformers 5 writes (`AutoConfig.from_pretrained(fixture).save_pretrained()` with
+    /// 5.24): the expert count as `num_local_experts` for Qwen3-MoE, RoPE in `rope_parameters`,
+    /// Qwen2-MoE's unused window as 0; and a config without `architectures` names its family by
+    /// `model_type`, as transformers falls back to it.
+    #[test]
+    fn configs_as_transformers_5_writes_them() {
+        let qwen3 = r#"{"architectures":["Qwen3MoeForCausalLM"],"model_type":"qwen3_moe","vocab_size":32,
+            "hidden_size":16,"intermediate_size":24,"moe_intermediate_size":8,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":8,"num_local_experts":8,
+            "num_experts_per_tok":2,"rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"},
+            "sliding_window":null,"layer_types":["full_attention","full_attention"]}"#;
+        let c = ModelConfig::from_json(qwen3).unwrap();
+        assert_eq!((c.arch, c.num_experts, c.rope_theta), (Arch::Qwen3Moe, 8, 1e6));
+        let no_arch = qwen3.replace(r#""architectures":["Qwen3MoeForCausalLM"],"#, "");
+        assert_eq!(ModelConfig::from_json(&no_arch).unwrap().arch, Arch::Qwen3Moe);
+        let old_spelling = qwen3.replace("num_local_experts", "num_experts");
+        assert_eq!(ModelConfig::from_json(&old_spelling).unwrap().num_experts, 8);
+        let both = qwen3.replace(r#""num_local_experts":8"#, r#""num_local_experts":8,"num_experts":4"#);
+        let e = ModelConfig::from_json(&both).unwrap_err();
+        assert!(e.contains("`num_local_experts` (8) and `num_experts` (4) disagree"), "{e}");
+        // Mixtral and OLMoE under either name; each family by its model_type alone.
+        let mixtral = OLD.replace(r#""architectures":["MixtralForCausalLM"]"#, r#""model_type":"mixtral""#);
+        assert_eq!(ModelConfig::from_json(&mixtral).unwrap().arch, Arch::Mixtral);
+        let mixtral = mixtral.replace("num_local_experts", "num_experts");
+        assert_eq!(ModelConfig::from_json(&mixtral).unwrap().num_experts, 4);
+        for (t, arch) in Arch::MODEL_TYPES {
+            let j = qwen3
+                .replace(r#""architectures":["Qwen3MoeForCausalLM"],"model_type":"qwen3_moe","#, "")
+                .replace("{", &format!(r#"{{"model_type":"{t}","shared_expert_intermediate_size":8,"#));
+            assert_eq!(ModelConfig::from_json(&j).unwrap().arch, arch, "{t}");
+        }
+        let qwen2 = qwen3
+            .replace("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+            .replace(r#""sliding_window":null"#, r#""sliding_window":0,"shared_expert_intermediate_size":8"#);
+        assert_eq!(ModelConfig::from_json(&qwen2).unwrap().sliding_window, None);
+        let mixtral0 = OLD.replace("\"eos_token_id\":2", "\"sliding_window\":0");
+        assert_eq!(ModelConfig::from_json(&mixtral0).unwrap().max_positions(), 4096, "a window of 0 is none");
+        let e = ModelConfig::from_json(&no_arch.replace("qwen3_moe", "gpt2")).unwrap_err();
+        assert!(e.contains("unsupported `model_type` `gpt2`") && e.contains("olmoe"), "{e}");
+        let e = ModelConfig::from_json(&no_arch.replace(r#""model_type":"qwen3_moe","#, "")).unwrap_err();
+        assert!(e.contains("missing fields `architectures` and `model_type`"), "{e}");
     }
 
     #[test]
