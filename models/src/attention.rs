@@ -43,23 +43,29 @@ pub struct Attention {
 }
 
 /// Rotary position embedding angles, shared by every layer: `theta^(-2i/d)` for `i < d/2`, as
-/// transformers computes them in f32.
+/// transformers computes them in f32, with `d` the rotated dimensions of a head (all of it, or
+/// its leading `rotary_dim` with partial RoPE, GLM's).
 pub struct Rope {
     inv_freq: Vec<f32>,
+    head_dim: usize,
 }
 
 /// The cos/sin of every row's position, computed once per forward pass for all layers.
 pub struct RopeTable {
-    /// `[row][i]` for `i < head_dim / 2`.
+    /// `[row][i]` for `i < rotary_dim / 2`.
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
+    head_dim: usize,
 }
 
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
-        let d = cfg.head_dim;
-        Rope { inv_freq: (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect() }
+        let d = cfg.rotary_dim;
+        Rope {
+            inv_freq: (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect(),
+            head_dim: cfg.head_dim,
+        }
     }
 
     /// The angles of `positions`, one row each.
@@ -72,18 +78,19 @@ impl Rope {
                 sin.push((pos * f).sin());
             }
         }
-        RopeTable { cos, sin, half: self.inv_freq.len() }
+        RopeTable { cos, sin, half: self.inv_freq.len(), head_dim: self.head_dim }
     }
 }
 
 impl RopeTable {
-    /// Rotates each `head_dim` chunk of `x` (rows of `width` values, row `t` at the table's row
-    /// `t`) in the rotate-half convention of transformers.
+    /// Rotates the leading `rotary_dim` values of each `head_dim` chunk of `x` (rows of `width`
+    /// values, row `t` at the table's row `t`) in the rotate-half convention of transformers;
+    /// the rest of each head passes through.
     fn apply(&self, x: &mut [f32], width: usize) {
         let half = self.half;
         for (t, row) in x.chunks_mut(width).enumerate() {
             let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
-            for head in row.chunks_mut(2 * half) {
+            for head in row.chunks_mut(self.head_dim) {
                 for i in 0..half {
                     let (a, b) = (head[i], head[i + half]);
                     head[i] = a * cos[i] - b * sin[i];

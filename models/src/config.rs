@@ -18,27 +18,43 @@ pub enum Arch {
     Qwen2Moe,
     Qwen3Moe,
     Olmoe,
+    /// GLM-4.5 / 4.5-Air: DeepSeek-V3-style routing with GQA attention and partial RoPE.
+    Glm4Moe,
 }
 
 impl Arch {
-    pub const SUPPORTED: [(&'static str, Arch); 4] = [
+    pub const SUPPORTED: [(&'static str, Arch); 5] = [
         ("MixtralForCausalLM", Arch::Mixtral),
         ("Qwen2MoeForCausalLM", Arch::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Arch::Qwen3Moe),
         ("OlmoeForCausalLM", Arch::Olmoe),
+        ("Glm4MoeForCausalLM", Arch::Glm4Moe),
     ];
 
     /// Each architecture's `model_type`, what a config without `architectures` names.
-    pub const MODEL_TYPES: [(&'static str, Arch); 4] = [
+    pub const MODEL_TYPES: [(&'static str, Arch); 5] = [
         ("mixtral", Arch::Mixtral),
         ("qwen2_moe", Arch::Qwen2Moe),
         ("qwen3_moe", Arch::Qwen3Moe),
         ("olmoe", Arch::Olmoe),
+        ("glm4_moe", Arch::Glm4Moe),
     ];
 
     pub fn hf_name(self) -> &'static str {
         Self::SUPPORTED.iter().find(|(_, a)| *a == self).unwrap().0
     }
+}
+
+/// How a router turns its logits into a token's experts and gate weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RouterKind {
+    /// Softmax over every expert, the top-k (Mixtral, Qwen, OLMoE), optionally renormalised.
+    Softmax,
+    /// DeepSeek-V3's: sigmoid scores; the choice adds a learned per-expert correction bias
+    /// (`e_score_correction_bias`) and is limited to the `topk_group` groups (of `n_group`) whose
+    /// best two biased scores sum highest; the weights are the unbiased scores, optionally
+    /// renormalised, times `routed_scaling_factor`.
+    SigmoidGrouped { n_group: usize, topk_group: usize, routed_scaling_factor: f32 },
 }
 
 /// Normalised model configuration.
@@ -51,6 +67,9 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// Leading dimensions of each head that RoPE rotates (`head_dim * partial_rotary_factor`;
+    /// the rest pass through).
+    pub rotary_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub max_position_embeddings: usize,
@@ -64,8 +83,16 @@ pub struct ModelConfig {
     pub intermediate_size: usize,
     /// Renormalise the top-k gate weights to sum to one.
     pub norm_topk_prob: bool,
-    /// Qwen2-MoE shared expert (with sigmoid gate); 0 when absent.
+    pub router: RouterKind,
+    /// Shared expert intermediate size (Qwen2-MoE's, gated by a sigmoid; GLM's
+    /// `n_shared_experts` of them as one MLP, ungated); 0 when absent.
     pub shared_expert_intermediate_size: usize,
+    /// The shared expert's output is scaled by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
+    pub shared_expert_gated: bool,
+    /// Per-head q/k RMSNorm (Qwen3-MoE always; GLM when `use_qk_norm`).
+    pub qk_norm_per_head: bool,
+    /// Layers before this one are dense (DeepSeek/GLM `first_k_dense_replace`).
+    pub first_k_dense_replace: usize,
     pub decoder_sparse_step: usize,
     pub mlp_only_layers: Vec<usize>,
     pub attention_bias: bool,
@@ -83,7 +110,8 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Whether decoder layer `layer` has a sparse MoE block (else a dense MLP).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        !self.mlp_only_layers.contains(&layer)
+        layer >= self.first_k_dense_replace
+            && !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
@@ -136,6 +164,7 @@ impl ModelConfig {
 #[derive(Deserialize, Debug)]
 struct RawRope {
     rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
     rope_type: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -178,6 +207,14 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     num_local_experts: Option<usize>,
     num_experts: Option<usize>,
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    use_qk_norm: Option<bool>,
     num_experts_per_tok: Option<usize>,
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
@@ -254,18 +291,26 @@ impl RawConfig {
         }
         let rope_theta =
             self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
-        // Either spelling, for every family: transformers 5 writes Mixtral's and Qwen3-MoE's as
-        // `num_local_experts` (4.x: Qwen3-MoE's as `num_experts`) and OLMoE maps one to the other.
-        let (num_experts_field, num_experts) = match (self.num_local_experts, self.num_experts) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(format!(
-                    "fields `num_local_experts` ({a}) and `num_experts` ({b}) disagree; they are one setting"
-                ))
-            }
-            (Some(a), _) => ("num_local_experts", Some(a)),
-            (None, Some(b)) => ("num_experts", Some(b)),
-            (None, None) if arch == Arch::Mixtral => ("num_local_experts", None),
-            (None, None) => ("num_experts", None),
+        // Any spelling, for every family: transformers 5 writes Mixtral's and Qwen3-MoE's as
+        // `num_local_experts` (4.x: Qwen3-MoE's as `num_experts`), OLMoE maps one to the other,
+        // and DeepSeek-style configs say `n_routed_experts`.
+        let spellings = [
+            ("num_local_experts", self.num_local_experts),
+            ("num_experts", self.num_experts),
+            ("n_routed_experts", self.n_routed_experts),
+        ];
+        let given: Vec<(&str, usize)> = spellings.iter().filter_map(|&(n, v)| Some((n, v?))).collect();
+        if let Some(w) = given.windows(2).find(|w| w[0].1 != w[1].1) {
+            return Err(format!(
+                "fields `{}` ({}) and `{}` ({}) disagree; they are one setting",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            ));
+        }
+        let (num_experts_field, num_experts) = match (given.first(), arch) {
+            (Some(&(n, v)), _) => (n, Some(v)),
+            (None, Arch::Mixtral) => ("num_local_experts", None),
+            (None, Arch::Glm4Moe) => ("n_routed_experts", None),
+            (None, _) => ("num_experts", None),
         };
         let num_experts = req(num_experts, num_experts_field)?;
         let num_experts_per_tok = req(self.num_experts_per_tok, "num_experts_per_tok")?;
@@ -277,12 +322,61 @@ impl RawConfig {
         let intermediate_size = req(self.intermediate_size, "intermediate_size")?;
         let moe_intermediate_size = match arch {
             Arch::Mixtral | Arch::Olmoe => intermediate_size,
-            Arch::Qwen2Moe | Arch::Qwen3Moe => req(self.moe_intermediate_size, "moe_intermediate_size")?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe => {
+                req(self.moe_intermediate_size, "moe_intermediate_size")?
+            }
         };
         let shared_expert_intermediate_size = match arch {
             Arch::Qwen2Moe => req(self.shared_expert_intermediate_size, "shared_expert_intermediate_size")?,
+            Arch::Glm4Moe => self
+                .n_shared_experts
+                .unwrap_or(1)
+                .checked_mul(moe_intermediate_size)
+                .ok_or("sizes in the config overflow: n_shared_experts * moe_intermediate_size")?,
             _ => 0,
         };
+        let router = match arch {
+            Arch::Glm4Moe => {
+                let n_group = req(self.n_group.or(Some(1)), "n_group")?;
+                let topk_group = req(self.topk_group.or(Some(1)), "topk_group")?;
+                if num_experts % n_group != 0 || num_experts / n_group < 2 {
+                    return Err(format!(
+                        "field `n_group` ({n_group}) must divide the {num_experts} experts into groups of at least 2"
+                    ));
+                }
+                if topk_group > n_group || num_experts_per_tok > topk_group * (num_experts / n_group) {
+                    return Err(format!(
+                        "field `topk_group` ({topk_group}) must be at most `n_group` ({n_group}) and its groups must \
+                         hold `num_experts_per_tok` ({num_experts_per_tok}) experts"
+                    ));
+                }
+                let routed_scaling_factor = self.routed_scaling_factor.unwrap_or(1.0);
+                if !(routed_scaling_factor.is_finite() && routed_scaling_factor > 0.0) {
+                    return Err(format!("field `routed_scaling_factor` must be a positive number, got {routed_scaling_factor}"));
+                }
+                RouterKind::SigmoidGrouped {
+                    n_group,
+                    topk_group,
+                    routed_scaling_factor: routed_scaling_factor as f32,
+                }
+            }
+            _ => RouterKind::Softmax,
+        };
+        let first_k_dense_replace = match arch {
+            Arch::Glm4Moe => self.first_k_dense_replace.unwrap_or(1),
+            _ => 0,
+        };
+        // `partial_rotary_factor` sits in `rope_parameters` in transformers 5, at the top in 4.x.
+        let partial = (self.rope_parameters.as_ref().and_then(|r| r.partial_rotary_factor))
+            .or(self.partial_rotary_factor)
+            .unwrap_or(if arch == Arch::Glm4Moe { 0.5 } else { 1.0 });
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if !(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(format!(
+                "field `partial_rotary_factor` ({partial}) must give an even number of rotated dimensions \
+                 in (0, head_dim = {head_dim}]"
+            ));
+        }
         let (decoder_sparse_step, mlp_only_layers) = match arch {
             Arch::Qwen2Moe | Arch::Qwen3Moe => (
                 req(self.decoder_sparse_step.or(Some(1)), "decoder_sparse_step")?,
@@ -292,6 +386,7 @@ impl RawConfig {
         };
         let norm_topk_prob = match arch {
             Arch::Mixtral => true,
+            Arch::Glm4Moe => self.norm_topk_prob.unwrap_or(true),
             _ => self.norm_topk_prob.unwrap_or(false),
         };
         let attention_bias = match arch {
@@ -353,6 +448,7 @@ impl RawConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta: rope_theta as f32,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
@@ -362,7 +458,12 @@ impl RawConfig {
             moe_intermediate_size,
             intermediate_size,
             norm_topk_prob,
+            router,
             shared_expert_intermediate_size,
+            shared_expert_gated: arch == Arch::Qwen2Moe,
+            qk_norm_per_head: arch == Arch::Qwen3Moe
+                || (arch == Arch::Glm4Moe && self.use_qk_norm.unwrap_or(false)),
+            first_k_dense_replace,
             decoder_sparse_step,
             mlp_only_layers,
             attention_bias,

@@ -17,7 +17,7 @@ mod tensor;
 pub mod weights;
 
 pub use batch::{Batch, Row, SeqId, Span};
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, RouterKind};
 pub use error::Error;
 pub use experts::{
     ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights,

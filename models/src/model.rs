@@ -34,8 +34,7 @@ impl DecoderLayer {
         let h = cfg.hidden_size;
         let attn = format!("{p}.self_attn");
         let qk_norm = match cfg.arch {
-            Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
-            Arch::Qwen3Moe => QkNorm::PerHead {
+            _ if cfg.qk_norm_per_head => QkNorm::PerHead {
                 q: load_vec(index, &format!("{attn}.q_norm.weight"), cfg.head_dim)?,
                 k: load_vec(index, &format!("{attn}.k_norm.weight"), cfg.head_dim)?,
             },
@@ -43,6 +42,7 @@ impl DecoderLayer {
                 q: load_vec(index, &format!("{attn}.q_norm.weight"), cfg.num_attention_heads * cfg.head_dim)?,
                 k: load_vec(index, &format!("{attn}.k_norm.weight"), cfg.num_key_value_heads * cfg.head_dim)?,
             },
+            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe => QkNorm::None,
         };
         let ffn = match layers.moe(LayerId(l)) {
             None => FeedForward::Dense(Mlp::load(index, &format!("{p}.mlp"), h, cfg.intermediate_size)?),
@@ -56,9 +56,13 @@ impl DecoderLayer {
                         &format!("{p}.block_sparse_moe.gate.weight"),
                         None,
                     )?),
-                    Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => {
+                    Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::Glm4Moe => {
                         let mlp = format!("{p}.mlp");
-                        let shared = (cfg.shared_expert_intermediate_size > 0).then_some(mlp.as_str());
+                        let shared = match cfg.arch {
+                            Arch::Glm4Moe => format!("{mlp}.shared_experts"),
+                            _ => format!("{mlp}.shared_expert"),
+                        };
+                        let shared = (cfg.shared_expert_intermediate_size > 0).then_some(shared.as_str());
                         FeedForward::Sparse(SparseMoe::load(
                             index,
                             cfg,

@@ -1,6 +1,8 @@
-//! Feed-forward blocks: the dense SwiGLU MLP and the sparse mixture-of-experts block (router
-//! softmax -> top-k -> optional renormalisation -> weighted sum of experts, plus Qwen2-MoE's
-//! sigmoid-gated shared expert). Expert weights come from an [`ExpertSource`].
+//! Feed-forward blocks: the dense SwiGLU MLP and the sparse mixture-of-experts block (the
+//! router's choice -> weighted sum of experts, plus a shared expert: Qwen2-MoE's sigmoid-gated
+//! one, GLM's plain one). Routers: softmax -> top-k -> optional renormalisation (Mixtral, Qwen,
+//! OLMoE), or DeepSeek-V3's sigmoid with correction bias and group-limited top-k (GLM-4.5).
+//! Expert weights come from an [`ExpertSource`].
 
 use std::sync::Arc;
 
@@ -9,8 +11,8 @@ use stevedore_kernels::{softmax, Backend, SwiGlu};
 
 use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError, GateEstimate};
 use crate::profile::{self, Op};
-use crate::tensor::{linear, Mat};
-use crate::{Error, LayerId, ModelConfig, MoeIndex, Row, WeightIndex};
+use crate::tensor::{linear, load_vec, Mat};
+use crate::{Error, LayerId, ModelConfig, MoeIndex, RouterKind, Row, WeightIndex};
 
 /// `down(silu(gate(x)) * up(x))`.
 pub struct Mlp {
@@ -40,16 +42,24 @@ impl Mlp {
     }
 }
 
-/// Qwen2-MoE's shared expert: `sigmoid(shared_expert_gate(x)) * shared_expert(x)`.
+/// A shared expert every token uses: Qwen2-MoE's `sigmoid(shared_expert_gate(x)) *
+/// shared_expert(x)`, or GLM's ungated `shared_experts(x)`.
 pub struct SharedExpert {
     mlp: Mlp,
-    gate: Mat,
+    gate: Option<Mat>,
+}
+
+/// The router's choice rule (see [`crate::RouterKind`]), with what it loaded.
+enum Router {
+    Softmax,
+    SigmoidGrouped { correction: Vec<f32>, n_group: usize, topk_group: usize, scaling: f32 },
 }
 
 pub struct SparseMoe {
     layer: LayerId,
     moe: MoeIndex,
     router: Mat,
+    kind: Router,
     top_k: usize,
     norm_topk_prob: bool,
     shared: Option<SharedExpert>,
@@ -111,7 +121,8 @@ const FEW_ROWS: usize = 4;
 pub(crate) type FailedRows = Vec<(usize, ExpertsError)>;
 
 impl SparseMoe {
-    /// `router` is the gate tensor's name; `shared` the shared expert's prefix, if the layer has one.
+    /// `router` is the gate tensor's name; `shared` the shared expert's name, if the layer has
+    /// one (its gate, for a gated one, is `{shared}_gate.weight`).
     pub fn load(
         index: &WeightIndex,
         cfg: &ModelConfig,
@@ -122,14 +133,31 @@ impl SparseMoe {
         let h = cfg.hidden_size;
         let shared = match shared {
             Some(p) => Some(SharedExpert {
-                mlp: Mlp::load(index, &format!("{p}.shared_expert"), h, cfg.shared_expert_intermediate_size)?,
-                gate: Mat::load(index, &format!("{p}.shared_expert_gate.weight"), 1, h)?,
+                mlp: Mlp::load(index, p, h, cfg.shared_expert_intermediate_size)?,
+                gate: match cfg.shared_expert_gated {
+                    true => Some(Mat::load(index, &format!("{p}_gate.weight"), 1, h)?),
+                    false => None,
+                },
             }),
             None => None,
+        };
+        let kind = match cfg.router {
+            RouterKind::Softmax => Router::Softmax,
+            RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
+                let bias =
+                    router.strip_suffix("weight").unwrap_or(router).to_owned() + "e_score_correction_bias";
+                Router::SigmoidGrouped {
+                    correction: load_vec(index, &bias, cfg.num_experts)?,
+                    n_group,
+                    topk_group,
+                    scaling: routed_scaling_factor,
+                }
+            }
         };
         Ok(SparseMoe {
             layer,
             moe,
+            kind,
             router: Mat::load(index, router, cfg.num_experts, h)?,
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
@@ -159,8 +187,9 @@ impl SparseMoe {
         GateEstimate { moe: self.moe, distance, per_row: keep, experts, probs }
     }
 
-    /// The router's softmax over all experts for each row of `x`, handed to `each` with the
-    /// experts ranked best first (ties to the lower index).
+    /// The router's scores for each row of `x` (softmax over all experts, or the sigmoids),
+    /// handed to `each` with the experts ranked best first by what the router chooses by (the
+    /// scores, or the sigmoids plus the correction bias; ties to the lower index).
     fn ranked(
         &self,
         index: &WeightIndex,
@@ -171,24 +200,77 @@ impl SparseMoe {
         let mut logits = linear(index, backend, x, &self.router, None);
         let e = self.router.rows;
         let mut order: Vec<u32> = Vec::with_capacity(e);
+        let mut choice = vec![0.0f32; e];
         for probs in logits.chunks_mut(e) {
-            softmax(probs);
+            match &self.kind {
+                Router::Softmax => {
+                    softmax(probs);
+                    choice.copy_from_slice(probs);
+                }
+                Router::SigmoidGrouped { correction, .. } => {
+                    for ((p, c), b) in probs.iter_mut().zip(choice.iter_mut()).zip(correction) {
+                        *p = 1.0 / (1.0 + (-*p).exp());
+                        *c = *p + b;
+                    }
+                }
+            }
             order.clear();
             order.extend(0..e as u32);
-            order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+            order.sort_by(|&a, &b| choice[b as usize].total_cmp(&choice[a as usize]).then(a.cmp(&b)));
             each(probs, &order);
         }
+    }
+
+    /// DeepSeek-V3's group-limited choice, as transformers computes it: each group scores the
+    /// sum of its best two biased scores; the `topk_group` best groups stay and the others'
+    /// biased scores become 0; the top-k of what is left. `ranked` is every expert, best
+    /// biased score first; a softmax router takes its top-k.
+    fn grouped_top_k(&self, probs: &[f32], ranked: &[u32], out: &mut Vec<u32>) {
+        let Router::SigmoidGrouped { correction, n_group, topk_group, .. } = &self.kind else {
+            out.extend_from_slice(&ranked[..self.top_k]);
+            return;
+        };
+        let per = probs.len() / n_group;
+        let biased = |e: usize| probs[e] + correction[e];
+        let mut group_score: Vec<(f32, usize)> = (0..*n_group)
+            .map(|g| {
+                let mut best = [f32::NEG_INFINITY; 2];
+                for e in g * per..(g + 1) * per {
+                    let s = biased(e);
+                    if s > best[0] {
+                        best = [s, best[0]];
+                    } else if s > best[1] {
+                        best[1] = s;
+                    }
+                }
+                (best[0] + best[1], g)
+            })
+            .collect();
+        group_score.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let kept: Vec<usize> = group_score[..*topk_group].iter().map(|&(_, g)| g).collect();
+        let masked = |e: usize| if kept.contains(&(e / per)) { biased(e) } else { 0.0 };
+        let mut order: Vec<u32> = (0..probs.len() as u32).collect();
+        order.sort_by(|&a, &b| masked(b as usize).total_cmp(&masked(a as usize)).then(a.cmp(&b)));
+        out.extend_from_slice(&order[..self.top_k]);
     }
 
     /// Softmax over all experts, then the top-k per row (ties to the lower index).
     fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
+        let (scaling, eps) = match self.kind {
+            Router::Softmax => (1.0, 0.0),
+            // transformers adds 1e-20 to the sum before renormalising sigmoid weights.
+            Router::SigmoidGrouped { scaling, .. } => (scaling, 1e-20),
+        };
+        let mut top = Vec::with_capacity(self.top_k);
         self.ranked(index, backend, x, |probs, order| {
-            let top = &order[..self.top_k];
-            let sum: f32 = top.iter().map(|&i| probs[i as usize]).sum();
-            for &i in top {
+            top.clear();
+            self.grouped_top_k(probs, order, &mut top);
+            let sum: f32 = top.iter().map(|&i| probs[i as usize]).sum::<f32>() + eps;
+            for &i in &top {
                 ids.push(i);
-                weights.push(if self.norm_topk_prob { probs[i as usize] / sum } else { probs[i as usize] });
+                let w = if self.norm_topk_prob { probs[i as usize] / sum } else { probs[i as usize] };
+                weights.push(w * scaling);
             }
         });
         Routing { ids, weights }
@@ -332,9 +414,9 @@ impl SparseMoe {
         if let Some(s) = &self.shared {
             let _t = profile::time(Op::DenseFfn);
             let y = s.mlp.forward(index, backend, x);
-            let g = linear(index, backend, x, &s.gate, None);
+            let g = s.gate.as_ref().map(|gate| linear(index, backend, x, gate, None));
             for (t, (orow, yrow)) in out.chunks_mut(h).zip(y.chunks(h)).enumerate() {
-                let gate = 1.0 / (1.0 + (-g[t]).exp());
+                let gate = g.as_ref().map_or(1.0, |g| 1.0 / (1.0 + (-g[t]).exp()));
                 for (o, v) in orow.iter_mut().zip(yrow) {
                     *o += gate * v;
                 }

@@ -9,7 +9,7 @@ pub fn expert_tensor_names(arch: Arch, layer: usize, expert: usize) -> [String; 
             let p = format!("model.layers.{layer}.block_sparse_moe.experts.{expert}");
             [format!("{p}.w1.weight"), format!("{p}.w3.weight"), format!("{p}.w2.weight")]
         }
-        Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => {
+        Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::Glm4Moe => {
             let p = format!("model.layers.{layer}.mlp.experts.{expert}");
             [format!("{p}.gate_proj.weight"), format!("{p}.up_proj.weight"), format!("{p}.down_proj.weight")]
         }

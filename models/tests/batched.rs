@@ -134,6 +134,11 @@ fn olmoe_batched_equals_alone() {
 }
 
 #[test]
+fn glm4_moe_batched_equals_alone() {
+    check("glm4_moe");
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check("pydoc-moe");
 }

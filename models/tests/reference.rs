@@ -82,6 +82,11 @@ fn olmoe_matches_transformers() {
 }
 
 #[test]
+fn glm4_moe_matches_transformers() {
+    check("glm4_moe");
+}
+
+#[test]
 fn trained_pydoc_moe_matches_transformers() {
     check("pydoc-moe");
 }

@@ -111,6 +111,46 @@ fn missing_tensor() {
     }
 }
 
+/// GLM-4.5's own parts: the router's correction bias and shared experts missing or misshapen,
+/// and group settings that cannot route, each an error naming the file and tensor or field.
+#[test]
+fn glm4_moe_parts() {
+    let bias = "model.layers.1.mlp.gate.e_score_correction_bias";
+    let shared = "model.layers.2.mlp.shared_experts.up_proj.weight";
+    for name in [bias, shared] {
+        let tmp = copy_fixture("glm4_moe");
+        let file = tmp.path().join("model.safetensors");
+        let mut st = SafeTensors::read(&file);
+        st.remove(name);
+        st.write(&file);
+        assert_load_fails(tmp.path(), &[name, "missing", path_str(tmp.path())]);
+    }
+    let tmp = copy_fixture("glm4_moe");
+    let file = tmp.path().join("model.safetensors");
+    let mut st = SafeTensors::read(&file);
+    let dtype = st.dtype(bias);
+    st.retype(bias, &dtype, &[4]);
+    st.write(&file);
+    assert_load_fails(tmp.path(), &[path_str(&file), bias, "shape"]);
+    for (edit, needles) in [
+        (("\"n_group\": 2", "\"n_group\": 3"), ["n_group", "groups of at least 2"]),
+        (("\"topk_group\": 1", "\"topk_group\": 3"), ["topk_group", "at most `n_group`"]),
+        (
+            ("\"partial_rotary_factor\": 0.5", "\"partial_rotary_factor\": 0.1"),
+            ["partial_rotary_factor", "even"],
+        ),
+    ] {
+        let tmp = copy_fixture("glm4_moe");
+        let path = tmp.path().join("config.json");
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains(edit.0), "{}", edit.0);
+        fs::write(&path, text.replace(edit.0, edit.1)).unwrap();
+        let mut all = vec![path_str(&path)];
+        all.extend(needles);
+        assert_load_fails(tmp.path(), &all);
+    }
+}
+
 #[test]
 fn wrong_dtype() {
     for dtype in ["I32", "F64"] {
@@ -171,7 +211,13 @@ fn config_missing_field() {
 #[test]
 fn config_unsupported_architecture() {
     let (tmp, path) = with_config(|t| t.replace("MixtralForCausalLM", "GPT2LMHeadModel"));
-    let supported = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"];
+    let supported = [
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "OlmoeForCausalLM",
+        "Glm4MoeForCausalLM",
+    ];
     let mut needles = vec![path_str(&path), "GPT2LMHeadModel", "unsupported"];
     needles.extend(supported);
     assert_load_fails(tmp.path(), &needles);

@@ -132,6 +132,11 @@ fn olmoe_batched_equals_alone() {
 }
 
 #[test]
+fn glm4_moe_batched_equals_alone() {
+    check_batched_equals_alone(FIXTURES[4]);
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check_batched_equals_alone(PYDOC_MOE);
 }

@@ -14,7 +14,7 @@ fn expected_moe_layers(name: &str) -> Vec<u64> {
     match name {
         "mixtral" | "olmoe" => vec![0, 1, 2],
         "qwen2_moe" => vec![1, 3],
-        "qwen3_moe" => vec![1, 2],
+        "qwen3_moe" | "glm4_moe" => vec![1, 2],
         other => panic!("no expectation for fixture {other}"),
     }
 }
@@ -48,7 +48,11 @@ fn json_is_consistent_with_config_and_headers() {
         assert_eq!(v["layers"], cfg["num_hidden_layers"], "{name}: {v}");
         let moe_layers: Vec<u64> = common::ids(&v["moe_layers"]);
         assert_eq!(moe_layers, expected_moe_layers(name), "{name}: {v}");
-        let experts_key = if name == "mixtral" { "num_local_experts" } else { "num_experts" };
+        let experts_key = match name {
+            "mixtral" => "num_local_experts",
+            "glm4_moe" => "n_routed_experts",
+            _ => "num_experts",
+        };
         assert_eq!(v["experts"], cfg[experts_key], "{name}: {v}");
         assert_eq!(v["top_k"], cfg["num_experts_per_tok"], "{name}: {v}");
 

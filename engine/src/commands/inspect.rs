@@ -1,5 +1,7 @@
 //! `stevedore inspect`: what a checkpoint is and what fits in a host-cache budget.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -22,6 +24,17 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs) -> Result<(), CliError> {
+    let text = describe(args)?;
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("stdout: {e}").into()),
+        _ => Ok(()),
+    }
+}
+
+/// What `run` prints.
+fn describe(args: &InspectArgs) -> Result<String, CliError> {
+    let mut out = String::new();
     let model = load_model(&args.model)?;
     let cfg = &model.config;
     let fp = Layouts::of(&model).footprint();
@@ -40,6 +53,7 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
             "moe_layers": moe_layers,
             "experts": cfg.num_experts,
             "top_k": cfg.num_experts_per_tok,
+            "router": router_name(cfg),
             "dense_bytes": dense,
             "expert_bytes": expert_tensor_bytes,
             "expert_cache_bytes": fp.total_bytes,
@@ -53,39 +67,87 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
                 "valid": budget >= fp.min_budget,
             });
         }
-        println!("{v}");
-        return Ok(());
+        return Ok(format!("{v}\n"));
     }
-    println!("model:            {}", args.model.display());
-    println!("architecture:     {}", cfg.arch.hf_name());
-    println!("layers:           {} ({} MoE: {:?})", cfg.num_hidden_layers, moe_layers.len(), moe_layers);
-    println!("hidden size:      {}", cfg.hidden_size);
-    println!("experts:          {} per MoE layer, top-{}", cfg.num_experts, cfg.num_experts_per_tok);
+    let _ = writeln!(out, "model:            {}", args.model.display());
+    let _ = writeln!(out, "architecture:     {}", cfg.arch.hf_name());
+    let _ = writeln!(
+        out,
+        "layers:           {} ({} MoE: {:?})",
+        cfg.num_hidden_layers,
+        moe_layers.len(),
+        moe_layers
+    );
+    let _ = writeln!(out, "hidden size:      {}", cfg.hidden_size);
+    let _ =
+        writeln!(out, "experts:          {} per MoE layer, top-{}", cfg.num_experts, cfg.num_experts_per_tok);
     if cfg.shared_expert_intermediate_size > 0 {
-        println!("shared expert:    intermediate {}", cfg.shared_expert_intermediate_size);
+        let gated = if cfg.shared_expert_gated { ", sigmoid-gated" } else { "" };
+        let _ =
+            writeln!(out, "shared expert:    intermediate {}{gated}", cfg.shared_expert_intermediate_size);
     }
-    println!("dense weights:    {} (resident)", human(dense));
-    println!("expert weights:   {} ({} experts, streamed)", human(expert_tensor_bytes), fp.experts);
-    println!("bytes per expert: {} in the host cache (4 KiB-aligned buffer)", human(fp.max_expert_bytes));
-    println!("all experts:      {} in the host cache (= --host-cache 100%)", human(fp.total_bytes));
-    println!(
+    let _ = writeln!(out, "router:           {}", router_name(cfg));
+    let _ = writeln!(
+        out,
+        "attention:        GQA {} q / {} kv heads of {}{}{}{}",
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        if cfg.rotary_dim < cfg.head_dim {
+            format!(", RoPE on {} dims", cfg.rotary_dim)
+        } else {
+            String::new()
+        },
+        if cfg.qk_norm_per_head { ", per-head q/k norm" } else { "" },
+        if cfg.attention_bias { ", q/k/v bias" } else { "" },
+    );
+    let _ = writeln!(out, "dense weights:    {} (resident)", human(dense));
+    let _ =
+        writeln!(out, "expert weights:   {} ({} experts, streamed)", human(expert_tensor_bytes), fp.experts);
+    let _ = writeln!(
+        out,
+        "bytes per expert: {} in the host cache (4 KiB-aligned buffer)",
+        human(fp.max_expert_bytes)
+    );
+    let _ =
+        writeln!(out, "all experts:      {} in the host cache (= --host-cache 100%)", human(fp.total_bytes));
+    let _ = writeln!(
+        out,
         "min host cache:   {} (one layer's {} active experts)",
         human(fp.min_budget),
         cfg.num_experts_per_tok
     );
     if let Some(a) = crate::sys::available_memory_bytes() {
-        println!("memory available: {} (the machine's, or less under a cgroup memory limit)", human(a));
+        let _ = writeln!(
+            out,
+            "memory available: {} (the machine's, or less under a cgroup memory limit)",
+            human(a)
+        );
     }
     if let Some((budget, experts)) = fit {
         let pct = 100.0 * experts as f64 / fp.experts.max(1) as f64;
         let verdict =
             if budget < fp.min_budget { "below the minimum: generate would refuse it" } else { "ok" };
-        println!(
+        let _ = writeln!(
+            out,
             "host cache {}: {} holds {experts} of {} experts ({pct:.1}%): {verdict}",
             args.host_cache.unwrap(),
             human(budget),
             fp.experts
         );
     }
-    Ok(())
+    Ok(out)
+}
+
+/// The router's rule in words: what `inspect` names.
+fn router_name(cfg: &stevedore_models::ModelConfig) -> String {
+    let norm = if cfg.norm_topk_prob { ", renormalised" } else { "" };
+    match cfg.router {
+        stevedore_models::RouterKind::Softmax => format!("softmax top-{}{norm}", cfg.num_experts_per_tok),
+        stevedore_models::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => format!(
+            "sigmoid + correction bias, top-{} within the best {topk_group} of {n_group} groups{norm}, scaled by \
+             {routed_scaling_factor}",
+            cfg.num_experts_per_tok
+        ),
+    }
 }

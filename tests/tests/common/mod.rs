@@ -17,8 +17,8 @@ use std::process::Command;
 
 use serde_json::{Map, Value};
 
-/// The four random-weight fixtures with transformers references.
-pub const FIXTURES: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+/// The random-weight fixtures with transformers references.
+pub const FIXTURES: [&str; 5] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"];
 
 /// The trained tiny model (with tokenizer.json and golden.json).
 pub const PYDOC_MOE: &str = "pydoc-moe";
