@@ -412,10 +412,15 @@ pub fn check_request(model: &Model, req: &Request) -> Result<(), EngineError> {
     if req.prompt_ids.len().saturating_add(req.max_new_tokens) > limit {
         return Err(EngineError::Request(format!(
             "the prompt's {} tokens plus {} new tokens exceed the model's context of {limit} positions \
-             (max_position_embeddings{})",
+             (max_position_embeddings{}{})",
             req.prompt_ids.len(),
             req.max_new_tokens,
-            if cfg.sliding_window.is_some() { " or sliding_window" } else { "" }
+            if cfg.sliding_window.is_some() { " or sliding_window" } else { "" },
+            if cfg.rope_factors.is_some() {
+                ", or LongRoPE's original_max_position_embeddings: past it the long factors would apply"
+            } else {
+                ""
+            }
         )));
     }
     Ok(())

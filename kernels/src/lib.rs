@@ -184,6 +184,14 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     elementwise::rms_norm(Isa::detect(), x, w, eps)
 }
 
+/// LayerNorm of each row of `x` (row length `w.len()`) in place, with weight `w` and bias `b`:
+/// `(x - mean) / sqrt(var + eps) * w + b`, the variance biased (Phi-3.5-MoE's norms). A scalar
+/// loop: a norm is a vanishing part of a forward pass.
+pub fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    assert!(!w.is_empty() && w.len() == b.len(), "layer_norm: weight and bias of one nonzero length");
+    scalar::layer_norm(x, w, b, eps)
+}
+
 /// Softmax in place.
 pub fn softmax(x: &mut [f32]) {
     elementwise::softmax(Isa::detect(), x)

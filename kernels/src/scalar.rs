@@ -44,6 +44,20 @@ pub(crate) fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
+/// LayerNorm of each row of `x` (row length `w.len()`) with weight and bias, as torch's
+/// `nn.LayerNorm` computes it: biased variance, `eps` inside the square root.
+pub(crate) fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let n = w.len() as f32;
+    for row in x.chunks_mut(w.len()) {
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, g), c) in row.iter_mut().zip(w).zip(b) {
+            *v = (*v - mean) * inv * g + c;
+        }
+    }
+}
+
 pub(crate) fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;

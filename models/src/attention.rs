@@ -34,6 +34,7 @@ pub struct Attention {
     v_proj: Mat,
     o_proj: Mat,
     bias: Option<[Vec<f32>; 3]>,
+    o_bias: Option<Vec<f32>>,
     qk_norm: QkNorm,
     clip_qkv: Option<f32>,
     n_heads: usize,
@@ -48,6 +49,8 @@ pub struct Attention {
 pub struct Rope {
     inv_freq: Vec<f32>,
     head_dim: usize,
+    /// LongRoPE's scale on cos and sin (1 without).
+    mscale: f32,
 }
 
 /// The cos/sin of every row's position, computed once per forward pass for all layers.
@@ -62,9 +65,14 @@ pub struct RopeTable {
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
         let d = cfg.rotary_dim;
+        // LongRoPE divides each frequency's base power by its factor (`rope_factors`).
+        let factor = |i: usize| cfg.rope_factors.as_ref().map_or(1.0, |f| f[i]);
         Rope {
-            inv_freq: (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect(),
+            inv_freq: (0..d / 2)
+                .map(|i| 1.0 / (factor(i) * cfg.rope_theta.powf((2 * i) as f32 / d as f32)))
+                .collect(),
             head_dim: cfg.head_dim,
+            mscale: cfg.rope_mscale,
         }
     }
 
@@ -74,8 +82,8 @@ impl Rope {
         for pos in positions {
             let pos = pos as f32;
             for f in &self.inv_freq {
-                cos.push((pos * f).cos());
-                sin.push((pos * f).sin());
+                cos.push((pos * f).cos() * self.mscale);
+                sin.push((pos * f).sin() * self.mscale);
             }
         }
         RopeTable { cos, sin, half: self.inv_freq.len(), head_dim: self.head_dim }
@@ -124,12 +132,17 @@ impl Attention {
         let k_proj = Mat::load(index, &format!("{prefix}.k_proj.weight"), kv_dim, h)?;
         let v_proj = Mat::load(index, &format!("{prefix}.v_proj.weight"), kv_dim, h)?;
         let o_proj = Mat::load(index, &format!("{prefix}.o_proj.weight"), h, q_dim)?;
+        let o_bias = match cfg.o_proj_bias {
+            true => Some(load_vec(index, &format!("{prefix}.o_proj.bias"), h)?),
+            false => None,
+        };
         Ok(Attention {
             q_proj,
             k_proj,
             v_proj,
             o_proj,
             bias,
+            o_bias,
             qk_norm,
             clip_qkv: cfg.clip_qkv,
             n_heads: cfg.num_attention_heads,
@@ -270,6 +283,6 @@ impl Attention {
         }
         drop(_t);
         let _t = profile::time(Op::OProj);
-        Ok(linear(index, backend, &out, &self.o_proj, None))
+        Ok(linear(index, backend, &out, &self.o_proj, self.o_bias.as_deref()))
     }
 }

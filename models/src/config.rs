@@ -20,10 +20,14 @@ pub enum Arch {
     Olmoe,
     /// GLM-4.5 / 4.5-Air: DeepSeek-V3-style routing with GQA attention and partial RoPE.
     Glm4Moe,
+    /// Phi-3.5-MoE: Mixtral's layout with LayerNorm (with bias), biased projections, the
+    /// sparsemixer router and LongRoPE.
+    Phimoe,
 }
 
 impl Arch {
-    pub const SUPPORTED: [(&'static str, Arch); 5] = [
+    pub const SUPPORTED: [(&'static str, Arch); 6] = [
+        ("PhimoeForCausalLM", Arch::Phimoe),
         ("MixtralForCausalLM", Arch::Mixtral),
         ("Qwen2MoeForCausalLM", Arch::Qwen2Moe),
         ("Qwen3MoeForCausalLM", Arch::Qwen3Moe),
@@ -32,7 +36,8 @@ impl Arch {
     ];
 
     /// Each architecture's `model_type`, what a config without `architectures` names.
-    pub const MODEL_TYPES: [(&'static str, Arch); 5] = [
+    pub const MODEL_TYPES: [(&'static str, Arch); 6] = [
+        ("phimoe", Arch::Phimoe),
         ("mixtral", Arch::Mixtral),
         ("qwen2_moe", Arch::Qwen2Moe),
         ("qwen3_moe", Arch::Qwen3Moe),
@@ -55,6 +60,10 @@ pub enum RouterKind {
     /// best two biased scores sum highest; the weights are the unbiased scores, optionally
     /// renormalised, times `routed_scaling_factor`.
     SigmoidGrouped { n_group: usize, topk_group: usize, routed_scaling_factor: f32 },
+    /// Phi-3.5-MoE's sparsemixer (inference path, top-2): the best expert, weighted by the
+    /// softmax over the experts whose logit is within `2 * jitter_eps` (relative) of it; then
+    /// the best of the others, weighted the same way among the rest.
+    SparseMixer { jitter_eps: f32 },
 }
 
 /// Normalised model configuration.
@@ -70,6 +79,16 @@ pub struct ModelConfig {
     /// Leading dimensions of each head that RoPE rotates (`head_dim * partial_rotary_factor`;
     /// the rest pass through).
     pub rotary_dim: usize,
+    /// LongRoPE's per-frequency divisors (the short factors: positions stay below
+    /// `original_max_position_embeddings`), and the scale on cos and sin; `None` and 1 without.
+    pub rope_factors: Option<Vec<f32>>,
+    pub rope_mscale: f32,
+    /// LayerNorm with bias instead of RMSNorm (Phi-3.5-MoE), eps `rms_norm_eps`.
+    pub layer_norm: bool,
+    /// Bias on the attention output projection (Phi-3.5-MoE's `attention_bias` covers it).
+    pub o_proj_bias: bool,
+    /// Bias on the LM head (`lm_head_bias`).
+    pub lm_head_bias: bool,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub max_position_embeddings: usize,
@@ -168,6 +187,9 @@ struct RawRope {
     rope_type: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
+    short_factor: Option<Vec<f64>>,
+    short_mscale: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -215,6 +237,9 @@ struct RawConfig {
     routed_scaling_factor: Option<f64>,
     partial_rotary_factor: Option<f64>,
     use_qk_norm: Option<bool>,
+    lm_head_bias: Option<bool>,
+    router_jitter_noise: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     num_experts_per_tok: Option<usize>,
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
@@ -282,11 +307,35 @@ impl RawConfig {
         if head_dim % 2 != 0 {
             return Err(format!("field `head_dim` ({head_dim}) must be even for RoPE"));
         }
-        let rope = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        // LongRoPE (Phi-3.5-MoE): the short factors hold up to `original_max_position_embeddings`;
+        // past it transformers switches every position to the long factors, re-encoding the
+        // cache, which this engine does not do: such positions are refused (`max_positions`).
+        let rope = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref());
+        let mut longrope: Option<(Vec<f32>, f32, usize)> = None;
         if let Some(r) = rope {
             let kind = r.rope_type.as_deref().or(r.kind.as_deref()).unwrap_or("default");
-            if kind != "default" {
-                return Err(format!("RoPE type `{kind}` is not supported (only `default`)"));
+            match kind {
+                "default" => {}
+                "longrope" | "su" => {
+                    let short =
+                        r.short_factor.as_ref().ok_or("`rope_scaling` (longrope): missing `short_factor`")?;
+                    let original = r
+                        .original_max_position_embeddings
+                        .or(self.original_max_position_embeddings)
+                        .ok_or("`rope_scaling` (longrope): missing `original_max_position_embeddings`")?;
+                    let mscale = r.short_mscale.unwrap_or(1.0);
+                    if short.iter().chain([&mscale]).any(|f| !(f.is_finite() && *f > 0.0)) {
+                        return Err(
+                            "`rope_scaling` (longrope): factors and `short_mscale` must be positive".into()
+                        );
+                    }
+                    longrope = Some((short.iter().map(|&f| f as f32).collect(), mscale as f32, original));
+                }
+                _ => {
+                    return Err(format!(
+                        "RoPE type `{kind}` is not supported (only `default` and `longrope`)"
+                    ))
+                }
             }
         }
         let rope_theta =
@@ -321,7 +370,7 @@ impl RawConfig {
         }
         let intermediate_size = req(self.intermediate_size, "intermediate_size")?;
         let moe_intermediate_size = match arch {
-            Arch::Mixtral | Arch::Olmoe => intermediate_size,
+            Arch::Mixtral | Arch::Olmoe | Arch::Phimoe => intermediate_size,
             Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe => {
                 req(self.moe_intermediate_size, "moe_intermediate_size")?
             }
@@ -360,6 +409,18 @@ impl RawConfig {
                     routed_scaling_factor: routed_scaling_factor as f32,
                 }
             }
+            Arch::Phimoe => {
+                if num_experts_per_tok != 2 {
+                    return Err(format!(
+                        "field `num_experts_per_tok` ({num_experts_per_tok}): Phi-3.5-MoE's sparsemixer router picks 2"
+                    ));
+                }
+                let jitter = self.router_jitter_noise.unwrap_or(0.01);
+                if !(jitter.is_finite() && jitter >= 0.0) {
+                    return Err(format!("field `router_jitter_noise` must be zero or more, got {jitter}"));
+                }
+                RouterKind::SparseMixer { jitter_eps: jitter as f32 }
+            }
             _ => RouterKind::Softmax,
         };
         let first_k_dense_replace = match arch {
@@ -385,7 +446,7 @@ impl RawConfig {
             _ => (1, Vec::new()),
         };
         let norm_topk_prob = match arch {
-            Arch::Mixtral => true,
+            Arch::Mixtral | Arch::Phimoe => true,
             Arch::Glm4Moe => self.norm_topk_prob.unwrap_or(true),
             _ => self.norm_topk_prob.unwrap_or(false),
         };
@@ -409,6 +470,21 @@ impl RawConfig {
         let sliding_window = match arch {
             Arch::Qwen2Moe | Arch::Qwen3Moe if !self.use_sliding_window.unwrap_or(false) => None,
             _ => self.sliding_window.filter(|&w| w > 0),
+        };
+        if let Some((factors, _, _)) = &longrope {
+            if factors.len() != rotary_dim / 2 {
+                return Err(format!(
+                    "`rope_scaling` (longrope): `short_factor` has {} values, but a head rotates {} frequencies",
+                    factors.len(),
+                    rotary_dim / 2
+                ));
+            }
+        }
+        // Where LongRoPE switches to its long factors, stop (see above).
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
+        let max_position_embeddings = match &longrope {
+            Some((_, _, original)) => max_position_embeddings.min(*original),
+            None => max_position_embeddings,
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if rms_norm_eps.is_nan() || rms_norm_eps < 0.0 {
@@ -449,9 +525,14 @@ impl RawConfig {
             num_key_value_heads,
             head_dim,
             rotary_dim,
+            rope_mscale: longrope.as_ref().map_or(1.0, |l| l.1),
+            rope_factors: longrope.map(|l| l.0),
+            layer_norm: arch == Arch::Phimoe,
+            o_proj_bias: arch == Arch::Phimoe && self.attention_bias.unwrap_or(false),
+            lm_head_bias: self.lm_head_bias.unwrap_or(false),
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta: rope_theta as f32,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             num_experts,
             num_experts_per_tok,

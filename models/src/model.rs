@@ -1,11 +1,11 @@
 //! The decoder: embeddings, a stack of (attention, feed-forward) layers with pre-RMSNorm and
-//! residuals, final norm and LM head — the shape all four supported architectures share. What
+//! residuals, final norm and LM head — the shape all supported architectures share. What
 //! differs between them is chosen at load time (see `DecoderLayer::load`).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use stevedore_kernels::{axpy, rms_norm, Backend, Cpu};
+use stevedore_kernels::{axpy, Backend, Cpu};
 use tracing::debug_span;
 
 use crate::attention::{Attention, QkNorm, Rope};
@@ -13,7 +13,7 @@ use crate::experts::{ExpertSource, ExpertTensors, ExpertsError, Foresight, GateE
 use crate::kv::KvPool;
 use crate::moe::{Mlp, SparseMoe};
 use crate::profile::{self, Op};
-use crate::tensor::{linear, load_vec, Mat};
+use crate::tensor::{linear, load_vec, Mat, Norm};
 use crate::{Arch, Batch, Error, LayerId, LayerMap, ModelConfig, SeqId, WeightIndex};
 
 enum FeedForward {
@@ -22,9 +22,9 @@ enum FeedForward {
 }
 
 struct DecoderLayer {
-    input_layernorm: Vec<f32>,
+    input_layernorm: Norm,
     self_attn: Attention,
-    post_attention_layernorm: Vec<f32>,
+    post_attention_layernorm: Norm,
     ffn: FeedForward,
 }
 
@@ -42,14 +42,14 @@ impl DecoderLayer {
                 q: load_vec(index, &format!("{attn}.q_norm.weight"), cfg.num_attention_heads * cfg.head_dim)?,
                 k: load_vec(index, &format!("{attn}.k_norm.weight"), cfg.num_key_value_heads * cfg.head_dim)?,
             },
-            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe => QkNorm::None,
+            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe | Arch::Phimoe => QkNorm::None,
         };
         let ffn = match layers.moe(LayerId(l)) {
             None => FeedForward::Dense(Mlp::load(index, &format!("{p}.mlp"), h, cfg.intermediate_size)?),
             Some(moe) => {
                 let ids = (LayerId(l), moe);
                 match cfg.arch {
-                    Arch::Mixtral => FeedForward::Sparse(SparseMoe::load(
+                    Arch::Mixtral | Arch::Phimoe => FeedForward::Sparse(SparseMoe::load(
                         index,
                         cfg,
                         ids,
@@ -75,9 +75,9 @@ impl DecoderLayer {
             }
         };
         Ok(DecoderLayer {
-            input_layernorm: load_vec(index, &format!("{p}.input_layernorm.weight"), h)?,
+            input_layernorm: Norm::load(index, &format!("{p}.input_layernorm"), h, cfg)?,
             self_attn: Attention::load(index, cfg, &attn, qk_norm)?,
-            post_attention_layernorm: load_vec(index, &format!("{p}.post_attention_layernorm.weight"), h)?,
+            post_attention_layernorm: Norm::load(index, &format!("{p}.post_attention_layernorm"), h, cfg)?,
             ffn,
         })
     }
@@ -105,8 +105,9 @@ pub struct Model {
     rope: Rope,
     embed_tokens: Mat,
     decoder: Vec<DecoderLayer>,
-    norm: Vec<f32>,
+    norm: Norm,
     lm_head: Mat,
+    lm_head_bias: Option<Vec<f32>>,
 }
 
 impl Model {
@@ -133,7 +134,11 @@ impl Model {
             .map(|l| DecoderLayer::load(&index, cfg, &layers, l))
             .collect::<Result<_, _>>()?;
         let experts = ExpertTensors::load(&index, cfg, &layers)?;
-        let norm = load_vec(&index, "model.norm.weight", h)?;
+        let norm = Norm::load(&index, "model.norm", h, cfg)?;
+        let lm_head_bias = match cfg.lm_head_bias {
+            true => Some(load_vec(&index, "lm_head.bias", v)?),
+            false => None,
+        };
         Ok(Model {
             rope: Rope::new(cfg),
             backend: Box::new(Cpu),
@@ -141,6 +146,7 @@ impl Model {
             decoder,
             norm,
             lm_head,
+            lm_head_bias,
             layers,
             experts,
             config,
@@ -230,7 +236,7 @@ impl Model {
             };
             let t = profile::time(Op::Norm);
             let mut hs = x.clone();
-            rms_norm(&mut hs, &layer.input_layernorm, cfg.rms_norm_eps);
+            layer.input_layernorm.apply(&mut hs);
             drop(t);
             let attn = layer
                 .self_attn
@@ -239,7 +245,7 @@ impl Model {
             let t = profile::time(Op::Norm);
             axpy(1.0, &attn, &mut x);
             let mut hs = x.clone();
-            rms_norm(&mut hs, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+            layer.post_attention_layernorm.apply(&mut hs);
             drop(t);
             let ff = match &layer.ffn {
                 FeedForward::Dense(mlp) => {
@@ -278,9 +284,9 @@ impl Model {
         for &r in batch.logit_rows() {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
-        rms_norm(&mut last, &self.norm, cfg.rms_norm_eps);
+        self.norm.apply(&mut last);
         let _t = profile::time(Op::LmHead);
-        let logits = linear(&self.index, backend, &last, &self.lm_head, None);
+        let logits = linear(&self.index, backend, &last, &self.lm_head, self.lm_head_bias.as_deref());
         Ok(Forward { logits, failed })
     }
 
@@ -309,7 +315,6 @@ impl Model {
     /// The routers of the first `f.depth` MoE layers from decoder layer `first` on, applied to
     /// `x`, nearest first (distance 1).
     fn estimate_from(&self, first: usize, x: &[f32], f: Foresight) -> Vec<GateEstimate> {
-        let eps = self.config.rms_norm_eps;
         (self.decoder[first.min(self.decoder.len())..].iter())
             .filter_map(|layer| match &layer.ffn {
                 FeedForward::Sparse(moe) => Some((moe, &layer.post_attention_layernorm)),
@@ -317,9 +322,7 @@ impl Model {
             })
             .take(f.depth)
             .enumerate()
-            .map(|(i, (moe, norm))| {
-                moe.estimate(&self.index, &*self.backend, (x, norm, eps), i + 1, f.candidates)
-            })
+            .map(|(i, (moe, norm))| moe.estimate(&self.index, &*self.backend, (x, norm), i + 1, f.candidates))
             .collect()
     }
 

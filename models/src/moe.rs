@@ -53,6 +53,7 @@ pub struct SharedExpert {
 enum Router {
     Softmax,
     SigmoidGrouped { correction: Vec<f32>, n_group: usize, topk_group: usize, scaling: f32 },
+    SparseMixer { jitter_eps: f32 },
 }
 
 pub struct SparseMoe {
@@ -143,6 +144,7 @@ impl SparseMoe {
         };
         let kind = match cfg.router {
             RouterKind::Softmax => Router::Softmax,
+            RouterKind::SparseMixer { jitter_eps } => Router::SparseMixer { jitter_eps },
             RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
                 let bias =
                     router.strip_suffix("weight").unwrap_or(router).to_owned() + "e_score_correction_bias";
@@ -172,12 +174,12 @@ impl SparseMoe {
         &self,
         index: &WeightIndex,
         backend: &dyn Backend,
-        (x, norm, eps): (&[f32], &[f32], f32),
+        (x, norm): (&[f32], &crate::tensor::Norm),
         distance: usize,
         keep: usize,
     ) -> GateEstimate {
         let mut hs = x.to_vec();
-        stevedore_kernels::rms_norm(&mut hs, norm, eps);
+        norm.apply(&mut hs);
         let keep = keep.clamp(1, self.router.rows);
         let (mut experts, mut probs) = (Vec::new(), Vec::new());
         self.ranked(index, backend, &hs, |row, order| {
@@ -203,7 +205,7 @@ impl SparseMoe {
         let mut choice = vec![0.0f32; e];
         for probs in logits.chunks_mut(e) {
             match &self.kind {
-                Router::Softmax => {
+                Router::Softmax | Router::SparseMixer { .. } => {
                     softmax(probs);
                     choice.copy_from_slice(probs);
                 }
@@ -254,11 +256,46 @@ impl SparseMoe {
         out.extend_from_slice(&order[..self.top_k]);
     }
 
+    /// Phi-3.5-MoE's sparsemixer at inference, as transformers computes it: the best expert;
+    /// its weight is its softmax among the experts whose logit is within `2 * jitter_eps` of the
+    /// best, relative to `max(|logit|, best)`; then the same over the others for the second.
+    fn sparse_mixer(
+        &self,
+        index: &WeightIndex,
+        backend: &dyn Backend,
+        x: &[f32],
+        jitter_eps: f32,
+    ) -> Routing {
+        let logits = linear(index, backend, x, &self.router, None);
+        let e = self.router.rows;
+        let (mut ids, mut weights) = (Vec::new(), Vec::new());
+        for scores in logits.chunks(e) {
+            let mut taken: Option<usize> = None;
+            for _ in 0..2 {
+                let live = |i: usize| taken != Some(i);
+                let (best, max) = (0..e)
+                    .filter(|&i| live(i))
+                    .map(|i| (i, scores[i]))
+                    .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a });
+                let kept =
+                    |i: usize| live(i) && (max - scores[i]) / scores[i].abs().max(max) <= 2.0 * jitter_eps;
+                let denom: f32 = (0..e).filter(|&i| kept(i)).map(|i| (scores[i] - max).exp()).sum();
+                ids.push(best as u32);
+                weights.push(1.0 / denom);
+                taken = Some(best);
+            }
+        }
+        Routing { ids, weights }
+    }
+
     /// Softmax over all experts, then the top-k per row (ties to the lower index).
     fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
+        if let Router::SparseMixer { jitter_eps } = self.kind {
+            return self.sparse_mixer(index, backend, x, jitter_eps);
+        }
         let (scaling, eps) = match self.kind {
-            Router::Softmax => (1.0, 0.0),
+            Router::Softmax | Router::SparseMixer { .. } => (1.0, 0.0),
             // transformers adds 1e-20 to the sum before renormalising sigmoid weights.
             Router::SigmoidGrouped { scaling, .. } => (scaling, 1e-20),
         };

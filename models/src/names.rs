@@ -5,7 +5,7 @@ use crate::{Arch, ModelConfig};
 /// Names of expert `expert`'s gate, up and down projections in decoder layer `layer`.
 pub fn expert_tensor_names(arch: Arch, layer: usize, expert: usize) -> [String; 3] {
     match arch {
-        Arch::Mixtral => {
+        Arch::Mixtral | Arch::Phimoe => {
             let p = format!("model.layers.{layer}.block_sparse_moe.experts.{expert}");
             [format!("{p}.w1.weight"), format!("{p}.w3.weight"), format!("{p}.w2.weight")]
         }

@@ -31,6 +31,40 @@ impl Mat {
     }
 }
 
+/// A normalisation layer: RMSNorm, or LayerNorm with bias (Phi-3.5-MoE), with its epsilon.
+pub struct Norm {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    eps: f32,
+}
+
+impl Norm {
+    /// `{name}.weight` (and `{name}.bias` for a LayerNorm) of `len` elements.
+    pub fn load(
+        index: &WeightIndex,
+        name: &str,
+        len: usize,
+        cfg: &crate::ModelConfig,
+    ) -> Result<Self, Error> {
+        Ok(Norm {
+            weight: load_vec(index, &format!("{name}.weight"), len)?,
+            bias: match cfg.layer_norm {
+                true => Some(load_vec(index, &format!("{name}.bias"), len)?),
+                false => None,
+            },
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// Normalises each row of `x` in place.
+    pub fn apply(&self, x: &mut [f32]) {
+        match &self.bias {
+            None => stevedore_kernels::rms_norm(x, &self.weight, self.eps),
+            Some(b) => stevedore_kernels::layer_norm(x, &self.weight, b, self.eps),
+        }
+    }
+}
+
 /// A 1-D tensor of `len` elements, converted to f32.
 pub fn load_vec(index: &WeightIndex, name: &str, len: usize) -> Result<Vec<f32>, Error> {
     Ok(index.get(name, &[len])?.to_f32_vec())

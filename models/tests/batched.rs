@@ -139,6 +139,11 @@ fn glm4_moe_batched_equals_alone() {
 }
 
 #[test]
+fn phimoe_batched_equals_alone() {
+    check("phimoe");
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check("pydoc-moe");
 }

@@ -87,6 +87,11 @@ fn glm4_moe_matches_transformers() {
 }
 
 #[test]
+fn phimoe_matches_transformers() {
+    check("phimoe");
+}
+
+#[test]
 fn trained_pydoc_moe_matches_transformers() {
     check("pydoc-moe");
 }

@@ -151,6 +151,42 @@ fn glm4_moe_parts() {
     }
 }
 
+/// Phi-3.5-MoE's own parts: a LayerNorm bias or the LM head bias missing, LongRoPE factors that
+/// do not match the head, and a position past where LongRoPE switches factors.
+#[test]
+fn phimoe_parts() {
+    for name in [
+        "model.layers.1.post_attention_layernorm.bias",
+        "lm_head.bias",
+        "model.layers.0.self_attn.o_proj.bias",
+    ] {
+        let tmp = copy_fixture("phimoe");
+        let file = tmp.path().join("model.safetensors");
+        let mut st = SafeTensors::read(&file);
+        st.remove(name);
+        st.write(&file);
+        assert_load_fails(tmp.path(), &[name, "missing", path_str(tmp.path())]);
+    }
+    let tmp = copy_fixture("phimoe");
+    let path = tmp.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    v["rope_parameters"]["short_factor"].as_array_mut().unwrap().pop();
+    fs::write(&path, v.to_string()).unwrap();
+    assert_load_fails(tmp.path(), &[path_str(&path), "short_factor", "has 7 values", "8 frequencies"]);
+    // 60 prompt tokens + 10 new pass position 64, where LongRoPE would switch to its long factors.
+    let prompt: Vec<String> = (3..63).map(|i| i.to_string()).collect();
+    let run = stevedore([
+        "generate",
+        "--model",
+        path_str(&fixture_dir("phimoe")),
+        "--max-new-tokens",
+        "10",
+        "--prompt-ids",
+        &prompt.join(","),
+    ]);
+    run.err(&["64"]);
+}
+
 #[test]
 fn wrong_dtype() {
     for dtype in ["I32", "F64"] {
@@ -217,6 +253,7 @@ fn config_unsupported_architecture() {
         "Qwen3MoeForCausalLM",
         "OlmoeForCausalLM",
         "Glm4MoeForCausalLM",
+        "PhimoeForCausalLM",
     ];
     let mut needles = vec![path_str(&path), "GPT2LMHeadModel", "unsupported"];
     needles.extend(supported);

@@ -137,6 +137,11 @@ fn glm4_moe_batched_equals_alone() {
 }
 
 #[test]
+fn phimoe_batched_equals_alone() {
+    check_batched_equals_alone(FIXTURES[5]);
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check_batched_equals_alone(PYDOC_MOE);
 }

@@ -76,6 +76,11 @@ fn glm4_moe_matches_transformers() {
     check_fixture("glm4_moe");
 }
 
+#[test]
+fn phimoe_matches_transformers() {
+    check_fixture("phimoe");
+}
+
 /// `config.transformers-5.json` is each fixture's config as transformers 5.24 saves it
 /// (`tests/fixtures/make_configs_5.py`, which also checks that transformers 5 reproduces the
 /// reference under it): other spellings (Qwen3-MoE's `num_local_experts`), `rope_parameters`,

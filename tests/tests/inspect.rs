@@ -12,7 +12,7 @@ use serde_json::Value;
 /// MoE layers of each fixture, from tests/fixtures/README.md.
 fn expected_moe_layers(name: &str) -> Vec<u64> {
     match name {
-        "mixtral" | "olmoe" => vec![0, 1, 2],
+        "mixtral" | "olmoe" | "phimoe" => vec![0, 1, 2],
         "qwen2_moe" => vec![1, 3],
         "qwen3_moe" | "glm4_moe" => vec![1, 2],
         other => panic!("no expectation for fixture {other}"),
@@ -49,7 +49,7 @@ fn json_is_consistent_with_config_and_headers() {
         let moe_layers: Vec<u64> = common::ids(&v["moe_layers"]);
         assert_eq!(moe_layers, expected_moe_layers(name), "{name}: {v}");
         let experts_key = match name {
-            "mixtral" => "num_local_experts",
+            "mixtral" | "phimoe" => "num_local_experts",
             "glm4_moe" => "n_routed_experts",
             _ => "num_experts",
         };

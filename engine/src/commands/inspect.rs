@@ -87,9 +87,12 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
             writeln!(out, "shared expert:    intermediate {}{gated}", cfg.shared_expert_intermediate_size);
     }
     let _ = writeln!(out, "router:           {}", router_name(cfg));
+    if cfg.layer_norm {
+        let _ = writeln!(out, "norms:            LayerNorm with bias");
+    }
     let _ = writeln!(
         out,
-        "attention:        GQA {} q / {} kv heads of {}{}{}{}",
+        "attention:        GQA {} q / {} kv heads of {}{}{}{}{}",
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.head_dim,
@@ -98,8 +101,18 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
         } else {
             String::new()
         },
+        match cfg.rope_factors {
+            Some(_) => format!(", LongRoPE (short factors, up to {} positions)", cfg.max_position_embeddings),
+            None => String::new(),
+        },
         if cfg.qk_norm_per_head { ", per-head q/k norm" } else { "" },
-        if cfg.attention_bias { ", q/k/v bias" } else { "" },
+        if cfg.o_proj_bias {
+            ", q/k/v/o bias"
+        } else if cfg.attention_bias {
+            ", q/k/v bias"
+        } else {
+            ""
+        },
     );
     let _ = writeln!(out, "dense weights:    {} (resident)", human(dense));
     let _ =
@@ -144,6 +157,9 @@ fn router_name(cfg: &stevedore_models::ModelConfig) -> String {
     let norm = if cfg.norm_topk_prob { ", renormalised" } else { "" };
     match cfg.router {
         stevedore_models::RouterKind::Softmax => format!("softmax top-{}{norm}", cfg.num_experts_per_tok),
+        stevedore_models::RouterKind::SparseMixer { jitter_eps } => {
+            format!("sparsemixer top-2 (jitter eps {jitter_eps})")
+        }
         stevedore_models::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => format!(
             "sigmoid + correction bias, top-{} within the best {topk_group} of {n_group} groups{norm}, scaled by \
              {routed_scaling_factor}",

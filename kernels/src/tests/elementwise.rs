@@ -108,6 +108,30 @@ fn rms_norm_matches_f64() {
     }
 }
 
+/// LayerNorm against an f64 loop: within `(2n + 32) U` of the result's scale (the mean and the
+/// variance each sum `n` terms; centring cancels, so the bound is on `|w| + |b|`, not on the
+/// result).
+#[test]
+fn layer_norm_matches_f64() {
+    let mut rng = Rng::new(5);
+    for dim in [1, 7, 33, 100] {
+        let (w, b) = (rng.vec(dim), rng.vec(dim));
+        let x0: Vec<f32> = rng.vec(3 * dim).iter().map(|v| v * 4.0 + 1.5).collect();
+        let mut x = x0.clone();
+        crate::layer_norm(&mut x, &w, &b, 1e-5);
+        for (row0, row) in x0.chunks(dim).zip(x.chunks(dim)) {
+            let mean = row0.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+            let var = row0.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+            let inv = 1.0 / (var + 1e-5f32 as f64).sqrt();
+            for i in 0..dim {
+                let exact = (row0[i] as f64 - mean) * inv * w[i] as f64 + b[i] as f64;
+                let bound = (2 * dim + 32) as f64 * U * (w[i].abs() as f64 * 4.0 + b[i].abs() as f64 + 1e-3);
+                assert!((row[i] as f64 - exact).abs() <= bound, "dim={dim} i={i}: {} vs {exact}", row[i]);
+            }
+        }
+    }
+}
+
 /// The vector exp against f64: relative error within `2 U` (measured: 1.38 U) for normal
 /// results, within one subnormal step below, and the special values exactly.
 #[cfg(target_arch = "x86_64")]
