@@ -41,6 +41,12 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
     let expert_tensor_bytes = model.index.bytes_where(stevedore_models::names::is_expert_tensor);
     let dense = model.dense_bytes();
     let moe_layers: Vec<usize> = cfg.moe_layers().collect();
+    // The formats the routed experts' tensors are stored in (one, in every checkpoint seen).
+    let mut formats: Vec<&str> =
+        model.experts.iter().flat_map(|(_, _, t)| t.iter().map(|l| l.dtype.name())).collect();
+    formats.sort_unstable();
+    formats.dedup();
+    let formats = formats.join(", ");
     let fit = args.host_cache.map(|s| {
         let budget = s.bytes(fp.total_bytes);
         let experts = budget.checked_div(fp.max_expert_bytes).unwrap_or(0).min(fp.experts);
@@ -54,6 +60,7 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
             "experts": cfg.num_experts,
             "top_k": cfg.num_experts_per_tok,
             "router": router_name(cfg),
+            "expert_format": formats,
             "dense_bytes": dense,
             "expert_bytes": expert_tensor_bytes,
             "expert_cache_bytes": fp.total_bytes,
@@ -115,8 +122,12 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
         },
     );
     let _ = writeln!(out, "dense weights:    {} (resident)", human(dense));
-    let _ =
-        writeln!(out, "expert weights:   {} ({} experts, streamed)", human(expert_tensor_bytes), fp.experts);
+    let _ = writeln!(
+        out,
+        "expert weights:   {} ({} experts, {formats}, streamed)",
+        human(expert_tensor_bytes),
+        fp.experts
+    );
     let _ = writeln!(
         out,
         "bytes per expert: {} in the host cache (4 KiB-aligned buffer)",
