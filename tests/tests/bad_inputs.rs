@@ -100,14 +100,20 @@ fn overlapping_tensor_offsets() {
     );
 }
 
+/// Fixture `fixture` (single-file) without tensor `name` fails to load, naming it and the model.
+fn assert_missing_fails(fixture: &str, name: &str) {
+    let tmp = copy_fixture(fixture);
+    let file = tmp.path().join("model.safetensors");
+    let mut st = SafeTensors::read(&file);
+    st.remove(name);
+    st.write(&file);
+    assert_load_fails(tmp.path(), &[name, "missing", path_str(tmp.path())]);
+}
+
 #[test]
 fn missing_tensor() {
     for name in [EXPERT_W2, "model.norm.weight", "model.layers.0.self_attn.k_proj.weight"] {
-        let (tmp, file) = mixtral();
-        let mut st = SafeTensors::read(&file);
-        st.remove(name);
-        st.write(&file);
-        assert_load_fails(tmp.path(), &[name, "missing", path_str(tmp.path())]);
+        assert_missing_fails("mixtral", name);
     }
 }
 
@@ -118,12 +124,7 @@ fn glm4_moe_parts() {
     let bias = "model.layers.1.mlp.gate.e_score_correction_bias";
     let shared = "model.layers.2.mlp.shared_experts.up_proj.weight";
     for name in [bias, shared] {
-        let tmp = copy_fixture("glm4_moe");
-        let file = tmp.path().join("model.safetensors");
-        let mut st = SafeTensors::read(&file);
-        st.remove(name);
-        st.write(&file);
-        assert_load_fails(tmp.path(), &[name, "missing", path_str(tmp.path())]);
+        assert_missing_fails("glm4_moe", name);
     }
     let tmp = copy_fixture("glm4_moe");
     let file = tmp.path().join("model.safetensors");
@@ -160,12 +161,7 @@ fn phimoe_parts() {
         "lm_head.bias",
         "model.layers.0.self_attn.o_proj.bias",
     ] {
-        let tmp = copy_fixture("phimoe");
-        let file = tmp.path().join("model.safetensors");
-        let mut st = SafeTensors::read(&file);
-        st.remove(name);
-        st.write(&file);
-        assert_load_fails(tmp.path(), &[name, "missing", path_str(tmp.path())]);
+        assert_missing_fails("phimoe", name);
     }
     let tmp = copy_fixture("phimoe");
     let path = tmp.path().join("config.json");
