@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::family::{self, QkNormKind};
 use crate::Error;
 
 /// Architectures stevedore runs, by their `architectures[0]` name in config.json.
@@ -108,8 +109,8 @@ pub struct ModelConfig {
     pub shared_expert_intermediate_size: usize,
     /// The shared expert's output is scaled by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
     pub shared_expert_gated: bool,
-    /// Per-head q/k RMSNorm (Qwen3-MoE always; GLM when `use_qk_norm`).
-    pub qk_norm_per_head: bool,
+    /// Where q/k normalisation applies (Qwen3-MoE and GLM per head, OLMoE over the projection).
+    pub qk_norm: QkNormKind,
     /// Layers before this one are dense (DeepSeek/GLM `first_k_dense_replace`).
     pub first_k_dense_replace: usize,
     pub decoder_sparse_step: usize,
@@ -209,49 +210,49 @@ impl OneOrMany {
 }
 
 #[derive(Deserialize, Debug)]
-struct RawConfig {
-    architectures: Option<Vec<String>>,
-    model_type: Option<String>,
-    vocab_size: Option<usize>,
-    hidden_size: Option<usize>,
-    intermediate_size: Option<usize>,
-    moe_intermediate_size: Option<usize>,
-    shared_expert_intermediate_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
+pub(crate) struct RawConfig {
+    pub(crate) architectures: Option<Vec<String>>,
+    pub(crate) model_type: Option<String>,
+    pub(crate) vocab_size: Option<usize>,
+    pub(crate) hidden_size: Option<usize>,
+    pub(crate) intermediate_size: Option<usize>,
+    pub(crate) moe_intermediate_size: Option<usize>,
+    pub(crate) shared_expert_intermediate_size: Option<usize>,
+    pub(crate) num_hidden_layers: Option<usize>,
+    pub(crate) num_attention_heads: Option<usize>,
+    pub(crate) num_key_value_heads: Option<usize>,
+    pub(crate) head_dim: Option<usize>,
+    pub(crate) rms_norm_eps: Option<f64>,
+    pub(crate) rope_theta: Option<f64>,
     rope_parameters: Option<RawRope>,
     rope_scaling: Option<RawRope>,
-    max_position_embeddings: Option<usize>,
-    tie_word_embeddings: Option<bool>,
-    num_local_experts: Option<usize>,
-    num_experts: Option<usize>,
-    n_routed_experts: Option<usize>,
-    n_shared_experts: Option<usize>,
-    first_k_dense_replace: Option<usize>,
-    n_group: Option<usize>,
-    topk_group: Option<usize>,
-    routed_scaling_factor: Option<f64>,
-    partial_rotary_factor: Option<f64>,
-    use_qk_norm: Option<bool>,
-    lm_head_bias: Option<bool>,
-    router_jitter_noise: Option<f64>,
-    original_max_position_embeddings: Option<usize>,
-    num_experts_per_tok: Option<usize>,
-    norm_topk_prob: Option<bool>,
-    decoder_sparse_step: Option<usize>,
-    mlp_only_layers: Option<Vec<usize>>,
-    attention_bias: Option<bool>,
-    clip_qkv: Option<f64>,
+    pub(crate) max_position_embeddings: Option<usize>,
+    pub(crate) tie_word_embeddings: Option<bool>,
+    pub(crate) num_local_experts: Option<usize>,
+    pub(crate) num_experts: Option<usize>,
+    pub(crate) n_routed_experts: Option<usize>,
+    pub(crate) n_shared_experts: Option<usize>,
+    pub(crate) first_k_dense_replace: Option<usize>,
+    pub(crate) n_group: Option<usize>,
+    pub(crate) topk_group: Option<usize>,
+    pub(crate) routed_scaling_factor: Option<f64>,
+    pub(crate) partial_rotary_factor: Option<f64>,
+    pub(crate) use_qk_norm: Option<bool>,
+    pub(crate) lm_head_bias: Option<bool>,
+    pub(crate) router_jitter_noise: Option<f64>,
+    pub(crate) original_max_position_embeddings: Option<usize>,
+    pub(crate) num_experts_per_tok: Option<usize>,
+    pub(crate) norm_topk_prob: Option<bool>,
+    pub(crate) decoder_sparse_step: Option<usize>,
+    pub(crate) mlp_only_layers: Option<Vec<usize>>,
+    pub(crate) attention_bias: Option<bool>,
+    pub(crate) clip_qkv: Option<f64>,
     eos_token_id: Option<OneOrMany>,
-    bos_token_id: Option<u32>,
-    sliding_window: Option<usize>,
-    use_sliding_window: Option<bool>,
-    torch_dtype: Option<String>,
-    dtype: Option<String>,
+    pub(crate) bos_token_id: Option<u32>,
+    pub(crate) sliding_window: Option<usize>,
+    pub(crate) use_sliding_window: Option<bool>,
+    pub(crate) torch_dtype: Option<String>,
+    pub(crate) dtype: Option<String>,
 }
 
 fn req(v: Option<usize>, name: &str) -> Result<usize, String> {
@@ -355,11 +356,9 @@ impl RawConfig {
                 w[0].0, w[0].1, w[1].0, w[1].1
             ));
         }
-        let (num_experts_field, num_experts) = match (given.first(), arch) {
-            (Some(&(n, v)), _) => (n, Some(v)),
-            (None, Arch::Mixtral) => ("num_local_experts", None),
-            (None, Arch::Glm4Moe) => ("n_routed_experts", None),
-            (None, _) => ("num_experts", None),
+        let (num_experts_field, num_experts) = match given.first() {
+            Some(&(n, v)) => (n, Some(v)),
+            None => (family::expert_count_field(arch), None),
         };
         let num_experts = req(num_experts, num_experts_field)?;
         let num_experts_per_tok = req(self.num_experts_per_tok, "num_experts_per_tok")?;
@@ -369,68 +368,13 @@ impl RawConfig {
             ));
         }
         let intermediate_size = req(self.intermediate_size, "intermediate_size")?;
-        let moe_intermediate_size = match arch {
-            Arch::Mixtral | Arch::Olmoe | Arch::Phimoe => intermediate_size,
-            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe => {
-                req(self.moe_intermediate_size, "moe_intermediate_size")?
-            }
-        };
-        let shared_expert_intermediate_size = match arch {
-            Arch::Qwen2Moe => req(self.shared_expert_intermediate_size, "shared_expert_intermediate_size")?,
-            Arch::Glm4Moe => self
-                .n_shared_experts
-                .unwrap_or(1)
-                .checked_mul(moe_intermediate_size)
-                .ok_or("sizes in the config overflow: n_shared_experts * moe_intermediate_size")?,
-            _ => 0,
-        };
-        let router = match arch {
-            Arch::Glm4Moe => {
-                let n_group = req(self.n_group.or(Some(1)), "n_group")?;
-                let topk_group = req(self.topk_group.or(Some(1)), "topk_group")?;
-                if num_experts % n_group != 0 || num_experts / n_group < 2 {
-                    return Err(format!(
-                        "field `n_group` ({n_group}) must divide the {num_experts} experts into groups of at least 2"
-                    ));
-                }
-                if topk_group > n_group || num_experts_per_tok > topk_group * (num_experts / n_group) {
-                    return Err(format!(
-                        "field `topk_group` ({topk_group}) must be at most `n_group` ({n_group}) and its groups must \
-                         hold `num_experts_per_tok` ({num_experts_per_tok}) experts"
-                    ));
-                }
-                let routed_scaling_factor = self.routed_scaling_factor.unwrap_or(1.0);
-                if !(routed_scaling_factor.is_finite() && routed_scaling_factor > 0.0) {
-                    return Err(format!("field `routed_scaling_factor` must be a positive number, got {routed_scaling_factor}"));
-                }
-                RouterKind::SigmoidGrouped {
-                    n_group,
-                    topk_group,
-                    routed_scaling_factor: routed_scaling_factor as f32,
-                }
-            }
-            Arch::Phimoe => {
-                if num_experts_per_tok != 2 {
-                    return Err(format!(
-                        "field `num_experts_per_tok` ({num_experts_per_tok}): Phi-3.5-MoE's sparsemixer router picks 2"
-                    ));
-                }
-                let jitter = self.router_jitter_noise.unwrap_or(0.01);
-                if !(jitter.is_finite() && jitter >= 0.0) {
-                    return Err(format!("field `router_jitter_noise` must be zero or more, got {jitter}"));
-                }
-                RouterKind::SparseMixer { jitter_eps: jitter as f32 }
-            }
-            _ => RouterKind::Softmax,
-        };
-        let first_k_dense_replace = match arch {
-            Arch::Glm4Moe => self.first_k_dense_replace.unwrap_or(1),
-            _ => 0,
-        };
+        let shared = family::Shared { num_experts, num_experts_per_tok, intermediate_size };
+        let parts = family::parts(arch, &self, &shared)?;
+        let moe_intermediate_size = parts.moe_intermediate_size;
         // `partial_rotary_factor` sits in `rope_parameters` in transformers 5, at the top in 4.x.
         let partial = (self.rope_parameters.as_ref().and_then(|r| r.partial_rotary_factor))
             .or(self.partial_rotary_factor)
-            .unwrap_or(if arch == Arch::Glm4Moe { 0.5 } else { 1.0 });
+            .unwrap_or(parts.default_partial_rotary);
         let rotary_dim = (head_dim as f64 * partial) as usize;
         if !(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(format!(
@@ -438,23 +382,6 @@ impl RawConfig {
                  in (0, head_dim = {head_dim}]"
             ));
         }
-        let (decoder_sparse_step, mlp_only_layers) = match arch {
-            Arch::Qwen2Moe | Arch::Qwen3Moe => (
-                req(self.decoder_sparse_step.or(Some(1)), "decoder_sparse_step")?,
-                self.mlp_only_layers.unwrap_or_default(),
-            ),
-            _ => (1, Vec::new()),
-        };
-        let norm_topk_prob = match arch {
-            Arch::Mixtral | Arch::Phimoe => true,
-            Arch::Glm4Moe => self.norm_topk_prob.unwrap_or(true),
-            _ => self.norm_topk_prob.unwrap_or(false),
-        };
-        let attention_bias = match arch {
-            Arch::Qwen2Moe => true,
-            Arch::Mixtral => false,
-            _ => self.attention_bias.unwrap_or(false),
-        };
         let eos_token_ids = self.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default();
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             return Err(format!("`rope_theta` must be a positive number, got {rope_theta}"));
@@ -464,13 +391,7 @@ impl RawConfig {
                 return Err(format!("field `clip_qkv` must be a positive number, got {c}"));
             }
         }
-        // Qwen's configs carry `sliding_window` with `use_sliding_window: false`; Mixtral's
-        // applies whenever it is set.
-        // transformers 5 writes Qwen2-MoE's unused window as 0.
-        let sliding_window = match arch {
-            Arch::Qwen2Moe | Arch::Qwen3Moe if !self.use_sliding_window.unwrap_or(false) => None,
-            _ => self.sliding_window.filter(|&w| w > 0),
-        };
+        let sliding_window = parts.sliding_window;
         if let Some((factors, _, _)) = &longrope {
             if factors.len() != rotary_dim / 2 {
                 return Err(format!(
@@ -527,8 +448,8 @@ impl RawConfig {
             rotary_dim,
             rope_mscale: longrope.as_ref().map_or(1.0, |l| l.1),
             rope_factors: longrope.map(|l| l.0),
-            layer_norm: arch == Arch::Phimoe,
-            o_proj_bias: arch == Arch::Phimoe && self.attention_bias.unwrap_or(false),
+            layer_norm: parts.layer_norm,
+            o_proj_bias: parts.o_proj_bias,
             lm_head_bias: self.lm_head_bias.unwrap_or(false),
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta: rope_theta as f32,
@@ -538,16 +459,15 @@ impl RawConfig {
             num_experts_per_tok,
             moe_intermediate_size,
             intermediate_size,
-            norm_topk_prob,
-            router,
-            shared_expert_intermediate_size,
-            shared_expert_gated: arch == Arch::Qwen2Moe,
-            qk_norm_per_head: arch == Arch::Qwen3Moe
-                || (arch == Arch::Glm4Moe && self.use_qk_norm.unwrap_or(false)),
-            first_k_dense_replace,
-            decoder_sparse_step,
-            mlp_only_layers,
-            attention_bias,
+            norm_topk_prob: parts.norm_topk_prob,
+            router: parts.router,
+            shared_expert_intermediate_size: parts.shared_expert_intermediate_size,
+            shared_expert_gated: parts.shared_expert_gated,
+            qk_norm: parts.qk_norm,
+            first_k_dense_replace: parts.first_k_dense_replace,
+            decoder_sparse_step: parts.decoder_sparse_step,
+            mlp_only_layers: parts.mlp_only_layers,
+            attention_bias: parts.attention_bias,
             clip_qkv: self.clip_qkv.map(|c| c as f32),
             eos_token_ids,
             bos_token_id: self.bos_token_id,

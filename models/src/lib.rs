@@ -7,6 +7,7 @@ mod batch;
 pub mod config;
 mod error;
 pub mod experts;
+pub mod family;
 pub mod kv;
 mod layers;
 mod model;
@@ -23,6 +24,7 @@ pub use experts::{
     ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights,
     ExpertsError, Foresight, GateEstimate, GateInput, MappedExperts, ReadyExperts, TensorLoc,
 };
+pub use family::QkNormKind;
 pub use kv::{KvError, KvPool};
 pub use layers::{LayerId, LayerMap, MoeIndex};
 pub use model::{Forward, Model};

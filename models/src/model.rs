@@ -14,7 +14,7 @@ use crate::kv::KvPool;
 use crate::moe::{Mlp, SparseMoe};
 use crate::profile::{self, Op};
 use crate::tensor::{linear, load_vec, Mat, Norm};
-use crate::{Arch, Batch, Error, LayerId, LayerMap, ModelConfig, SeqId, WeightIndex};
+use crate::{Batch, Error, LayerId, LayerMap, ModelConfig, QkNormKind, SeqId, WeightIndex};
 
 enum FeedForward {
     Dense(Mlp),
@@ -33,45 +33,23 @@ impl DecoderLayer {
         let p = format!("model.layers.{l}");
         let h = cfg.hidden_size;
         let attn = format!("{p}.self_attn");
-        let qk_norm = match cfg.arch {
-            _ if cfg.qk_norm_per_head => QkNorm::PerHead {
+        let qk_norm = match cfg.qk_norm {
+            QkNormKind::PerHead => QkNorm::PerHead {
                 q: load_vec(index, &format!("{attn}.q_norm.weight"), cfg.head_dim)?,
                 k: load_vec(index, &format!("{attn}.k_norm.weight"), cfg.head_dim)?,
             },
-            Arch::Olmoe => QkNorm::Full {
+            QkNormKind::Full => QkNorm::Full {
                 q: load_vec(index, &format!("{attn}.q_norm.weight"), cfg.num_attention_heads * cfg.head_dim)?,
                 k: load_vec(index, &format!("{attn}.k_norm.weight"), cfg.num_key_value_heads * cfg.head_dim)?,
             },
-            Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Glm4Moe | Arch::Phimoe => QkNorm::None,
+            QkNormKind::None => QkNorm::None,
         };
         let ffn = match layers.moe(LayerId(l)) {
             None => FeedForward::Dense(Mlp::load(index, &format!("{p}.mlp"), h, cfg.intermediate_size)?),
             Some(moe) => {
-                let ids = (LayerId(l), moe);
-                match cfg.arch {
-                    Arch::Mixtral | Arch::Phimoe => FeedForward::Sparse(SparseMoe::load(
-                        index,
-                        cfg,
-                        ids,
-                        &format!("{p}.block_sparse_moe.gate.weight"),
-                        None,
-                    )?),
-                    Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::Glm4Moe => {
-                        let mlp = format!("{p}.mlp");
-                        let shared = match cfg.arch {
-                            Arch::Glm4Moe => format!("{mlp}.shared_experts"),
-                            _ => format!("{mlp}.shared_expert"),
-                        };
-                        let shared = (cfg.shared_expert_intermediate_size > 0).then_some(shared.as_str());
-                        FeedForward::Sparse(SparseMoe::load(
-                            index,
-                            cfg,
-                            ids,
-                            &format!("{mlp}.gate.weight"),
-                            shared,
-                        )?)
-                    }
-                }
+                let names = crate::family::moe_names(cfg.arch, l);
+                let shared = names.shared.as_deref().filter(|_| cfg.shared_expert_intermediate_size > 0);
+                FeedForward::Sparse(SparseMoe::load(index, cfg, (LayerId(l), moe), &names.router, shared)?)
             }
         };
         Ok(DecoderLayer {

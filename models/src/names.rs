@@ -2,18 +2,10 @@
 
 use crate::{Arch, ModelConfig};
 
-/// Names of expert `expert`'s gate, up and down projections in decoder layer `layer`.
+/// Names of expert `expert`'s gate, up and down projections in decoder layer `layer` (each
+/// family says: [`crate::family::expert_tensor_names`]).
 pub fn expert_tensor_names(arch: Arch, layer: usize, expert: usize) -> [String; 3] {
-    match arch {
-        Arch::Mixtral | Arch::Phimoe => {
-            let p = format!("model.layers.{layer}.block_sparse_moe.experts.{expert}");
-            [format!("{p}.w1.weight"), format!("{p}.w3.weight"), format!("{p}.w2.weight")]
-        }
-        Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::Glm4Moe => {
-            let p = format!("model.layers.{layer}.mlp.experts.{expert}");
-            [format!("{p}.gate_proj.weight"), format!("{p}.up_proj.weight"), format!("{p}.down_proj.weight")]
-        }
-    }
+    crate::family::expert_tensor_names(arch, layer, expert)
 }
 
 /// Shapes of one routed expert's gate, up and down projections.

@@ -112,7 +112,11 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
             Some(_) => format!(", LongRoPE (short factors, up to {} positions)", cfg.max_position_embeddings),
             None => String::new(),
         },
-        if cfg.qk_norm_per_head { ", per-head q/k norm" } else { "" },
+        match cfg.qk_norm {
+            stevedore_models::QkNormKind::PerHead => ", per-head q/k norm",
+            stevedore_models::QkNormKind::Full => ", q/k norm over the projections",
+            stevedore_models::QkNormKind::None => "",
+        },
         if cfg.o_proj_bias {
             ", q/k/v/o bias"
         } else if cfg.attention_bias {
