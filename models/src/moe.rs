@@ -182,9 +182,22 @@ impl SparseMoe {
         norm.apply(&mut hs);
         let keep = keep.clamp(1, self.router.rows);
         let (mut experts, mut probs) = (Vec::new(), Vec::new());
+        let mut chosen = Vec::with_capacity(keep);
         self.ranked(index, backend, &hs, |row, order| {
-            experts.extend_from_slice(&order[..keep]);
-            probs.extend(order[..keep].iter().map(|&i| row[i as usize]));
+            // What the router would choose from this state first (a grouped router's choice
+            // is not simply its best scores), then the best of the rest.
+            chosen.clear();
+            self.grouped_top_k(row, order, &mut chosen);
+            let rest: Vec<u32> = order
+                .iter()
+                .copied()
+                .filter(|e| !chosen.contains(e))
+                .take(keep.saturating_sub(chosen.len()))
+                .collect();
+            chosen.extend(rest);
+            chosen.truncate(keep);
+            experts.extend_from_slice(&chosen);
+            probs.extend(chosen.iter().map(|&i| row[i as usize]));
         });
         GateEstimate { moe: self.moe, distance, per_row: keep, experts, probs }
     }
