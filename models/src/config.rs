@@ -27,27 +27,19 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const SUPPORTED: [(&'static str, Arch); 6] = [
-        ("PhimoeForCausalLM", Arch::Phimoe),
-        ("MixtralForCausalLM", Arch::Mixtral),
-        ("Qwen2MoeForCausalLM", Arch::Qwen2Moe),
-        ("Qwen3MoeForCausalLM", Arch::Qwen3Moe),
-        ("OlmoeForCausalLM", Arch::Olmoe),
-        ("Glm4MoeForCausalLM", Arch::Glm4Moe),
-    ];
-
-    /// Each architecture's `model_type`, what a config without `architectures` names.
-    pub const MODEL_TYPES: [(&'static str, Arch); 6] = [
-        ("phimoe", Arch::Phimoe),
-        ("mixtral", Arch::Mixtral),
-        ("qwen2_moe", Arch::Qwen2Moe),
-        ("qwen3_moe", Arch::Qwen3Moe),
-        ("olmoe", Arch::Olmoe),
-        ("glm4_moe", Arch::Glm4Moe),
+    /// Every architecture: its `architectures[0]` name in config.json, and its `model_type`
+    /// (what a config without `architectures` names).
+    pub const SUPPORTED: [(&'static str, &'static str, Arch); 6] = [
+        ("MixtralForCausalLM", "mixtral", Arch::Mixtral),
+        ("Qwen2MoeForCausalLM", "qwen2_moe", Arch::Qwen2Moe),
+        ("Qwen3MoeForCausalLM", "qwen3_moe", Arch::Qwen3Moe),
+        ("OlmoeForCausalLM", "olmoe", Arch::Olmoe),
+        ("Glm4MoeForCausalLM", "glm4_moe", Arch::Glm4Moe),
+        ("PhimoeForCausalLM", "phimoe", Arch::Phimoe),
     ];
 
     pub fn hf_name(self) -> &'static str {
-        Self::SUPPORTED.iter().find(|(_, a)| *a == self).unwrap().0
+        Self::SUPPORTED.iter().find(|(_, _, a)| *a == self).expect("every architecture is listed").0
     }
 }
 
@@ -267,8 +259,8 @@ impl RawConfig {
     fn normalise(self) -> Result<ModelConfig, String> {
         let arch = match (self.architectures.as_deref(), self.model_type.as_deref()) {
             (Some([name, ..]), _) => {
-                Arch::SUPPORTED.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| {
-                    let list: Vec<_> = Arch::SUPPORTED.iter().map(|(n, _)| *n).collect();
+                Arch::SUPPORTED.iter().find(|(n, _, _)| n == name).map(|(_, _, a)| *a).ok_or_else(|| {
+                    let list: Vec<_> = Arch::SUPPORTED.iter().map(|(n, _, _)| *n).collect();
                     format!("unsupported architecture `{name}`; supported: {}", list.join(", "))
                 })?
             }
@@ -276,8 +268,8 @@ impl RawConfig {
                 return Err("field `architectures` is empty and there is no `model_type`".into())
             }
             (_, Some(t)) => {
-                Arch::MODEL_TYPES.iter().find(|(n, _)| *n == t).map(|(_, a)| *a).ok_or_else(|| {
-                    let list: Vec<_> = Arch::MODEL_TYPES.iter().map(|(n, _)| *n).collect();
+                Arch::SUPPORTED.iter().find(|(_, n, _)| *n == t).map(|(_, _, a)| *a).ok_or_else(|| {
+                    let list: Vec<_> = Arch::SUPPORTED.iter().map(|(_, n, _)| *n).collect();
                     format!(
                         "unsupported `model_type` `{t}` (and no `architectures`); supported: {}",
                         list.join(", ")
@@ -527,7 +519,7 @@ mod tests {
         assert_eq!(ModelConfig::from_json(&mixtral).unwrap().arch, Arch::Mixtral);
         let mixtral = mixtral.replace("num_local_experts", "num_experts");
         assert_eq!(ModelConfig::from_json(&mixtral).unwrap().num_experts, 4);
-        for (t, arch) in Arch::MODEL_TYPES {
+        for (_, t, arch) in Arch::SUPPORTED {
             let j = qwen3
                 .replace(r#""architectures":["Qwen3MoeForCausalLM"],"model_type":"qwen3_moe","#, "")
                 .replace("{", &format!(r#"{{"model_type":"{t}","shared_expert_intermediate_size":8,"#));
