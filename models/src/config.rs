@@ -247,7 +247,8 @@ pub(crate) struct RawConfig {
     pub(crate) dtype: Option<String>,
 }
 
-fn req(v: Option<usize>, name: &str) -> Result<usize, String> {
+/// Field `name`'s value: an error naming it when it is absent or 0.
+pub(crate) fn req(v: Option<usize>, name: &str) -> Result<usize, String> {
     match v {
         Some(0) => Err(format!("field `{name}` must be positive")),
         Some(x) => Ok(x),

@@ -3,18 +3,17 @@
 //! experts, dense first layers (`first_k_dense_replace`), GQA with partial RoPE (0.5 by
 //! default), optional per-head q/k norm and q/k/v bias; Qwen's expert layout.
 
-use super::{positive, MoeNames, Parts, QkNormKind, Shared};
-use crate::config::{RawConfig, RouterKind};
+use super::{MoeNames, Parts, QkNormKind, Shared};
+use crate::config::{req, RawConfig, RouterKind};
 
 pub(super) fn parts(raw: &RawConfig, s: &Shared) -> Result<Parts, String> {
-    let moe = positive(raw.moe_intermediate_size, "moe_intermediate_size", 0)
-        .map_err(|_| "missing or zero field `moe_intermediate_size`".to_owned())?;
+    let moe = req(raw.moe_intermediate_size, "moe_intermediate_size")?;
     let shared = (raw.n_shared_experts.unwrap_or(1))
         .checked_mul(moe)
         .ok_or("sizes in the config overflow: n_shared_experts * moe_intermediate_size")?;
     let (e, k) = (s.num_experts, s.num_experts_per_tok);
-    let n_group = positive(raw.n_group, "n_group", 1)?;
-    let topk_group = positive(raw.topk_group, "topk_group", 1)?;
+    let n_group = req(raw.n_group.or(Some(1)), "n_group")?;
+    let topk_group = req(raw.topk_group.or(Some(1)), "topk_group")?;
     if e % n_group != 0 || e / n_group < 2 {
         return Err(format!(
             "field `n_group` ({n_group}) must divide the {e} experts into groups of at least 2"

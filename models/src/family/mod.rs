@@ -118,11 +118,3 @@ pub fn expert_tensor_names(arch: Arch, layer: usize, expert: usize) -> [String; 
         }
     }
 }
-
-/// `Some(n)` unless `n` is 0: "no experts' worth" written as zero.
-fn positive(v: Option<usize>, name: &str, default: usize) -> Result<usize, String> {
-    match v.unwrap_or(default) {
-        0 => Err(format!("field `{name}` must be positive")),
-        n => Ok(n),
-    }
-}

@@ -4,8 +4,8 @@
 //! per-head q/k norm. Their expert layout (`mlp.experts.N.gate_proj/up_proj/down_proj`) is
 //! OLMoE's and GLM's too.
 
-use super::{positive, MoeNames, Parts, QkNormKind, Shared};
-use crate::config::RawConfig;
+use super::{MoeNames, Parts, QkNormKind, Shared};
+use crate::config::{req, RawConfig};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Version {
@@ -14,7 +14,6 @@ pub(super) enum Version {
 }
 
 pub(super) fn parts(raw: &RawConfig, s: &Shared, v: Version) -> Result<Parts, String> {
-    let moe = raw.moe_intermediate_size.ok_or("missing field `moe_intermediate_size`")?;
     let shared = match v {
         Version::Qwen2 => {
             raw.shared_expert_intermediate_size.ok_or("missing field `shared_expert_intermediate_size`")?
@@ -22,11 +21,11 @@ pub(super) fn parts(raw: &RawConfig, s: &Shared, v: Version) -> Result<Parts, St
         Version::Qwen3 => 0,
     };
     Ok(Parts {
-        moe_intermediate_size: positive(Some(moe), "moe_intermediate_size", 0)?,
+        moe_intermediate_size: req(raw.moe_intermediate_size, "moe_intermediate_size")?,
         shared_expert_intermediate_size: shared,
         shared_expert_gated: v == Version::Qwen2,
         norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
-        decoder_sparse_step: positive(raw.decoder_sparse_step, "decoder_sparse_step", 1)?,
+        decoder_sparse_step: req(raw.decoder_sparse_step.or(Some(1)), "decoder_sparse_step")?,
         mlp_only_layers: raw.mlp_only_layers.clone().unwrap_or_default(),
         attention_bias: v == Version::Qwen2 || raw.attention_bias.unwrap_or(false),
         qk_norm: if v == Version::Qwen3 { QkNormKind::PerHead } else { QkNormKind::None },
