@@ -416,7 +416,7 @@ pub fn check_request(model: &Model, req: &Request) -> Result<(), EngineError> {
             req.prompt_ids.len(),
             req.max_new_tokens,
             if cfg.sliding_window.is_some() { " or sliding_window" } else { "" },
-            if cfg.rope_factors.is_some() {
+            if cfg.rope_kind == stevedore_models::RopeKind::LongRope {
                 ", or LongRoPE's original_max_position_embeddings: past it the long factors would apply"
             } else {
                 ""

@@ -65,12 +65,12 @@ pub struct RopeTable {
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
         let d = cfg.rotary_dim;
-        // LongRoPE divides each frequency's base power by its factor (`rope_factors`).
-        let factor = |i: usize| cfg.rope_factors.as_ref().map_or(1.0, |f| f[i]);
+        // LongRoPE and YaRN give their own frequencies.
         Rope {
-            inv_freq: (0..d / 2)
-                .map(|i| 1.0 / (factor(i) * cfg.rope_theta.powf((2 * i) as f32 / d as f32)))
-                .collect(),
+            inv_freq: match &cfg.rope_inv_freq {
+                Some(f) => f.clone(),
+                None => (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32)).collect(),
+            },
             head_dim: cfg.head_dim,
             mscale: cfg.rope_mscale,
         }
@@ -94,7 +94,7 @@ impl RopeTable {
     /// Rotates the leading `rotary_dim` values of each `head_dim` chunk of `x` (rows of `width`
     /// values, row `t` at the table's row `t`) in the rotate-half convention of transformers;
     /// the rest of each head passes through.
-    fn apply(&self, x: &mut [f32], width: usize) {
+    pub(crate) fn apply(&self, x: &mut [f32], width: usize) {
         let half = self.half;
         for (t, row) in x.chunks_mut(width).enumerate() {
             let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
@@ -169,7 +169,6 @@ impl Attention {
     ) -> Result<Vec<f32>, KvError> {
         let d = self.head_dim;
         let (q_dim, kv_dim) = (self.n_heads * d, self.n_kv_heads * d);
-        let n = batch.len();
         let b = self.bias.as_ref();
         let t = profile::time(Op::QkvProj);
         let ws = [
@@ -201,88 +200,104 @@ impl Attention {
             kv.write(layer, slot, &k[i * kv_dim..(i + 1) * kv_dim], &v[i * kv_dim..(i + 1) * kv_dim]);
         }
 
-        // out[t][head] = softmax(q . k / sqrt(d)) v over the positions 0..=pos of t's sequence,
-        // one task per (sequence, query head), a KV block of positions at a time: the rows of
-        // the sequence that reach a block multiply its keys in one product, and their softmax
-        // weights over it its (transposed) values in another. A row's scores and its sum over
-        // blocks 0..=pos/block do not depend on the other rows of the call (the matmul's row
-        // invariance) nor on where its prompt was cut into chunks.
-        let kv = &*kv;
-        let spans = batch.spans();
-        let mut tables: Vec<&[u32]> = Vec::with_capacity(spans.len());
-        for span in spans {
-            tables.push(kv.table(span.seq).ok_or(KvError::Unknown(span.seq))?);
-        }
-        let rows = batch.rows();
-        let group = self.n_heads / self.n_kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let bs = kv.block_size();
-        let tasks: Vec<(usize, usize)> =
-            (0..spans.len()).flat_map(|s| (0..self.n_heads).map(move |h| (s, h))).collect();
-        let parts: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&(s, head)| {
-                let span = &spans[s];
-                let (r0, n) = (span.rows.start, span.rows.len());
-                let pos = |i: usize| rows[r0 + i].pos;
-                let g = head / group;
-                let single = MatmulOptions { isa: Isa::detect(), threading: Threading::Single };
-                let mut qs = Vec::with_capacity(n * d);
-                for i in 0..n {
-                    qs.extend_from_slice(&q[(r0 + i) * q_dim + head * d..][..d]);
-                }
-                // scores[i][p] for p < blocks * bs; rows are in position order.
-                let blocks = pos(n - 1) / bs + 1;
-                let width = blocks * bs;
-                let mut scores = vec![0.0f32; n * width];
-                let mut tile = vec![0.0f32; n * bs];
-                // For each block, the first row whose position reaches it: those rows are a
-                // suffix of the span.
-                let firsts: Vec<usize> =
-                    (0..blocks).map(|b| (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n)).collect();
-                for (b, &first) in firsts.iter().enumerate() {
-                    let m = n - first;
-                    let keys = Weight::from_f32(kv.key_block(layer, tables[s][b], g), bs, d);
-                    matmul_with(single, &qs[first * d..], &keys, &mut tile[..m * bs]);
-                    for j in 0..m {
-                        scores[(first + j) * width + b * bs..][..bs]
-                            .copy_from_slice(&tile[j * bs..(j + 1) * bs]);
-                    }
-                }
-                for i in 0..n {
-                    let row = &mut scores[i * width..(i + 1) * width];
-                    let (live, rest) = row.split_at_mut(pos(i) + 1);
-                    live.iter_mut().for_each(|x| *x *= scale);
-                    softmax(live);
-                    rest.fill(0.0);
-                }
-                let mut out = vec![0.0f32; n * d];
-                let mut weights = vec![0.0f32; n * bs];
-                let mut partial = vec![0.0f32; n * d];
-                for (b, &first) in firsts.iter().enumerate() {
-                    let m = n - first;
-                    for j in 0..m {
-                        weights[j * bs..(j + 1) * bs]
-                            .copy_from_slice(&scores[(first + j) * width + b * bs..][..bs]);
-                    }
-                    let values = Weight::from_f32(kv.value_block(layer, tables[s][b], g), d, bs);
-                    matmul_with(single, &weights[..m * bs], &values, &mut partial[..m * d]);
-                    for (o, p) in out[first * d..].iter_mut().zip(&partial[..m * d]) {
-                        *o += p;
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut out = vec![0.0f32; n * q_dim];
-        for (&(s, head), part) in tasks.iter().zip(&parts) {
-            let r0 = spans[s].rows.start;
-            for (i, o) in part.chunks(d).enumerate() {
-                out[(r0 + i) * q_dim + head * d..][..d].copy_from_slice(o);
-            }
-        }
+        let out =
+            attend(&q, (self.n_heads, self.n_heads / self.n_kv_heads), (d, d), scale, (kv, layer), batch)?;
         drop(_t);
         let _t = profile::time(Op::OProj);
         Ok(linear(index, backend, &out, &self.o_proj, self.o_bias.as_deref()))
     }
+}
+
+/// Causal attention of the batch's rows over their sequences' cached positions: `q` holds
+/// `heads` queries of width `dk` per row, query head `h` reads KV head `h / group`, whose keys
+/// are `dk` wide and values `dv`; returns `dv` per row and head. GQA calls it with its heads;
+/// MLA with every head on its one latent "head" (`group` = heads).
+///
+/// `out[t][head] = softmax(scale * q . k) v` over the positions `0..=pos` of t's sequence, one
+/// task per (sequence, query head), a KV block of positions at a time: the rows of the sequence
+/// that reach a block multiply its keys in one product, and their softmax weights over it its
+/// (transposed) values in another. A row's scores and its sum over blocks `0..=pos/block` do not
+/// depend on the other rows of the call (the matmul's row invariance) nor on where its prompt
+/// was cut into chunks.
+pub(crate) fn attend(
+    q: &[f32],
+    (heads, group): (usize, usize),
+    (dk, dv): (usize, usize),
+    scale: f32,
+    (kv, layer): (&KvPool, usize),
+    batch: &Batch,
+) -> Result<Vec<f32>, KvError> {
+    let spans = batch.spans();
+    let mut tables: Vec<&[u32]> = Vec::with_capacity(spans.len());
+    for span in spans {
+        tables.push(kv.table(span.seq).ok_or(KvError::Unknown(span.seq))?);
+    }
+    let rows = batch.rows();
+    let bs = kv.block_size();
+    let q_dim = heads * dk;
+    let tasks: Vec<(usize, usize)> = (0..spans.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(s, head)| {
+            let span = &spans[s];
+            let (r0, n) = (span.rows.start, span.rows.len());
+            let pos = |i: usize| rows[r0 + i].pos;
+            let g = head / group;
+            let single = MatmulOptions { isa: Isa::detect(), threading: Threading::Single };
+            let mut qs = Vec::with_capacity(n * dk);
+            for i in 0..n {
+                qs.extend_from_slice(&q[(r0 + i) * q_dim + head * dk..][..dk]);
+            }
+            // scores[i][p] for p < blocks * bs; rows are in position order.
+            let blocks = pos(n - 1) / bs + 1;
+            let width = blocks * bs;
+            let mut scores = vec![0.0f32; n * width];
+            let mut tile = vec![0.0f32; n * bs];
+            // For each block, the first row whose position reaches it: those rows are a suffix
+            // of the span.
+            let firsts: Vec<usize> =
+                (0..blocks).map(|b| (0..n).find(|&i| pos(i) >= b * bs).unwrap_or(n)).collect();
+            for (b, &first) in firsts.iter().enumerate() {
+                let m = n - first;
+                let keys = Weight::from_f32(kv.key_block(layer, tables[s][b], g), bs, dk);
+                matmul_with(single, &qs[first * dk..], &keys, &mut tile[..m * bs]);
+                for j in 0..m {
+                    scores[(first + j) * width + b * bs..][..bs].copy_from_slice(&tile[j * bs..(j + 1) * bs]);
+                }
+            }
+            for i in 0..n {
+                let row = &mut scores[i * width..(i + 1) * width];
+                let (live, rest) = row.split_at_mut(pos(i) + 1);
+                live.iter_mut().for_each(|x| *x *= scale);
+                softmax(live);
+                rest.fill(0.0);
+            }
+            let mut out = vec![0.0f32; n * dv];
+            let mut weights = vec![0.0f32; n * bs];
+            let mut partial = vec![0.0f32; n * dv];
+            for (b, &first) in firsts.iter().enumerate() {
+                let m = n - first;
+                for j in 0..m {
+                    weights[j * bs..(j + 1) * bs]
+                        .copy_from_slice(&scores[(first + j) * width + b * bs..][..bs]);
+                }
+                let values = Weight::from_f32(kv.value_block(layer, tables[s][b], g), dv, bs);
+                matmul_with(single, &weights[..m * bs], &values, &mut partial[..m * dv]);
+                for (o, p) in out[first * dv..].iter_mut().zip(&partial[..m * dv]) {
+                    *o += p;
+                }
+            }
+            out
+        })
+        .collect();
+    let out_dim = heads * dv;
+    let mut out = vec![0.0f32; batch.len() * out_dim];
+    for (&(s, head), part) in tasks.iter().zip(&parts) {
+        let r0 = spans[s].rows.start;
+        for (i, o) in part.chunks(dv).enumerate() {
+            out[(r0 + i) * out_dim + head * dv..][..dv].copy_from_slice(o);
+        }
+    }
+    Ok(out)
 }

@@ -24,18 +24,22 @@ pub enum Arch {
     /// Phi-3.5-MoE: Mixtral's layout with LayerNorm (with bias), biased projections, the
     /// sparsemixer router and LongRoPE.
     Phimoe,
+    /// DeepSeek-V3 / R1 and Kimi-K2: multi-head latent attention (MLA) with a latent KV cache,
+    /// YaRN RoPE, and GLM's router, shared experts and dense first layers.
+    DeepseekV3,
 }
 
 impl Arch {
     /// Every architecture: its `architectures[0]` name in config.json, and its `model_type`
     /// (what a config without `architectures` names).
-    pub const SUPPORTED: [(&'static str, &'static str, Arch); 6] = [
+    pub const SUPPORTED: [(&'static str, &'static str, Arch); 7] = [
         ("MixtralForCausalLM", "mixtral", Arch::Mixtral),
         ("Qwen2MoeForCausalLM", "qwen2_moe", Arch::Qwen2Moe),
         ("Qwen3MoeForCausalLM", "qwen3_moe", Arch::Qwen3Moe),
         ("OlmoeForCausalLM", "olmoe", Arch::Olmoe),
         ("Glm4MoeForCausalLM", "glm4_moe", Arch::Glm4Moe),
         ("PhimoeForCausalLM", "phimoe", Arch::Phimoe),
+        ("DeepseekV3ForCausalLM", "deepseek_v3", Arch::DeepseekV3),
     ];
 
     pub fn hf_name(self) -> &'static str {
@@ -59,6 +63,23 @@ pub enum RouterKind {
     SparseMixer { jitter_eps: f32 },
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+/// projection, keys and values through a shared latent of `kv_lora_rank` (cached, with the
+/// shared rotary key part) expanded per head by `kv_b_proj`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlaConfig {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// The rotary dimensions are interleaved pairs (`rope_interleave`).
+    pub interleave: bool,
+    /// The softmax scale: `1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)`, times YaRN's
+    /// `mscale_all_dim` correction squared.
+    pub softmax_scale: f32,
+}
+
 /// Normalised model configuration.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -72,10 +93,14 @@ pub struct ModelConfig {
     /// Leading dimensions of each head that RoPE rotates (`head_dim * partial_rotary_factor`;
     /// the rest pass through).
     pub rotary_dim: usize,
-    /// LongRoPE's per-frequency divisors (the short factors: positions stay below
-    /// `original_max_position_embeddings`), and the scale on cos and sin; `None` and 1 without.
-    pub rope_factors: Option<Vec<f32>>,
+    /// The rotary frequencies when they are not `theta^(-2i/d)`: LongRoPE's (the short factors:
+    /// positions stay below `original_max_position_embeddings`) or YaRN's; and the scale on cos
+    /// and sin (LongRoPE's `short_mscale`, YaRN's attention factor), 1 without.
+    pub rope_inv_freq: Option<Vec<f32>>,
     pub rope_mscale: f32,
+    pub rope_kind: RopeKind,
+    /// Multi-head latent attention instead of grouped-query attention.
+    pub mla: Option<MlaConfig>,
     /// LayerNorm with bias instead of RMSNorm (Phi-3.5-MoE), eps `rms_norm_eps`.
     pub layer_norm: bool,
     /// Bias on the attention output projection (Phi-3.5-MoE's `attention_bias` covers it).
@@ -126,6 +151,17 @@ impl ModelConfig {
             && !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
+    }
+
+    /// What the KV cache holds per position and layer: (KV heads, key width, value width). GQA:
+    /// `num_key_value_heads` heads of `head_dim` each; MLA: one latent "head", its key the
+    /// normalised latent and the rotary key (`kv_lora_rank + qk_rope_head_dim`), its value the
+    /// latent (`kv_lora_rank`).
+    pub fn kv_layout(&self) -> (usize, usize, usize) {
+        match &self.mla {
+            Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank),
+            None => (self.num_key_value_heads, self.head_dim, self.head_dim),
+        }
     }
 
     /// The most positions (prompt plus generated tokens) this model runs exactly:
@@ -183,6 +219,152 @@ struct RawRope {
     short_factor: Option<Vec<f64>>,
     short_mscale: Option<f64>,
     original_max_position_embeddings: Option<usize>,
+    factor: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    attention_factor: Option<f64>,
+}
+
+/// Which RoPE a model uses (what `inspect` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeKind {
+    Default,
+    LongRope,
+    Yarn,
+}
+
+/// How RoPE's frequencies depart from `theta^(-2i/d)`, from `rope_scaling` (4.x) or
+/// `rope_parameters` (5.x).
+#[derive(Clone, Debug, PartialEq)]
+enum RopeScaling {
+    Default,
+    /// LongRoPE (Phi-3.5-MoE): the short factors hold up to `original`; past it transformers
+    /// switches every position to the long factors, re-encoding the cache, which this engine does
+    /// not do: such positions are refused (`max_positions`).
+    LongRope {
+        short: Vec<f64>,
+        mscale: f64,
+        original: usize,
+    },
+    /// YaRN (DeepSeek-V2/V3, Kimi-K2).
+    Yarn {
+        factor: f64,
+        original: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        mscale_all_dim: f64,
+    },
+}
+
+/// YaRN's magnitude correction, as transformers computes it.
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl RopeScaling {
+    fn parse(r: &RawRope, top_original: Option<usize>) -> Result<Self, String> {
+        let kind = r.rope_type.as_deref().or(r.kind.as_deref()).unwrap_or("default");
+        let original = || {
+            (r.original_max_position_embeddings.or(top_original))
+                .ok_or(format!("`rope_scaling` ({kind}): missing `original_max_position_embeddings`"))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "longrope" | "su" => {
+                let short =
+                    r.short_factor.clone().ok_or("`rope_scaling` (longrope): missing `short_factor`")?;
+                let mscale = r.short_mscale.unwrap_or(1.0);
+                if short.iter().chain([&mscale]).any(|f| !(f.is_finite() && *f > 0.0)) {
+                    return Err(
+                        "`rope_scaling` (longrope): factors and `short_mscale` must be positive".into()
+                    );
+                }
+                Ok(RopeScaling::LongRope { short, mscale, original: original()? })
+            }
+            "yarn" => {
+                let factor = r.factor.ok_or("`rope_scaling` (yarn): missing `factor`")?;
+                let (mscale, all) = (r.mscale.unwrap_or(0.0), r.mscale_all_dim.unwrap_or(0.0));
+                let attention_factor = r.attention_factor.unwrap_or(if mscale != 0.0 && all != 0.0 {
+                    yarn_mscale(factor, mscale) / yarn_mscale(factor, all)
+                } else {
+                    yarn_mscale(factor, 1.0)
+                });
+                let y = RopeScaling::Yarn {
+                    factor,
+                    original: original()?,
+                    beta_fast: r.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0),
+                    beta_slow: r.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0),
+                    attention_factor,
+                    mscale_all_dim: all,
+                };
+                if ![factor, attention_factor].iter().all(|v| v.is_finite() && *v > 0.0) {
+                    return Err(format!(
+                        "`rope_scaling` (yarn): `factor` {factor} and the attention factor must be positive"
+                    ));
+                }
+                Ok(y)
+            }
+            _ => Err(format!("RoPE type `{kind}` is not supported (only `default`, `longrope` and `yarn`)")),
+        }
+    }
+
+    /// The frequencies of `dim` rotated dimensions where they are not the default, and the
+    /// scale on cos and sin, as transformers computes them (f32 where it does).
+    fn frequencies(&self, theta: f64, dim: usize) -> Result<(Option<Vec<f32>>, f32), String> {
+        let base_pow = |i: usize| (theta as f32).powf((2 * i) as f32 / dim as f32);
+        match self {
+            RopeScaling::Default => Ok((None, 1.0)),
+            RopeScaling::LongRope { short, mscale, .. } => {
+                if short.len() != dim / 2 {
+                    return Err(format!(
+                        "`rope_scaling` (longrope): `short_factor` has {} values, but a head rotates {} frequencies",
+                        short.len(),
+                        dim / 2
+                    ));
+                }
+                let inv = (0..dim / 2).map(|i| 1.0 / (short[i] as f32 * base_pow(i))).collect();
+                Ok((Some(inv), *mscale as f32))
+            }
+            RopeScaling::Yarn { factor, original, beta_fast, beta_slow, attention_factor, .. } => {
+                let correction = |rot: f64| {
+                    (dim as f64 * (*original as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
+                        / (2.0 * theta.ln())
+                };
+                let low = correction(*beta_fast).floor().max(0.0);
+                let mut high = correction(*beta_slow).ceil().min(dim as f64 - 1.0);
+                if low == high {
+                    high += 0.001;
+                }
+                let inv = (0..dim / 2)
+                    .map(|i| {
+                        let pos = base_pow(i);
+                        let (extra, inter) = (1.0 / pos, 1.0 / (*factor as f32 * pos));
+                        let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let extra_factor = 1.0 - ramp;
+                        inter * (1.0 - extra_factor) + extra * extra_factor
+                    })
+                    .collect();
+                Ok((Some(inv), *attention_factor as f32))
+            }
+        }
+    }
+
+    /// The factor MLA's softmax scale takes under YaRN: `yarn_mscale(factor, mscale_all_dim)^2`.
+    fn softmax_correction(&self) -> f64 {
+        match self {
+            RopeScaling::Yarn { factor, mscale_all_dim, .. } if *mscale_all_dim != 0.0 => {
+                yarn_mscale(*factor, *mscale_all_dim).powi(2)
+            }
+            _ => 1.0,
+        }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -231,6 +413,12 @@ pub(crate) struct RawConfig {
     pub(crate) partial_rotary_factor: Option<f64>,
     pub(crate) use_qk_norm: Option<bool>,
     pub(crate) lm_head_bias: Option<bool>,
+    pub(crate) q_lora_rank: Option<usize>,
+    pub(crate) kv_lora_rank: Option<usize>,
+    pub(crate) qk_nope_head_dim: Option<usize>,
+    pub(crate) qk_rope_head_dim: Option<usize>,
+    pub(crate) v_head_dim: Option<usize>,
+    pub(crate) rope_interleave: Option<bool>,
     pub(crate) router_jitter_noise: Option<f64>,
     pub(crate) original_max_position_embeddings: Option<usize>,
     pub(crate) num_experts_per_tok: Option<usize>,
@@ -288,10 +476,12 @@ impl RawConfig {
                 "field `num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads})"
             ));
         }
-        let head_dim = match self.head_dim {
-            Some(d) => req(Some(d), "head_dim")?,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
+        // MLA's RoPE runs over its `qk_rope_head_dim` (transformers sets `head_dim` to it too).
+        let head_dim = match (self.head_dim, arch == Arch::DeepseekV3) {
+            (_, true) => req(self.qk_rope_head_dim, "qk_rope_head_dim")?,
+            (Some(d), false) => req(Some(d), "head_dim")?,
+            (None, false) if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            (None, false) => {
                 return Err(
                     "`hidden_size` is not a multiple of `num_attention_heads` and `head_dim` is missing"
                         .into(),
@@ -305,33 +495,10 @@ impl RawConfig {
         // past it transformers switches every position to the long factors, re-encoding the
         // cache, which this engine does not do: such positions are refused (`max_positions`).
         let rope = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref());
-        let mut longrope: Option<(Vec<f32>, f32, usize)> = None;
-        if let Some(r) = rope {
-            let kind = r.rope_type.as_deref().or(r.kind.as_deref()).unwrap_or("default");
-            match kind {
-                "default" => {}
-                "longrope" | "su" => {
-                    let short =
-                        r.short_factor.as_ref().ok_or("`rope_scaling` (longrope): missing `short_factor`")?;
-                    let original = r
-                        .original_max_position_embeddings
-                        .or(self.original_max_position_embeddings)
-                        .ok_or("`rope_scaling` (longrope): missing `original_max_position_embeddings`")?;
-                    let mscale = r.short_mscale.unwrap_or(1.0);
-                    if short.iter().chain([&mscale]).any(|f| !(f.is_finite() && *f > 0.0)) {
-                        return Err(
-                            "`rope_scaling` (longrope): factors and `short_mscale` must be positive".into()
-                        );
-                    }
-                    longrope = Some((short.iter().map(|&f| f as f32).collect(), mscale as f32, original));
-                }
-                _ => {
-                    return Err(format!(
-                        "RoPE type `{kind}` is not supported (only `default` and `longrope`)"
-                    ))
-                }
-            }
-        }
+        let scaling = match rope {
+            Some(r) => RopeScaling::parse(r, self.original_max_position_embeddings)?,
+            None => RopeScaling::Default,
+        };
         let rope_theta =
             self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
         // Any spelling, for every family: transformers 5 writes Mixtral's and Qwen3-MoE's as
@@ -385,20 +552,32 @@ impl RawConfig {
             }
         }
         let sliding_window = parts.sliding_window;
-        if let Some((factors, _, _)) = &longrope {
-            if factors.len() != rotary_dim / 2 {
-                return Err(format!(
-                    "`rope_scaling` (longrope): `short_factor` has {} values, but a head rotates {} frequencies",
-                    factors.len(),
-                    rotary_dim / 2
-                ));
-            }
-        }
-        // Where LongRoPE switches to its long factors, stop (see above).
+        let (rope_inv_freq, rope_mscale) = scaling.frequencies(rope_theta, rotary_dim)?;
+        // Where LongRoPE switches to its long factors, stop (see `RopeScaling`).
         let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
-        let max_position_embeddings = match &longrope {
-            Some((_, _, original)) => max_position_embeddings.min(*original),
-            None => max_position_embeddings,
+        let max_position_embeddings = match &scaling {
+            RopeScaling::LongRope { original, .. } => max_position_embeddings.min(*original),
+            _ => max_position_embeddings,
+        };
+        let mla = match arch {
+            Arch::DeepseekV3 => {
+                let nope = req(self.qk_nope_head_dim, "qk_nope_head_dim")?;
+                let q_lora_rank = match self.q_lora_rank {
+                    Some(r) => Some(req(Some(r), "q_lora_rank")?),
+                    None => None,
+                };
+                Some(MlaConfig {
+                    q_lora_rank,
+                    kv_lora_rank: req(self.kv_lora_rank, "kv_lora_rank")?,
+                    qk_nope_head_dim: nope,
+                    qk_rope_head_dim: head_dim,
+                    v_head_dim: req(self.v_head_dim, "v_head_dim")?,
+                    interleave: self.rope_interleave.unwrap_or(true),
+                    softmax_scale: (1.0 / ((nope + head_dim) as f64).sqrt() * scaling.softmax_correction())
+                        as f32,
+                })
+            }
+            _ => None,
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if rms_norm_eps.is_nan() || rms_norm_eps < 0.0 {
@@ -439,8 +618,14 @@ impl RawConfig {
             num_key_value_heads,
             head_dim,
             rotary_dim,
-            rope_mscale: longrope.as_ref().map_or(1.0, |l| l.1),
-            rope_factors: longrope.map(|l| l.0),
+            rope_mscale,
+            rope_inv_freq,
+            rope_kind: match scaling {
+                RopeScaling::Default => RopeKind::Default,
+                RopeScaling::LongRope { .. } => RopeKind::LongRope,
+                RopeScaling::Yarn { .. } => RopeKind::Yarn,
+            },
+            mla,
             layer_norm: parts.layer_norm,
             o_proj_bias: parts.o_proj_bias,
             lm_head_bias: self.lm_head_bias.unwrap_or(false),
@@ -523,7 +708,12 @@ mod tests {
         for (_, t, arch) in Arch::SUPPORTED {
             let j = qwen3
                 .replace(r#""architectures":["Qwen3MoeForCausalLM"],"model_type":"qwen3_moe","#, "")
-                .replace("{", &format!(r#"{{"model_type":"{t}","shared_expert_intermediate_size":8,"#));
+                .replace(
+                    "{",
+                    &format!(
+                        r#"{{"model_type":"{t}","shared_expert_intermediate_size":8,"kv_lora_rank":8,"qk_nope_head_dim":8,"qk_rope_head_dim":8,"v_head_dim":8,"#
+                    ),
+                );
             assert_eq!(ModelConfig::from_json(&j).unwrap().arch, arch, "{t}");
         }
         let qwen2 = qwen3

@@ -54,20 +54,22 @@ struct BlockTable {
 pub struct KvPool {
     /// Token positions per block (> 0).
     block_size: usize,
-    /// Floats per position and layer, for keys and for values alike: KV heads x head_dim.
+    /// Floats per position and layer, keys and values together: KV heads x (key + value width).
     kv_dim: usize,
     kv_heads: usize,
-    head_dim: usize,
+    /// Key and value widths of one KV head (equal for GQA; MLA's latent differs).
+    key_dim: usize,
+    value_dim: usize,
     num_layers: usize,
     /// Blocks in the pool; block ids are `0..num_blocks`.
     num_blocks: usize,
-    /// `keys[layer][((block * kv_heads + head) * block_size + slot) * head_dim..][..head_dim]`:
+    /// `keys[layer][((block * kv_heads + head) * block_size + slot) * key_dim..][..key_dim]`:
     /// KV head `head`'s key of the position at `slot` of `block`. A block's keys for one head are
-    /// one `[block_size, head_dim]` matrix, which attention multiplies by its queries in one
+    /// one `[block_size, key_dim]` matrix, which attention multiplies by its queries in one
     /// product. Meaningful only for positions below their sequence's `len`.
     keys: Vec<Vec<f32>>,
-    /// `values[layer][((block * kv_heads + head) * head_dim + c) * block_size + slot]`: the
-    /// same blocks transposed, one `[head_dim, block_size]` matrix per block and head, which
+    /// `values[layer][((block * kv_heads + head) * value_dim + c) * block_size + slot]`: the
+    /// same blocks transposed, one `[value_dim, block_size]` matrix per block and head, which
     /// attention multiplies by its weights over the block's positions.
     values: Vec<Vec<f32>>,
     /// Blocks held by no sequence, used last-in first-out (recently used pages stay warm).
@@ -87,7 +89,8 @@ pub(crate) struct Slot {
 impl KvPool {
     /// Bytes one block occupies over all layers (keys and values, f32).
     pub fn block_bytes(cfg: &ModelConfig, block_size: usize) -> u64 {
-        [cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, cfg.head_dim, 2, 4]
+        let (heads, k, v) = cfg.kv_layout();
+        [cfg.num_hidden_layers, block_size, heads, k + v, 4]
             .iter()
             .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
     }
@@ -102,22 +105,26 @@ impl KvPool {
         let block_size = block_size.max(1);
         let block_bytes = Self::block_bytes(cfg, block_size).max(1);
         let num_blocks = (bytes / block_bytes).min(u32::MAX as u64) as usize;
-        let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
-        let floats = num_blocks
-            .checked_mul(block_size)
-            .and_then(|p| p.checked_mul(kv_dim))
-            .filter(|&f| f <= isize::MAX as usize / 4)
-            .ok_or(KvError::TooLarge { bytes })?;
-        let layer = || vec![0.0f32; floats];
+        let (kv_heads, key_dim, value_dim) = cfg.kv_layout();
+        let kv_dim = kv_heads * (key_dim + value_dim);
+        let floats = |width: usize| {
+            num_blocks
+                .checked_mul(block_size)
+                .and_then(|p| p.checked_mul(kv_heads * width))
+                .filter(|&f| f <= isize::MAX as usize / 4)
+                .ok_or(KvError::TooLarge { bytes })
+        };
+        let (key_floats, value_floats) = (floats(key_dim)?, floats(value_dim)?);
         Ok(KvPool {
             block_size,
             kv_dim,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
+            kv_heads,
+            key_dim,
+            value_dim,
             num_layers: cfg.num_hidden_layers,
             num_blocks,
-            keys: (0..cfg.num_hidden_layers).map(|_| layer()).collect(),
-            values: (0..cfg.num_hidden_layers).map(|_| layer()).collect(),
+            keys: (0..cfg.num_hidden_layers).map(|_| vec![0.0f32; key_floats]).collect(),
+            values: (0..cfg.num_hidden_layers).map(|_| vec![0.0f32; value_floats]).collect(),
             free: (0..num_blocks as u32).rev().collect(),
             tables: HashMap::new(),
         })
@@ -142,7 +149,7 @@ impl KvPool {
 
     /// Bytes of `blocks` blocks over all layers (keys and values, f32).
     fn bytes_of(&self, blocks: usize) -> u64 {
-        [blocks, self.block_size, self.kv_dim, self.num_layers, 2, 4]
+        [blocks, self.block_size, self.kv_dim, self.num_layers, 4]
             .iter()
             .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
     }
@@ -246,31 +253,32 @@ impl KvPool {
         self.tables.get(&seq).map(|t| t.blocks.as_slice())
     }
 
-    /// Writes one position's key and value (all KV heads, `kv_dim` floats each) in `layer`.
+    /// Writes one position's key and value (all KV heads: `kv_heads * key_dim` and
+    /// `kv_heads * value_dim` floats) in `layer`.
     pub(crate) fn write(&mut self, layer: usize, slot: Slot, key: &[f32], value: &[f32]) {
-        let (bs, d) = (self.block_size, self.head_dim);
+        let (bs, dk, dv) = (self.block_size, self.key_dim, self.value_dim);
         for h in 0..self.kv_heads {
-            let at = ((slot.block * self.kv_heads + h) * bs + slot.slot) * d;
-            self.keys[layer][at..at + d].copy_from_slice(&key[h * d..(h + 1) * d]);
-            let base = (slot.block * self.kv_heads + h) * d * bs + slot.slot;
-            for (c, &v) in value[h * d..(h + 1) * d].iter().enumerate() {
+            let at = ((slot.block * self.kv_heads + h) * bs + slot.slot) * dk;
+            self.keys[layer][at..at + dk].copy_from_slice(&key[h * dk..(h + 1) * dk]);
+            let base = (slot.block * self.kv_heads + h) * dv * bs + slot.slot;
+            for (c, &v) in value[h * dv..(h + 1) * dv].iter().enumerate() {
                 self.values[layer][base + c * bs] = v;
             }
         }
     }
 
-    /// KV head `head`'s keys of `block` in `layer`: `[block_size, head_dim]`, row = slot.
+    /// KV head `head`'s keys of `block` in `layer`: `[block_size, key_dim]`, row = slot.
     #[inline]
     pub(crate) fn key_block(&self, layer: usize, block: u32, head: usize) -> &[f32] {
-        let n = self.block_size * self.head_dim;
+        let n = self.block_size * self.key_dim;
         let at = (block as usize * self.kv_heads + head) * n;
         &self.keys[layer][at..at + n]
     }
 
-    /// KV head `head`'s values of `block` in `layer`, transposed: `[head_dim, block_size]`.
+    /// KV head `head`'s values of `block` in `layer`, transposed: `[value_dim, block_size]`.
     #[inline]
     pub(crate) fn value_block(&self, layer: usize, block: u32, head: usize) -> &[f32] {
-        let n = self.block_size * self.head_dim;
+        let n = self.block_size * self.value_dim;
         let at = (block as usize * self.kv_heads + head) * n;
         &self.values[layer][at..at + n]
     }
@@ -327,7 +335,7 @@ mod tests {
         }
         p.set_len(1, 6);
         let table = p.table(1).unwrap().to_vec();
-        let d = p.head_dim;
+        let d = p.key_dim;
         for pos in 0..6 {
             let block = table[pos / p.block_size];
             for h in 0..p.kv_heads {
@@ -390,7 +398,7 @@ mod tests {
         let table = p.table(100).unwrap().to_vec();
         for pos in 0..16 {
             let keys = p.key_block(0, table[pos / p.block_size], 1);
-            assert_eq!(keys[(pos % p.block_size) * p.head_dim + 3], pos as f32);
+            assert_eq!(keys[(pos % p.block_size) * p.key_dim + 3], pos as f32);
         }
         assert_partition(&p);
         for seq in (0..8).chain([100]) {

@@ -10,6 +10,7 @@ pub mod experts;
 pub mod family;
 pub mod kv;
 mod layers;
+mod mla;
 mod model;
 mod moe;
 pub mod names;
@@ -18,7 +19,7 @@ mod tensor;
 pub mod weights;
 
 pub use batch::{Batch, Row, SeqId, Span};
-pub use config::{Arch, ModelConfig, RouterKind};
+pub use config::{Arch, ModelConfig, RopeKind, RouterKind};
 pub use error::Error;
 pub use experts::{
     ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights,

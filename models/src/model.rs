@@ -11,10 +11,17 @@ use tracing::debug_span;
 use crate::attention::{Attention, QkNorm, Rope};
 use crate::experts::{ExpertSource, ExpertTensors, ExpertsError, Foresight, GateEstimate, GateInput};
 use crate::kv::KvPool;
+use crate::mla::Mla;
 use crate::moe::{Mlp, SparseMoe};
 use crate::profile::{self, Op};
 use crate::tensor::{linear, load_vec, Mat, Norm};
 use crate::{Batch, Error, LayerId, LayerMap, ModelConfig, QkNormKind, SeqId, WeightIndex};
+
+/// A layer's attention kind: grouped-query, or multi-head latent (DeepSeek).
+enum SelfAttention {
+    Grouped(Attention),
+    Latent(Mla),
+}
 
 enum FeedForward {
     Dense(Mlp),
@@ -23,7 +30,7 @@ enum FeedForward {
 
 struct DecoderLayer {
     input_layernorm: Norm,
-    self_attn: Attention,
+    self_attn: SelfAttention,
     post_attention_layernorm: Norm,
     ffn: FeedForward,
 }
@@ -54,7 +61,10 @@ impl DecoderLayer {
         };
         Ok(DecoderLayer {
             input_layernorm: Norm::load(index, &format!("{p}.input_layernorm"), h, cfg)?,
-            self_attn: Attention::load(index, cfg, &attn, qk_norm)?,
+            self_attn: match &cfg.mla {
+                Some(m) => SelfAttention::Latent(Mla::load(index, cfg, m, &attn)?),
+                None => SelfAttention::Grouped(Attention::load(index, cfg, &attn, qk_norm)?),
+            },
             post_attention_layernorm: Norm::load(index, &format!("{p}.post_attention_layernorm"), h, cfg)?,
             ffn,
         })
@@ -216,10 +226,11 @@ impl Model {
             let mut hs = x.clone();
             layer.input_layernorm.apply(&mut hs);
             drop(t);
-            let attn = layer
-                .self_attn
-                .forward(&self.index, backend, &hs, batch, &rope, kv, l)
-                .map_err(|e| Error::Input(e.to_string()))?;
+            let attn = match &layer.self_attn {
+                SelfAttention::Grouped(a) => a.forward(&self.index, backend, &hs, batch, &rope, kv, l),
+                SelfAttention::Latent(a) => a.forward(&self.index, backend, &hs, batch, &rope, kv, l),
+            }
+            .map_err(|e| Error::Input(e.to_string()))?;
             let t = profile::time(Op::Norm);
             axpy(1.0, &attn, &mut x);
             let mut hs = x.clone();

@@ -144,6 +144,11 @@ fn phimoe_batched_equals_alone() {
 }
 
 #[test]
+fn deepseek_v3_batched_equals_alone() {
+    check("deepseek_v3");
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check("pydoc-moe");
 }

@@ -92,6 +92,11 @@ fn phimoe_matches_transformers() {
 }
 
 #[test]
+fn deepseek_v3_matches_transformers() {
+    check("deepseek_v3");
+}
+
+#[test]
 fn trained_pydoc_moe_matches_transformers() {
     check("pydoc-moe");
 }

@@ -183,6 +183,28 @@ fn phimoe_parts() {
     run.err(&["64"]);
 }
 
+/// DeepSeek-V3's latent attention: a missing latent norm, an expansion of the wrong shape, and
+/// a config without the latent rank, each an error naming the file and tensor or field.
+#[test]
+fn deepseek_v3_parts() {
+    assert_missing_fails("deepseek_v3", "model.layers.2.self_attn.kv_a_layernorm.weight");
+    assert_missing_fails("deepseek_v3", "model.layers.0.self_attn.q_a_proj.weight");
+    let tmp = copy_fixture("deepseek_v3");
+    let file = tmp.path().join("model.safetensors");
+    let mut st = SafeTensors::read(&file);
+    let name = "model.layers.1.self_attn.kv_b_proj.weight";
+    let (dtype, shape) = (st.dtype(name), st.shape(name));
+    st.retype(name, &dtype, &[shape[0] - 4, shape[1]]);
+    st.write(&file);
+    assert_load_fails(tmp.path(), &[path_str(&file), name, "shape"]);
+    let tmp = copy_fixture("deepseek_v3");
+    let path = tmp.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("kv_lora_rank");
+    fs::write(&path, v.to_string()).unwrap();
+    assert_load_fails(tmp.path(), &[path_str(&path), "kv_lora_rank", "missing"]);
+}
+
 #[test]
 fn wrong_dtype() {
     for dtype in ["I32", "F64"] {
@@ -250,6 +272,7 @@ fn config_unsupported_architecture() {
         "OlmoeForCausalLM",
         "Glm4MoeForCausalLM",
         "PhimoeForCausalLM",
+        "DeepseekV3ForCausalLM",
     ];
     let mut needles = vec![path_str(&path), "GPT2LMHeadModel", "unsupported"];
     needles.extend(supported);

@@ -142,6 +142,11 @@ fn phimoe_batched_equals_alone() {
 }
 
 #[test]
+fn deepseek_v3_batched_equals_alone() {
+    check_batched_equals_alone(FIXTURES[6]);
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check_batched_equals_alone(PYDOC_MOE);
 }

@@ -99,18 +99,34 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
     }
     let _ = writeln!(
         out,
-        "attention:        GQA {} q / {} kv heads of {}{}{}{}{}",
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
+        "attention:        {}{}{}{}{}",
+        match &cfg.mla {
+            Some(m) => format!(
+                "MLA {} heads (q rank {}, latent {} cached with {} rotary dims, key {}+{}, value {})",
+                cfg.num_attention_heads,
+                m.q_lora_rank.map_or("full".to_owned(), |r| r.to_string()),
+                m.kv_lora_rank,
+                m.qk_rope_head_dim,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim
+            ),
+            None => format!(
+                "GQA {} q / {} kv heads of {}",
+                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            ),
+        },
         if cfg.rotary_dim < cfg.head_dim {
             format!(", RoPE on {} dims", cfg.rotary_dim)
         } else {
             String::new()
         },
-        match cfg.rope_factors {
-            Some(_) => format!(", LongRoPE (short factors, up to {} positions)", cfg.max_position_embeddings),
-            None => String::new(),
+        match cfg.rope_kind {
+            stevedore_models::RopeKind::LongRope => {
+                format!(", LongRoPE (short factors, up to {} positions)", cfg.max_position_embeddings)
+            }
+            stevedore_models::RopeKind::Yarn => ", YaRN RoPE".to_owned(),
+            stevedore_models::RopeKind::Default => String::new(),
         },
         match cfg.qk_norm {
             stevedore_models::QkNormKind::PerHead => ", per-head q/k norm",
