@@ -27,12 +27,14 @@ pub enum Arch {
     /// DeepSeek-V3 / R1 and Kimi-K2: multi-head latent attention (MLA) with a latent KV cache,
     /// YaRN RoPE, and GLM's router, shared experts and dense first layers.
     DeepseekV3,
+    /// DeepSeek-V2 / V2-Lite: V3's shape with a softmax, optionally group-limited router.
+    DeepseekV2,
 }
 
 impl Arch {
     /// Every architecture: its `architectures[0]` name in config.json, and its `model_type`
     /// (what a config without `architectures` names).
-    pub const SUPPORTED: [(&'static str, &'static str, Arch); 7] = [
+    pub const SUPPORTED: [(&'static str, &'static str, Arch); 8] = [
         ("MixtralForCausalLM", "mixtral", Arch::Mixtral),
         ("Qwen2MoeForCausalLM", "qwen2_moe", Arch::Qwen2Moe),
         ("Qwen3MoeForCausalLM", "qwen3_moe", Arch::Qwen3Moe),
@@ -40,6 +42,7 @@ impl Arch {
         ("Glm4MoeForCausalLM", "glm4_moe", Arch::Glm4Moe),
         ("PhimoeForCausalLM", "phimoe", Arch::Phimoe),
         ("DeepseekV3ForCausalLM", "deepseek_v3", Arch::DeepseekV3),
+        ("DeepseekV2ForCausalLM", "deepseek_v2", Arch::DeepseekV2),
     ];
 
     pub fn hf_name(self) -> &'static str {
@@ -61,6 +64,10 @@ pub enum RouterKind {
     /// softmax over the experts whose logit is within `2 * jitter_eps` (relative) of it; then
     /// the best of the others, weighted the same way among the rest.
     SparseMixer { jitter_eps: f32 },
+    /// DeepSeek-V2's: softmax scores; the top-k within the `topk_group` groups (of `n_group`)
+    /// whose best score is highest (all of them with one group); the weights are the scores
+    /// times `routed_scaling_factor`.
+    SoftmaxGroupLimited { n_group: usize, topk_group: usize, routed_scaling_factor: f32 },
 }
 
 /// Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
@@ -209,7 +216,7 @@ impl ModelConfig {
     }
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 struct RawRope {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
@@ -367,7 +374,7 @@ impl RopeScaling {
     }
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
 enum OneOrMany {
     One(u32),
@@ -383,7 +390,7 @@ impl OneOrMany {
     }
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 pub(crate) struct RawConfig {
     pub(crate) architectures: Option<Vec<String>>,
     pub(crate) model_type: Option<String>,
@@ -419,6 +426,8 @@ pub(crate) struct RawConfig {
     pub(crate) qk_rope_head_dim: Option<usize>,
     pub(crate) v_head_dim: Option<usize>,
     pub(crate) rope_interleave: Option<bool>,
+    pub(crate) topk_method: Option<String>,
+    pub(crate) mlp_bias: Option<bool>,
     pub(crate) router_jitter_noise: Option<f64>,
     pub(crate) original_max_position_embeddings: Option<usize>,
     pub(crate) num_experts_per_tok: Option<usize>,
@@ -477,7 +486,7 @@ impl RawConfig {
             ));
         }
         // MLA's RoPE runs over its `qk_rope_head_dim` (transformers sets `head_dim` to it too).
-        let head_dim = match (self.head_dim, arch == Arch::DeepseekV3) {
+        let head_dim = match (self.head_dim, matches!(arch, Arch::DeepseekV3 | Arch::DeepseekV2)) {
             (_, true) => req(self.qk_rope_head_dim, "qk_rope_head_dim")?,
             (Some(d), false) => req(Some(d), "head_dim")?,
             (None, false) if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
@@ -560,7 +569,7 @@ impl RawConfig {
             _ => max_position_embeddings,
         };
         let mla = match arch {
-            Arch::DeepseekV3 => {
+            Arch::DeepseekV3 | Arch::DeepseekV2 => {
                 let nope = req(self.qk_nope_head_dim, "qk_nope_head_dim")?;
                 let q_lora_rank = match self.q_lora_rank {
                     Some(r) => Some(req(Some(r), "q_lora_rank")?),

@@ -54,6 +54,7 @@ enum Router {
     Softmax,
     SigmoidGrouped { correction: Vec<f32>, n_group: usize, topk_group: usize, scaling: f32 },
     SparseMixer { jitter_eps: f32 },
+    SoftmaxGroupLimited { n_group: usize, topk_group: usize, scaling: f32 },
 }
 
 pub struct SparseMoe {
@@ -145,6 +146,9 @@ impl SparseMoe {
         let kind = match cfg.router {
             RouterKind::Softmax => Router::Softmax,
             RouterKind::SparseMixer { jitter_eps } => Router::SparseMixer { jitter_eps },
+            RouterKind::SoftmaxGroupLimited { n_group, topk_group, routed_scaling_factor } => {
+                Router::SoftmaxGroupLimited { n_group, topk_group, scaling: routed_scaling_factor }
+            }
             RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
                 let bias =
                     router.strip_suffix("weight").unwrap_or(router).to_owned() + "e_score_correction_bias";
@@ -218,7 +222,7 @@ impl SparseMoe {
         let mut choice = vec![0.0f32; e];
         for probs in logits.chunks_mut(e) {
             match &self.kind {
-                Router::Softmax | Router::SparseMixer { .. } => {
+                Router::Softmax | Router::SparseMixer { .. } | Router::SoftmaxGroupLimited { .. } => {
                     softmax(probs);
                     choice.copy_from_slice(probs);
                 }
@@ -241,29 +245,39 @@ impl SparseMoe {
     /// biased scores become 0; the top-k of what is left. `ranked` is every expert, best
     /// biased score first; a softmax router takes its top-k.
     fn grouped_top_k(&self, probs: &[f32], ranked: &[u32], out: &mut Vec<u32>) {
-        let Router::SigmoidGrouped { correction, n_group, topk_group, .. } = &self.kind else {
-            out.extend_from_slice(&ranked[..self.top_k]);
-            return;
+        // Each group's score over what the router chooses by, and the groups to keep.
+        let (choose, n_group, topk_group): (&dyn Fn(usize) -> f32, usize, usize) = match &self.kind {
+            Router::SigmoidGrouped { correction, n_group, topk_group, .. } => {
+                (&|e: usize| probs[e] + correction[e], *n_group, *topk_group)
+            }
+            Router::SoftmaxGroupLimited { n_group, topk_group, .. } if *topk_group < *n_group => {
+                (&|e: usize| probs[e], *n_group, *topk_group)
+            }
+            _ => {
+                out.extend_from_slice(&ranked[..self.top_k]);
+                return;
+            }
         };
         let per = probs.len() / n_group;
-        let biased = |e: usize| probs[e] + correction[e];
-        let mut group_score: Vec<(f32, usize)> = (0..*n_group)
+        let two_best = matches!(self.kind, Router::SigmoidGrouped { .. });
+        let mut group_score: Vec<(f32, usize)> = (0..n_group)
             .map(|g| {
                 let mut best = [f32::NEG_INFINITY; 2];
                 for e in g * per..(g + 1) * per {
-                    let s = biased(e);
+                    let s = choose(e);
                     if s > best[0] {
                         best = [s, best[0]];
                     } else if s > best[1] {
                         best[1] = s;
                     }
                 }
-                (best[0] + best[1], g)
+                // DeepSeek-V3 scores a group by its best two, V2 by its best.
+                (if two_best { best[0] + best[1] } else { best[0] }, g)
             })
             .collect();
         group_score.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let kept: Vec<usize> = group_score[..*topk_group].iter().map(|&(_, g)| g).collect();
-        let masked = |e: usize| if kept.contains(&(e / per)) { biased(e) } else { 0.0 };
+        let kept: Vec<usize> = group_score[..topk_group].iter().map(|&(_, g)| g).collect();
+        let masked = |e: usize| if kept.contains(&(e / per)) { choose(e) } else { 0.0 };
         let mut order: Vec<u32> = (0..probs.len() as u32).collect();
         order.sort_by(|&a, &b| masked(b as usize).total_cmp(&masked(a as usize)).then(a.cmp(&b)));
         out.extend_from_slice(&order[..self.top_k]);
@@ -309,6 +323,7 @@ impl SparseMoe {
         }
         let (scaling, eps) = match self.kind {
             Router::Softmax | Router::SparseMixer { .. } => (1.0, 0.0),
+            Router::SoftmaxGroupLimited { scaling, .. } => (scaling, 0.0),
             // transformers adds 1e-20 to the sum before renormalising sigmoid weights.
             Router::SigmoidGrouped { scaling, .. } => (scaling, 1e-20),
         };

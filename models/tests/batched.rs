@@ -149,6 +149,11 @@ fn deepseek_v3_batched_equals_alone() {
 }
 
 #[test]
+fn deepseek_v2_batched_equals_alone() {
+    check("deepseek_v2");
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check("pydoc-moe");
 }

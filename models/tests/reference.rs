@@ -97,6 +97,11 @@ fn deepseek_v3_matches_transformers() {
 }
 
 #[test]
+fn deepseek_v2_matches_transformers() {
+    check("deepseek_v2");
+}
+
+#[test]
 fn trained_pydoc_moe_matches_transformers() {
     check("pydoc-moe");
 }

@@ -273,6 +273,7 @@ fn config_unsupported_architecture() {
         "Glm4MoeForCausalLM",
         "PhimoeForCausalLM",
         "DeepseekV3ForCausalLM",
+        "DeepseekV2ForCausalLM",
     ];
     let mut needles = vec![path_str(&path), "GPT2LMHeadModel", "unsupported"];
     needles.extend(supported);

@@ -147,6 +147,11 @@ fn deepseek_v3_batched_equals_alone() {
 }
 
 #[test]
+fn deepseek_v2_batched_equals_alone() {
+    check_batched_equals_alone(FIXTURES[7]);
+}
+
+#[test]
 fn pydoc_moe_batched_equals_alone() {
     check_batched_equals_alone(PYDOC_MOE);
 }

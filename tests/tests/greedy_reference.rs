@@ -86,6 +86,11 @@ fn deepseek_v3_matches_transformers() {
     check_fixture("deepseek_v3");
 }
 
+#[test]
+fn deepseek_v2_matches_transformers() {
+    check_fixture("deepseek_v2");
+}
+
 /// `config.transformers-5.json` is each fixture's config as transformers 5.24 saves it
 /// (`tests/fixtures/make_configs_5.py`, which also checks that transformers 5 reproduces the
 /// reference under it): other spellings (Qwen3-MoE's `num_local_experts`), `rope_parameters`,

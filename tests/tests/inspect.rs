@@ -14,7 +14,7 @@ fn expected_moe_layers(name: &str) -> Vec<u64> {
     match name {
         "mixtral" | "olmoe" | "phimoe" => vec![0, 1, 2],
         "qwen2_moe" => vec![1, 3],
-        "qwen3_moe" | "glm4_moe" | "deepseek_v3" => vec![1, 2],
+        "qwen3_moe" | "glm4_moe" | "deepseek_v3" | "deepseek_v2" => vec![1, 2],
         other => panic!("no expectation for fixture {other}"),
     }
 }
@@ -50,7 +50,7 @@ fn json_is_consistent_with_config_and_headers() {
         assert_eq!(moe_layers, expected_moe_layers(name), "{name}: {v}");
         let experts_key = match name {
             "mixtral" | "phimoe" => "num_local_experts",
-            "glm4_moe" | "deepseek_v3" => "n_routed_experts",
+            "glm4_moe" | "deepseek_v3" | "deepseek_v2" => "n_routed_experts",
             _ => "num_experts",
         };
         assert_eq!(v["experts"], cfg[experts_key], "{name}: {v}");

@@ -188,6 +188,10 @@ fn router_name(cfg: &stevedore_models::ModelConfig) -> String {
     let norm = if cfg.norm_topk_prob { ", renormalised" } else { "" };
     match cfg.router {
         stevedore_models::RouterKind::Softmax => format!("softmax top-{}{norm}", cfg.num_experts_per_tok),
+        stevedore_models::RouterKind::SoftmaxGroupLimited { n_group, topk_group, routed_scaling_factor } => format!(
+            "softmax top-{} within the best {topk_group} of {n_group} groups{norm}, scaled by {routed_scaling_factor}",
+            cfg.num_experts_per_tok
+        ),
         stevedore_models::RouterKind::SparseMixer { jitter_eps } => {
             format!("sparsemixer top-2 (jitter eps {jitter_eps})")
         }

@@ -4,6 +4,7 @@
 //! architecture; the parts (router kinds, q/k norm kinds, norms, RoPE variants) are small types
 //! a family composes.
 
+mod deepseek_v2;
 mod deepseek_v3;
 mod glm4_moe;
 mod mixtral;
@@ -82,6 +83,7 @@ pub(crate) fn parts(arch: Arch, raw: &RawConfig, s: &Shared) -> Result<Parts, St
         Arch::Glm4Moe => glm4_moe::parts(raw, s),
         Arch::Phimoe => phimoe::parts(raw, s),
         Arch::DeepseekV3 => deepseek_v3::parts(raw, s),
+        Arch::DeepseekV2 => deepseek_v2::parts(raw, s),
     }
 }
 
@@ -90,7 +92,7 @@ pub(crate) fn parts(arch: Arch, raw: &RawConfig, s: &Shared) -> Result<Parts, St
 pub(crate) fn expert_count_field(arch: Arch) -> &'static str {
     match arch {
         Arch::Mixtral | Arch::Phimoe => "num_local_experts",
-        Arch::Glm4Moe | Arch::DeepseekV3 => "n_routed_experts",
+        Arch::Glm4Moe | Arch::DeepseekV3 | Arch::DeepseekV2 => "n_routed_experts",
         Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => "num_experts",
     }
 }
@@ -106,7 +108,7 @@ pub(crate) fn moe_names(arch: Arch, layer: usize) -> MoeNames {
     match arch {
         Arch::Mixtral | Arch::Phimoe => mixtral::moe_names(layer),
         Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => qwen_moe::moe_names(layer),
-        Arch::Glm4Moe | Arch::DeepseekV3 => glm4_moe::moe_names(layer),
+        Arch::Glm4Moe | Arch::DeepseekV3 | Arch::DeepseekV2 => glm4_moe::moe_names(layer),
     }
 }
 
@@ -115,8 +117,11 @@ pub(crate) fn moe_names(arch: Arch, layer: usize) -> MoeNames {
 pub fn expert_tensor_names(arch: Arch, layer: usize, expert: usize) -> [String; 3] {
     match arch {
         Arch::Mixtral | Arch::Phimoe => mixtral::expert_names(layer, expert),
-        Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::Glm4Moe | Arch::DeepseekV3 => {
-            qwen_moe::expert_names(layer, expert)
-        }
+        Arch::Qwen2Moe
+        | Arch::Qwen3Moe
+        | Arch::Olmoe
+        | Arch::Glm4Moe
+        | Arch::DeepseekV3
+        | Arch::DeepseekV2 => qwen_moe::expert_names(layer, expert),
     }
 }

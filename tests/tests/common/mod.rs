@@ -18,8 +18,8 @@ use std::process::Command;
 use serde_json::{Map, Value};
 
 /// The random-weight fixtures with transformers references.
-pub const FIXTURES: [&str; 7] =
-    ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "phimoe", "deepseek_v3"];
+pub const FIXTURES: [&str; 8] =
+    ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "phimoe", "deepseek_v3", "deepseek_v2"];
 
 /// The trained tiny model (with tokenizer.json and golden.json).
 pub const PYDOC_MOE: &str = "pydoc-moe";
