@@ -293,7 +293,8 @@ impl Loaded {
                         "cannot read MemAvailable from /proc/meminfo; give a host cache budget".into(),
                     )
                 })?;
-                let dense = self.model.dense_bytes();
+                // The checkpoint's dense weights and what the model derives from them at load.
+                let dense = self.model.dense_bytes() + self.model.derived_bytes();
                 let room = available.saturating_sub(dense + config.kv_cache + AUTO_RESERVE);
                 let auto = AutoBudget { available, dense, kv_cache: config.kv_cache, reserve: AUTO_RESERVE };
                 Ok((room.min(fp.total_bytes).max(fp.min_budget), Some(auto)))

@@ -88,6 +88,11 @@ impl Mla {
         })
     }
 
+    /// Bytes held beside the checkpoint's own (the absorbed key expansion, in f32).
+    pub fn derived_bytes(&self) -> u64 {
+        (self.k_absorb.len() * 4) as u64
+    }
+
     /// Self-attention of decoder layer `layer` for the batch's rows (see the module docs):
     /// caches each row's latent and rotary key, then attends causally.
     #[allow(clippy::too_many_arguments)]

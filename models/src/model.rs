@@ -329,9 +329,20 @@ impl Model {
         dense + experts.checked_div(count).unwrap_or(0) * per_token
     }
 
-    /// Bytes of dense (always resident) weights.
+    /// Bytes of dense (always resident) weights in the checkpoint.
     pub fn dense_bytes(&self) -> u64 {
         self.index.bytes_where(|n| !crate::names::is_expert_tensor(n))
+    }
+
+    /// Bytes the model holds beside the checkpoint's (MLA's absorbed key expansions): resident
+    /// memory too, which an automatic host budget leaves room for.
+    pub fn derived_bytes(&self) -> u64 {
+        (self.decoder.iter())
+            .map(|l| match &l.self_attn {
+                SelfAttention::Latent(m) => m.derived_bytes(),
+                SelfAttention::Grouped(_) => 0,
+            })
+            .sum()
     }
 
     /// The backend the forward pass computes with.

@@ -62,6 +62,7 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
             "router": router_name(cfg),
             "expert_format": formats,
             "dense_bytes": dense,
+            "derived_bytes": model.derived_bytes(),
             "expert_bytes": expert_tensor_bytes,
             "expert_cache_bytes": fp.total_bytes,
             "bytes_per_expert": fp.max_expert_bytes,
@@ -142,6 +143,13 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
         },
     );
     let _ = writeln!(out, "dense weights:    {} (resident)", human(dense));
+    if model.derived_bytes() > 0 {
+        let _ = writeln!(
+            out,
+            "derived at load:  {} (resident: MLA's key expansion absorbed into the queries, f32)",
+            human(model.derived_bytes())
+        );
+    }
     let _ = writeln!(
         out,
         "expert weights:   {} ({} experts, {formats}, streamed)",
