@@ -38,8 +38,11 @@ pub struct Mla {
     o_bias: Option<Vec<f32>>,
     m: MlaConfig,
     heads: usize,
-    eps: f32,
 }
+
+/// The latent norms' epsilon: transformers builds `q_a_layernorm` and `kv_a_layernorm` with
+/// the RMSNorm default, not the config's `rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
 
 impl Mla {
     pub fn load(index: &WeightIndex, cfg: &ModelConfig, m: &MlaConfig, prefix: &str) -> Result<Self, Error> {
@@ -84,7 +87,6 @@ impl Mla {
             o_bias: bias("o_proj", h)?,
             m: m.clone(),
             heads,
-            eps: cfg.rms_norm_eps,
         })
     }
 
@@ -115,7 +117,7 @@ impl Mla {
             QueryPath::Direct(w) => linear(index, backend, x, w, None),
             QueryPath::LowRank { a, a_bias, norm, b } => {
                 let mut qa = linear(index, backend, x, a, a_bias.as_deref());
-                rms_norm(&mut qa, norm, self.eps);
+                rms_norm(&mut qa, norm, LATENT_NORM_EPS);
                 linear(index, backend, &qa, b, None)
             }
         };
@@ -127,14 +129,14 @@ impl Mla {
             latent.extend_from_slice(&row[..lora]);
             k_rot.extend_from_slice(&row[lora..]);
         }
-        rms_norm(&mut latent, &self.kv_norm, self.eps);
+        rms_norm(&mut latent, &self.kv_norm, LATENT_NORM_EPS);
         // Queries split per head into the no-RoPE part (head-major, for the absorption) and the
         // rotary part (row-major, as RoPE takes it).
         let mut q_nope = vec![0.0f32; heads * n * nope];
         let mut q_rot = Vec::with_capacity(n * heads * r);
-        for (t, row) in q.chunks(heads * (nope + r)).enumerate() {
+        for (i, row) in q.chunks(heads * (nope + r)).enumerate() {
             for (hd, head) in row.chunks(nope + r).enumerate() {
-                q_nope[(hd * n + t) * nope..][..nope].copy_from_slice(&head[..nope]);
+                q_nope[(hd * n + i) * nope..][..nope].copy_from_slice(&head[..nope]);
                 q_rot.extend_from_slice(&head[nope..]);
             }
         }
