@@ -117,6 +117,9 @@ fn reply(mut r: ureq::http::Response<ureq::Body>) -> Reply {
 
 /// POSTs `body` as it is, with this content type.
 pub fn post_raw(url: &str, content_type: &str, body: &str, key: Option<&str>) -> Reply {
+    if body.len() > 1 << 20 && key.is_none() {
+        return post_oversized(url, content_type, body);
+    }
     let mut req = agent().post(url).header("Content-Type", content_type);
     if let Some(k) = key {
         req = req.header("Authorization", &format!("Bearer {k}"));
@@ -210,4 +213,57 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         let (name, value) = l.rsplit_once(' ')?;
         (name == sample).then(|| value.parse().ok()).flatten()
     })
+}
+
+/// POSTs a large `body` over a plain socket, writing it from another thread while this one
+/// reads the reply: a server may answer (413) after reading only part of it and close, and a
+/// client that waits to finish writing would see a broken pipe instead of the answer.
+fn post_oversized(url: &str, content_type: &str, body: &str) -> Reply {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = std::net::TcpStream::connect(host).expect("the server accepts connections");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut writer = stream.try_clone().expect("a second handle on the socket");
+    let payload = [head.as_bytes(), body.as_bytes()].concat();
+    let sending = std::thread::spawn(move || {
+        // The server may stop reading once it has its answer; that is not this test's failure.
+        let _ = writer.write_all(&payload);
+    });
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => raw.extend_from_slice(&buf[..k]),
+            // A reset after the answer arrived ends the reply, not the test.
+            Err(_) if !raw.is_empty() => break,
+            Err(e) => panic!("no reply from the server: {e}"),
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = sending.join();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete HTTP reply head");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    Reply {
+        status,
+        retry_after: header("retry-after"),
+        content_type: header("content-type").unwrap_or_default(),
+        body: body.to_owned(),
+    }
 }
