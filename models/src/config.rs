@@ -220,7 +220,7 @@ impl ModelConfig {
     }
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug)]
 struct RawRope {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
@@ -246,7 +246,7 @@ pub enum RopeKind {
     Yarn,
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug)]
 #[serde(untagged)]
 enum OneOrMany {
     One(u32),
@@ -262,7 +262,7 @@ impl OneOrMany {
     }
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug)]
 pub(crate) struct RawConfig {
     pub(crate) architectures: Option<Vec<String>>,
     pub(crate) model_type: Option<String>,

@@ -4,24 +4,14 @@
 //! within the `topk_group` groups whose best score is highest), times `routed_scaling_factor`,
 //! never renormalised (transformers ignores `norm_topk_prob` for V2).
 
-use super::{deepseek_v3, Parts, Shared};
-use crate::config::{req, RawConfig, RouterKind};
+use super::{glm4_moe, Parts, Shared};
+use crate::config::{RawConfig, RouterKind};
 
 pub(super) fn parts(raw: &RawConfig, s: &Shared) -> Result<Parts, String> {
     let (n_group, topk_group) = match raw.topk_method.as_deref().unwrap_or("greedy") {
+        // Every expert in one group: no limit.
         "greedy" => (1, 1),
-        "group_limited_greedy" => {
-            let n_group = req(raw.n_group.or(Some(1)), "n_group")?;
-            let topk_group = req(raw.topk_group.or(Some(1)), "topk_group")?;
-            if !s.num_experts.is_multiple_of(n_group) || topk_group > n_group {
-                return Err(format!(
-                    "fields `n_group` ({n_group}) and `topk_group` ({topk_group}): the groups must split the {} \
-                     experts evenly and keep at most all of them",
-                    s.num_experts
-                ));
-            }
-            (n_group, topk_group)
-        }
+        "group_limited_greedy" => glm4_moe::groups(raw, s, 1)?,
         other => {
             return Err(format!(
                 "field `topk_method`: `{other}` is not DeepSeek-V2's (`greedy` or `group_limited_greedy`)"
@@ -31,21 +21,13 @@ pub(super) fn parts(raw: &RawConfig, s: &Shared) -> Result<Parts, String> {
     if raw.mlp_bias.unwrap_or(false) {
         return Err("field `mlp_bias`: MLP biases are not supported".into());
     }
-    let scaling = raw.routed_scaling_factor.unwrap_or(1.0);
-    if !(scaling.is_finite() && scaling > 0.0) {
-        return Err(format!("field `routed_scaling_factor` must be a positive number, got {scaling}"));
-    }
-    // V3's parts for the rest, with V2's grouping left out of their checks.
-    let mut v3_view = raw.clone();
-    (v3_view.n_group, v3_view.topk_group) = (Some(1), Some(1));
     Ok(Parts {
         router: RouterKind::SoftmaxGroupLimited {
             n_group,
             topk_group,
-            routed_scaling_factor: scaling as f32,
+            routed_scaling_factor: glm4_moe::routed_scaling(raw)?,
         },
         norm_topk_prob: false,
-        first_k_dense_replace: raw.first_k_dense_replace.unwrap_or(0),
-        ..deepseek_v3::parts(&v3_view, s)?
+        ..glm4_moe::deepseek_moe(raw, s, 0)?
     })
 }
