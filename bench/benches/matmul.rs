@@ -45,6 +45,7 @@ fn weight_bytes(dtype: DType, len: usize, seed: u64) -> Vec<u8> {
             DType::F32 => out.extend(v.to_le_bytes()),
             DType::F16 => out.extend(half::f16::from_f32(v).to_bits().to_le_bytes()),
             DType::BF16 => out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes()),
+            DType::Q8_0 | DType::Q4_0 => unreachable!("quantized from f32 values below"),
         }
     }
     out

@@ -25,13 +25,16 @@ macro_rules! dispatch {
 
 pub(crate) fn to_f32(isa: Isa, dtype: DType, data: &[u8], out: &mut [f32]) {
     assert_eq!(
-        data.len(),
-        out.len() * dtype.size(),
+        Some(data.len()),
+        dtype.bytes(out.len()),
         "to_f32: {} bytes of {} for {} elements",
         data.len(),
         dtype.name(),
         out.len()
     );
+    if dtype.is_block() {
+        return scalar::to_f32(dtype, data, out);
+    }
     dispatch!(isa, crate::x86::elementwise::to_f32(dtype, data, out), scalar::to_f32(dtype, data, out))
 }
 

@@ -19,6 +19,7 @@ mod backend;
 mod elementwise;
 mod isa;
 mod matmul;
+mod quant;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -30,22 +31,70 @@ use half::{bf16, f16};
 pub use backend::{Backend, Cpu, SwiGlu};
 pub use isa::Isa;
 pub use matmul::{MatmulOptions, Threading};
+pub use quant::{dequantize, quantize, QK};
 
-/// Storage type of a weight tensor.
+/// Storage type of a weight tensor: a plain element type, or a block format whose blocks of
+/// [`QK`] consecutive elements of a row share one scale (laid out exactly as ggml's, so that
+/// sizes and error figures compare with llama.cpp's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    /// ggml's `q8_0`: per 32 weights an f16 scale `d` and 32 signed bytes `q`; `w = d * q`
+    /// (34 bytes per block, 8.5 bits per weight).
+    Q8_0,
+    /// ggml's `q4_0`: per 32 weights an f16 scale `d` and 16 bytes of 4-bit `q` (weight `j` in
+    /// the low nibble of byte `j`, weight `j + 16` in its high nibble); `w = d * (q - 8)`
+    /// (18 bytes per block, 4.5 bits per weight).
+    Q4_0,
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Every dtype, plain ones first.
+    pub const ALL: [DType; 5] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0];
+
+    /// Bytes per element of a plain dtype. Block formats have no per-element size: use
+    /// [`DType::bytes`]; asking one is a bug, and panics.
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 | DType::Q4_0 => panic!("{} is a block format: ask DType::bytes", self.name()),
         }
+    }
+
+    /// Elements per block: 1 for plain dtypes, [`QK`] for block formats.
+    pub fn block(self) -> usize {
+        if self.is_block() {
+            QK
+        } else {
+            1
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 2 + QK,
+            DType::Q4_0 => 2 + QK / 2,
+        }
+    }
+
+    /// Whether this is a block format (q8_0, q4_0).
+    pub fn is_block(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0)
+    }
+
+    /// Bytes of `n` elements; `None` when `n` is not a whole number of blocks or the size
+    /// overflows.
+    pub fn bytes(self, n: usize) -> Option<usize> {
+        if n % self.block() != 0 {
+            return None;
+        }
+        (n / self.block()).checked_mul(self.block_bytes())
     }
 
     pub fn name(self) -> &'static str {
@@ -53,7 +102,14 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
         }
+    }
+
+    /// A dtype by name, case-insensitive (`bf16`, `q8_0`, `Q4_0`, ...).
+    pub fn parse(name: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -63,6 +119,8 @@ pub enum KernelError {
     WeightSize { rows: usize, cols: usize, dtype: DType, expected: usize, got: usize },
     #[error("weight of {rows}x{cols} {dtype:?} is larger than the address space")]
     WeightTooLarge { rows: usize, cols: usize, dtype: DType },
+    #[error("{dtype:?} stores rows in blocks of {block}, but a row has {cols} columns")]
+    PartialBlock { cols: usize, dtype: DType, block: usize },
 }
 
 /// A borrowed 2-D weight matrix in its stored dtype. `data` may be unaligned.
@@ -75,11 +133,15 @@ pub struct Weight<'a> {
 }
 
 impl<'a> Weight<'a> {
-    /// Checks that `data` holds exactly `rows * cols` elements of `dtype`.
+    /// Checks that `data` holds exactly `rows * cols` elements of `dtype` (for a block format,
+    /// that each row is whole blocks).
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        let expected = rows
-            .checked_mul(cols)
-            .and_then(|e| e.checked_mul(dtype.size()))
+        if cols % dtype.block() != 0 {
+            return Err(KernelError::PartialBlock { cols, dtype, block: dtype.block() });
+        }
+        let expected = dtype
+            .bytes(cols)
+            .and_then(|row| row.checked_mul(rows))
             .ok_or(KernelError::WeightTooLarge { rows, cols, dtype })?;
         if data.len() != expected {
             return Err(KernelError::WeightSize { rows, cols, dtype, expected, got: data.len() });
@@ -104,29 +166,35 @@ impl<'a> Weight<'a> {
         read_f32(self.dtype, self.data, i)
     }
 
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.dtype.bytes(self.cols).expect("a Weight's rows are whole blocks")
+    }
+
     /// Row `r` converted to f32 into `out` (len `cols`). Used for embedding look-ups.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols);
-        let start = r * self.cols;
-        to_f32(
-            self.dtype,
-            &self.data[start * self.dtype.size()..(start + self.cols) * self.dtype.size()],
-            out,
-        );
+        let rb = self.row_bytes();
+        to_f32(self.dtype, &self.data[r * rb..(r + 1) * rb], out);
     }
 }
 
-/// Element `i` of little-endian `data` of `dtype`, as f32.
+/// Element `i` of little-endian `data` of `dtype`, as f32 (of a block format: dequantized).
 #[inline]
 pub fn read_f32(dtype: DType, data: &[u8], i: usize) -> f32 {
     match dtype {
+        DType::Q8_0 | DType::Q4_0 => {
+            let b = dtype.block_bytes();
+            quant::block_value(dtype, &data[i / QK * b..][..b], i % QK)
+        }
         DType::F32 => f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().unwrap()),
         DType::F16 => f16::from_bits(u16::from_le_bytes([data[2 * i], data[2 * i + 1]])).to_f32(),
         DType::BF16 => bf16::from_bits(u16::from_le_bytes([data[2 * i], data[2 * i + 1]])).to_f32(),
     }
 }
 
-/// Converts a whole little-endian buffer to f32 (`out.len()` elements).
+/// Converts a whole little-endian buffer to f32 (`out.len()` elements; block formats are
+/// dequantized).
 pub fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
     elementwise::to_f32(Isa::detect(), dtype, data, out)
 }

@@ -141,7 +141,7 @@ fn tokens(x: &[f32], w: &Weight, out: &[f32]) -> usize {
     assert_eq!(out.len(), n * w.rows, "matmul: out length {} != {n} tokens x {} rows", out.len(), w.rows);
     assert_eq!(
         w.data.len(),
-        w.rows * w.cols * w.dtype.size(),
+        w.rows * w.row_bytes(),
         "matmul: {}x{} {} weight has {} bytes",
         w.rows,
         w.cols,
@@ -165,6 +165,16 @@ pub(crate) fn matmul_many_with(opts: MatmulOptions, x: &[f32], parts: &mut [(Wei
         return;
     };
     opts.isa.assert_available();
+    if parts.iter().any(|(w, _)| w.dtype.is_block()) {
+        // Block formats have their own driver; plain weights of the same call keep theirs.
+        for (w, out) in parts.iter_mut() {
+            match w.dtype.is_block() {
+                true => crate::quant::matmul(opts, x, w, out, n),
+                false => matmul_many_with(opts, x, &mut [(*w, &mut **out)]),
+            }
+        }
+        return;
+    }
     if opts.isa == Isa::Scalar {
         for (w, out) in parts.iter_mut() {
             scalar::matmul(x, w, out, n);

@@ -5,6 +5,9 @@ use crate::{read_f32, DType, Weight};
 
 /// Converts `out.len()` little-endian elements of `dtype` to f32.
 pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
+    if dtype.is_block() {
+        return crate::quant::to_f32(dtype, data, out);
+    }
     let size = dtype.size();
     for (o, bytes) in out.iter_mut().zip(data.chunks_exact(size)) {
         *o = read_f32(dtype, bytes, 0);
@@ -15,7 +18,7 @@ pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
 /// token.
 pub(crate) fn matmul(x: &[f32], w: &Weight, out: &mut [f32], n: usize) {
     let mut row = vec![0.0f32; w.cols];
-    let row_bytes = w.cols * w.dtype.size();
+    let row_bytes = w.row_bytes();
     for r in 0..w.rows {
         to_f32(w.dtype, &w.data[r * row_bytes..(r + 1) * row_bytes], &mut row);
         for t in 0..n {

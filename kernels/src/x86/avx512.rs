@@ -38,6 +38,7 @@ pub(crate) fn micro(dtype: DType) -> Micro {
         DType::BF16 => tile_bf16 as unsafe fn(usize, usize, &mut TileArgs),
         DType::F16 => tile_f16,
         DType::F32 => tile_f32,
+        DType::Q8_0 | DType::Q4_0 => unreachable!("block formats have their own driver"),
     };
     let x_layout = if dtype == DType::BF16 { XLayout::EvenOdd } else { XLayout::Plain };
     Micro { block: BLOCK, x_layout, tall: &TALL, tile }

@@ -171,7 +171,8 @@ fn silu_mul8(g: __m256, u: __m256) -> __m256 {
 pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
     let done = match dtype {
         // Plain little-endian floats: the scalar loop is a copy the compiler vectorises.
-        DType::F32 => 0,
+        // Block formats: the caller dequantizes them on the scalar path.
+        DType::F32 | DType::Q8_0 | DType::Q4_0 => 0,
         DType::BF16 => {
             for (o, d) in out.chunks_exact_mut(LANES).zip(data.chunks_exact(2 * LANES)) {
                 let wide = _mm256_cvtepu16_epi32(load_bytes(d));
