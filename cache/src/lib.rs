@@ -16,10 +16,24 @@ pub use policy::{
 };
 pub use tier::{Demand, Fill, Tier, TierStats};
 
-/// Precision an expert is held in. `Full` is the checkpoint's own dtype.
+/// Precision an expert is held in. `Full` is the checkpoint's own dtype; `Low` its low-bit
+/// copy (one format per run, chosen by the engine's config: q8_0 or q4_0). A layer may use
+/// either copy of an expert, so the two are separate entries with their own sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Precision {
     Full,
+    Low,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::Full, Precision::Low];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Full => "full",
+            Precision::Low => "low",
+        }
+    }
 }
 
 /// Identifies one expert's weights in one precision.
@@ -35,10 +49,19 @@ impl ExpertKey {
     pub fn new(layer: usize, expert: usize) -> Self {
         ExpertKey { layer: layer as u32, expert: expert as u32, precision: Precision::Full }
     }
+
+    /// The same expert in `precision`.
+    pub fn at(self, precision: Precision) -> Self {
+        ExpertKey { precision, ..self }
+    }
 }
 
 impl std::fmt::Display for ExpertKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "layer {} expert {}", self.layer, self.expert)
+        write!(f, "layer {} expert {}", self.layer, self.expert)?;
+        match self.precision {
+            Precision::Full => Ok(()),
+            Precision::Low => write!(f, " (low-bit copy)"),
+        }
     }
 }

@@ -31,6 +31,9 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
+    /// Write low-bit copies (q8_0, q4_0) of every routed expert beside the checkpoint, for
+    /// mixed-precision replacement on a miss (`precision.policy = "hobbit"`).
+    Quantize(commands::quantize::QuantizeArgs),
     /// Replay a routing trace through the configured cache tiers and policies, beside Belady's
     /// optimum.
     Simulate(SimulateArgs),
@@ -65,6 +68,7 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => crate::serve::run(a),
         Command::Batch(a) => crate::batch::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Predictor(c) => predictor_cli::run(c),
         Command::Simulate(a) => sim::run(a).map_err(Into::into),

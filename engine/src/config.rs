@@ -6,6 +6,7 @@
 //! file names only what it changes, a misspelt key is an error that names it, and later
 //! sections (`[tiers.gpu]`, `[precision]`, `[regroup]`) slot in without breaking older files.
 
+mod precision;
 mod predictor;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 
 use stevedore_cache::PolicyKind;
 
+pub use precision::{PrecisionConfig, PrecisionKind, RoutingConfig};
 pub use predictor::{GateInputKind, Layers, PredictorConfig, PredictorKind, PredictorSource, PrefetchDepth};
 
 use crate::size::Size;
@@ -28,6 +30,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub predictor: PredictorConfig,
     pub engine: EngineSection,
+    pub precision: PrecisionConfig,
+    pub routing: RoutingConfig,
     pub simulator: SimulatorConfig,
 }
 
@@ -288,6 +292,8 @@ impl Config {
         {
             return Err("predictor.model: kind = \"path\" needs the trained model file (from `stevedore predictor train`)".into());
         }
+        self.precision.validate()?;
+        self.routing.validate()?;
         match self.simulator.expert_bytes {
             Some(Size::Percent(_)) => {
                 return Err(
@@ -390,6 +396,26 @@ warm_start = "auto"
 # Compute threads (matmuls, attention). Default: the physical cores this process may use (SMT
 # siblings add nothing to a memory-bound decode).
 # threads = 8
+
+[precision]
+# Which copy of an expert a layer uses: "full" (the checkpoint's precision) or "hobbit" (mixed
+# precision on a miss: rank a token's experts by gate weight; with s the share of its gate mass
+# ranked above an expert, a missed expert is read in full while s <= full_until, as its low-bit
+# copy while s <= skip_above, and skipped beyond; copies already resident are always used).
+# "hobbit" needs the copies: `stevedore quantize --model DIR --format q4_0`.
+policy = "full"
+# The low-bit copies' format: "q4_0" (4.5 bits per weight) or "q8_0" (8.5).
+low = "q4_0"
+full_until = 0.6
+skip_above = 0.9
+# Read an expert in full when a token needs it so while only its low-bit copy is resident.
+upgrade = true
+
+[routing]
+# Cache-conditional routing: added to the router logits of experts already resident before the
+# top-k (gate weights stay the router's own). 0 keeps the reference's tokens; more trades
+# quality (measure it: `stevedore perplexity`) for fewer reads.
+resident_bias = 0.0
 
 [simulator]
 # Bytes of one routed expert, for `stevedore simulate` without --model DIR.

@@ -23,7 +23,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use stevedore_cache::PolicyKind;
-use stevedore_models::{Foresight, KvPool, Model, SeqId};
+use stevedore_models::{Foresight, KvPool, LowBitExperts, Model, SeqId};
 use stevedore_predictor::RoutingShape;
 
 use crate::config::{PredictorConfig, PrefetchDepth};
@@ -85,6 +85,10 @@ pub struct EngineConfig {
     pub schedule: Schedule,
     /// Whether the host cache is filled at start (see [`ExpertStore::warm`]).
     pub warm_start: crate::config::WarmStart,
+    /// Which copy of an expert a layer uses (`[precision]`).
+    pub precision: crate::config::PrecisionConfig,
+    /// `routing.resident_bias`.
+    pub resident_bias: f32,
 }
 
 /// How the host budget was chosen, when it was automatic.
@@ -328,15 +332,23 @@ impl Loaded {
                 horizon = Some(Mutex::new(HorizonControl::new(fp.total_bytes / count, depth)));
             }
         }
-        let shards: Vec<PathBuf> = self.model.index.shards.iter().map(|s| s.path.clone()).collect();
+        let mut shards: Vec<PathBuf> = self.model.index.shards.iter().map(|s| s.path.clone()).collect();
+        let mut layouts = self.layouts;
+        if let Some(format) = config.precision.low_format() {
+            // The low-bit copies' file is read as one more shard.
+            let low = LowBitExperts::open(&self.model, format, shards.len())?;
+            layouts = layouts.with_low(&low.tensors, &self.model.layers);
+            shards.push(low.path);
+        }
         let opts = StoreOptions {
             policy: config.policy,
             force_buffered: config.force_buffered,
             readers: config.readers,
+            precision: config.precision.policy(),
+            resident_bias: config.resident_bias,
         };
         let total = fp.total_bytes;
-        let store =
-            ExpertStore::new(self.layouts, &shards, budget, opts, anticipation, cfg.num_experts_per_tok)?;
+        let store = ExpertStore::new(layouts, &shards, budget, opts, anticipation, cfg.num_experts_per_tok)?;
         if config.warm_start.applies(budget, total) {
             store.warm();
         }

@@ -140,20 +140,38 @@ pub trait ExpertStream {
     fn next_ready(&mut self, max: usize) -> Option<Result<ReadyExperts<'_>, ExpertFailure>>;
 
     /// The next expert alone (see [`ExpertStream::next_ready`]).
-    fn next(&mut self) -> Option<Result<(usize, ExpertWeights<'_>), ExpertFailure>> {
+    fn next(&mut self) -> Option<Result<(usize, Served<'_>), ExpertFailure>> {
         self.next_ready(1).map(|r| r.map(|mut v| v.swap_remove(0)))
     }
 }
 
-/// Experts ready together: (index in the plan's `experts`, weights), in delivery order; never
-/// empty.
-pub type ReadyExperts<'a> = Vec<(usize, ExpertWeights<'a>)>;
+/// What a source serves for one expert of a plan.
+#[derive(Clone, Copy, Debug)]
+pub enum Served<'a> {
+    /// Its weights, in whatever format the source holds them (full precision or a low-bit
+    /// copy).
+    Weights(ExpertWeights<'a>),
+    /// Nothing: the source's precision policy skipped the expert (HOBBIT skips a missed
+    /// expert whose gate weight is negligible for every row routed to it), so it adds nothing
+    /// to its rows' outputs.
+    Skipped,
+}
+
+/// Experts ready together: (index in the plan's `experts`, what was served), in delivery
+/// order; never empty.
+pub type ReadyExperts<'a> = Vec<(usize, Served<'a>)>;
 
 /// Where expert weights come from.
 pub trait ExpertSource: Sync {
     /// The next-gate estimates each MoE layer's plan should carry; `None` for none (they cost
     /// a router product per layer ahead).
     fn foresight(&self) -> Option<Foresight>;
+
+    /// What to add to MoE layer `layer`'s router logits before its top-k, one value per
+    /// expert, or `None` for nothing (the default routing: the reference's tokens). A source
+    /// may favour experts it already holds (cache-conditional routing); the gate weights stay
+    /// the unbiased router's.
+    fn routing_bias(&self, layer: LayerId) -> Option<Vec<f32>>;
 
     /// Starts delivering `plan.experts`.
     fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError>;
@@ -222,6 +240,11 @@ impl ExpertTensors {
         Ok(ExpertTensors { num_experts: cfg.num_experts, by_moe })
     }
 
+    /// Tensors already located and checked, `[moe layer][expert]`.
+    pub(crate) fn from_locs(num_experts: usize, by_moe: Vec<Vec<[TensorLoc; 3]>>) -> Self {
+        ExpertTensors { num_experts, by_moe }
+    }
+
     /// Expert `expert` of MoE layer `moe`: gate, up, down.
     pub fn get(&self, moe: MoeIndex, expert: usize) -> Option<&[TensorLoc; 3]> {
         self.by_moe.get(moe.0)?.get(expert)
@@ -276,7 +299,8 @@ impl ExpertStream for MappedStream<'_> {
                 rows: t.rows,
                 cols: t.cols,
             };
-            ready.push((i, SwiGlu { gate: w(&locs[0]), up: w(&locs[1]), down: w(&locs[2]) }));
+            ready
+                .push((i, Served::Weights(SwiGlu { gate: w(&locs[0]), up: w(&locs[1]), down: w(&locs[2]) })));
         }
         (!ready.is_empty()).then_some(Ok(ready))
     }
@@ -285,6 +309,11 @@ impl ExpertStream for MappedStream<'_> {
 impl ExpertSource for MappedExperts<'_> {
     /// Everything is resident: nothing to prepare for.
     fn foresight(&self) -> Option<Foresight> {
+        None
+    }
+
+    /// Everything is resident: nothing to favour.
+    fn routing_bias(&self, _: LayerId) -> Option<Vec<f32>> {
         None
     }
 

@@ -15,6 +15,7 @@ mod model;
 mod moe;
 pub mod names;
 pub mod profile;
+pub mod quantized;
 mod tensor;
 pub mod weights;
 
@@ -23,10 +24,11 @@ pub use config::{Arch, ModelConfig, RopeKind, RouterKind};
 pub use error::Error;
 pub use experts::{
     ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights,
-    ExpertsError, Foresight, GateEstimate, GateInput, MappedExperts, ReadyExperts, TensorLoc,
+    ExpertsError, Foresight, GateEstimate, GateInput, MappedExperts, ReadyExperts, Served, TensorLoc,
 };
 pub use family::QkNormKind;
 pub use kv::{KvError, KvPool};
 pub use layers::{LayerId, LayerMap, MoeIndex};
 pub use model::{Forward, Model};
+pub use quantized::{LowBitExperts, LOW_BIT_FORMATS};
 pub use weights::{TensorInfo, TensorRef, WeightIndex};

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use stevedore_kernels::{softmax, Backend, SwiGlu};
 
-use crate::experts::{ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError, GateEstimate};
+use crate::experts::{
+    ExpertFailure, ExpertPlan, ExpertSource, ExpertUse, ExpertsError, GateEstimate, Served,
+};
 use crate::profile::{self, Op};
 use crate::tensor::{linear, load_vec, Mat};
 use crate::{Error, LayerId, ModelConfig, MoeIndex, RouterKind, Row, WeightIndex};
@@ -187,7 +189,7 @@ impl SparseMoe {
         let keep = keep.clamp(1, self.router.rows);
         let (mut experts, mut probs) = (Vec::new(), Vec::new());
         let mut chosen = Vec::with_capacity(keep);
-        self.ranked(index, backend, &hs, |row, order| {
+        self.ranked(index, backend, &hs, None, |row, _, order| {
             // What the router would choose from this state first (a grouped router's choice
             // is not simply its best scores), then the best of the rest.
             chosen.clear();
@@ -207,36 +209,48 @@ impl SparseMoe {
     }
 
     /// The router's scores for each row of `x` (softmax over all experts, or the sigmoids),
-    /// handed to `each` with the experts ranked best first by what the router chooses by (the
-    /// scores, or the sigmoids plus the correction bias; ties to the lower index).
+    /// handed to `each` with the scores it chooses by and the experts ranked best first by
+    /// those (the scores, or the sigmoids plus the correction bias; ties to the lower index).
+    /// With `bias` (added to the logits: cache-conditional routing), the scores chosen by are
+    /// the biased logits' and the first ones stay the router's own.
     fn ranked(
         &self,
         index: &WeightIndex,
         backend: &dyn Backend,
         x: &[f32],
-        mut each: impl FnMut(&[f32], &[u32]),
+        bias: Option<&[f32]>,
+        mut each: impl FnMut(&[f32], &[f32], &[u32]),
     ) {
         let mut logits = linear(index, backend, x, &self.router, None);
         let e = self.router.rows;
         let mut order: Vec<u32> = Vec::with_capacity(e);
         let mut choice = vec![0.0f32; e];
+        let mut biased = vec![0.0f32; if bias.is_some() { e } else { 0 }];
+        let score = |v: &mut [f32]| match &self.kind {
+            Router::Softmax | Router::SparseMixer { .. } | Router::SoftmaxGroupLimited { .. } => softmax(v),
+            Router::SigmoidGrouped { .. } => v.iter_mut().for_each(|p| *p = 1.0 / (1.0 + (-*p).exp())),
+        };
         for probs in logits.chunks_mut(e) {
-            match &self.kind {
-                Router::Softmax | Router::SparseMixer { .. } | Router::SoftmaxGroupLimited { .. } => {
-                    softmax(probs);
-                    choice.copy_from_slice(probs);
+            if let Some(b) = bias {
+                for ((o, l), b) in biased.iter_mut().zip(probs.iter()).zip(b) {
+                    *o = l + b;
                 }
+                score(&mut biased);
+            }
+            score(probs);
+            let chosen_by: &[f32] = if bias.is_some() { &biased } else { probs };
+            match &self.kind {
                 Router::SigmoidGrouped { correction, .. } => {
-                    for ((p, c), b) in probs.iter_mut().zip(choice.iter_mut()).zip(correction) {
-                        *p = 1.0 / (1.0 + (-*p).exp());
-                        *c = *p + b;
+                    for ((c, p), b) in choice.iter_mut().zip(chosen_by).zip(correction) {
+                        *c = p + b;
                     }
                 }
+                _ => choice.copy_from_slice(chosen_by),
             }
             order.clear();
             order.extend(0..e as u32);
             order.sort_by(|&a, &b| choice[b as usize].total_cmp(&choice[a as usize]).then(a.cmp(&b)));
-            each(probs, &order);
+            each(probs, chosen_by, &order);
         }
     }
 
@@ -286,14 +300,21 @@ impl SparseMoe {
     /// Phi-3.5-MoE's sparsemixer at inference, as transformers computes it: the best expert;
     /// its weight is its softmax among the experts whose logit is within `2 * jitter_eps` of the
     /// best, relative to `max(|logit|, best)`; then the same over the others for the second.
+    /// With `bias`, the logits are biased before both the choice and the weights (the
+    /// sparsemixer's weights are defined by its choice).
     fn sparse_mixer(
         &self,
         index: &WeightIndex,
         backend: &dyn Backend,
-        x: &[f32],
+        (x, bias): (&[f32], Option<&[f32]>),
         jitter_eps: f32,
     ) -> Routing {
-        let logits = linear(index, backend, x, &self.router, None);
+        let mut logits = linear(index, backend, x, &self.router, None);
+        if let Some(b) = bias {
+            for row in logits.chunks_mut(self.router.rows) {
+                row.iter_mut().zip(b).for_each(|(l, b)| *l += b);
+            }
+        }
         let e = self.router.rows;
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
         for scores in logits.chunks(e) {
@@ -315,11 +336,13 @@ impl SparseMoe {
         Routing { ids, weights }
     }
 
-    /// Softmax over all experts, then the top-k per row (ties to the lower index).
-    fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32]) -> Routing {
+    /// Softmax over all experts, then the top-k per row (ties to the lower index). With
+    /// `bias`, the choice is made on biased logits and the gate weights are the unbiased
+    /// router's for the experts chosen.
+    fn route(&self, index: &WeightIndex, backend: &dyn Backend, x: &[f32], bias: Option<&[f32]>) -> Routing {
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
         if let Router::SparseMixer { jitter_eps } = self.kind {
-            return self.sparse_mixer(index, backend, x, jitter_eps);
+            return self.sparse_mixer(index, backend, (x, bias), jitter_eps);
         }
         let (scaling, eps) = match self.kind {
             Router::Softmax | Router::SparseMixer { .. } => (1.0, 0.0),
@@ -328,9 +351,9 @@ impl SparseMoe {
             Router::SigmoidGrouped { scaling, .. } => (scaling, 1e-20),
         };
         let mut top = Vec::with_capacity(self.top_k);
-        self.ranked(index, backend, x, |probs, order| {
+        self.ranked(index, backend, x, bias, |probs, chosen_by, order| {
             top.clear();
-            self.grouped_top_k(probs, order, &mut top);
+            self.grouped_top_k(chosen_by, order, &mut top);
             let sum: f32 = top.iter().map(|&i| probs[i as usize]).sum::<f32>() + eps;
             for &i in &top {
                 ids.push(i);
@@ -358,7 +381,11 @@ impl SparseMoe {
         let h = self.router.cols;
         let n = rows.len();
         let t = profile::time(Op::Router);
-        let routing = self.route(index, backend, x);
+        let bias = source.routing_bias(self.layer);
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), self.router.rows, "{}: routing bias for {} experts", self.layer, b.len());
+        }
+        let routing = self.route(index, backend, x, bias.as_deref());
         let a = Assignment::new(&routing, self.top_k, self.router.rows, routed);
         drop(t);
         let plan = ExpertPlan {
@@ -415,12 +442,15 @@ impl SparseMoe {
                 };
                 // A source delivering an entry twice breaks its contract; the first delivery
                 // stands.
+                // A skipped expert adds nothing: its rows' outputs stay zero.
                 let mut fresh: Vec<(usize, SwiGlu)> = Vec::with_capacity(ready.len());
-                for (i, w) in ready {
-                    if i < a.experts.len() && !delivered[i] && !fresh.iter().any(|(j, _)| *j == i) {
-                        fresh.push((i, w));
-                    } else {
-                        debug_assert!(false, "expert source delivered plan entry {i} twice");
+                for (i, served) in ready {
+                    let new = i < a.experts.len() && !delivered[i] && !fresh.iter().any(|(j, _)| *j == i);
+                    debug_assert!(new, "expert source delivered plan entry {i} twice");
+                    match served {
+                        Served::Weights(w) if new => fresh.push((i, w)),
+                        Served::Skipped if new => delivered[i] = true,
+                        _ => {}
                     }
                 }
                 if let [(i, w)] = fresh[..] {

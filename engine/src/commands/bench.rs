@@ -118,6 +118,8 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             schedule: None,
             warm_start: args.warm_start,
             threads: args.threads,
+            precision: None,
+            resident_bias: None,
         };
         let settings = engine_args.settings()?;
         let loaded = Loaded::load(&args.model)?;

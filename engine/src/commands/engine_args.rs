@@ -55,6 +55,15 @@ pub struct EngineArgs {
     /// Compute threads. Default: the config's `engine.threads`, else the physical cores.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Which copy of an expert a layer uses: `full`, or `hobbit` (a missed expert of small gate
+    /// weight is read as its low-bit copy or skipped; needs `stevedore quantize`). Default: the
+    /// config's `precision.policy`.
+    #[arg(long, value_parser = ["full", "hobbit"])]
+    pub precision: Option<String>,
+    /// Added to the router logits of experts already resident (cache-conditional routing).
+    /// Default: the config's `routing.resident_bias`, 0 (off).
+    #[arg(long)]
+    pub resident_bias: Option<f32>,
 }
 
 /// Sizes rayon's global pool (every matmul and attention runs on it) to `threads`, or to the
@@ -107,6 +116,15 @@ impl EngineArgs {
         }
         if let Some(w) = self.warm_start {
             config.engine.warm_start = w;
+        }
+        match self.precision.as_deref() {
+            Some("hobbit") => config.precision.policy = crate::config::PrecisionKind::Hobbit,
+            Some(_) => config.precision.policy = crate::config::PrecisionKind::Full,
+            None => {}
+        }
+        if let Some(b) = self.resident_bias {
+            config.routing.resident_bias = b;
+            config.routing.validate()?;
         }
         configure_threads(self.threads.or(config.engine.threads))?;
         let max_batch = self.max_batch.unwrap_or(config.engine.max_batch);
@@ -168,6 +186,8 @@ impl Settings<'_> {
             trace: args.trace.clone(),
             schedule: self.schedule(),
             warm_start: self.config.engine.warm_start,
+            precision: self.config.precision.clone(),
+            resident_bias: self.config.routing.resident_bias,
         };
         let engine = loaded.start(&engine_config).map_err(|e| -> CliError {
             match e {

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use stevedore_models::{ExpertPlan, ExpertSource, ExpertStream, ExpertsError, Foresight};
+use stevedore_models::{ExpertPlan, ExpertSource, ExpertStream, ExpertsError, Foresight, LayerId};
 
 use super::lock;
 use crate::forecast::Forecaster;
@@ -31,6 +31,10 @@ pub(crate) struct StepSource<'a> {
 impl ExpertSource for StepSource<'_> {
     fn foresight(&self) -> Option<Foresight> {
         self.foresight
+    }
+
+    fn routing_bias(&self, layer: LayerId) -> Option<Vec<f32>> {
+        self.store.routing_bias(layer)
     }
 
     fn stream<'p>(&'p self, plan: &'p ExpertPlan<'_>) -> Result<Box<dyn ExpertStream + 'p>, ExpertsError> {

@@ -26,6 +26,8 @@ fn config(kv_cache: u64) -> EngineConfig {
         trace: None,
         schedule: Schedule::Fcfs,
         warm_start: WarmStart::Off,
+        precision: Default::default(),
+        resident_bias: 0.0,
     }
 }
 

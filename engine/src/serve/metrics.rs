@@ -126,6 +126,20 @@ fn counter<N: prometheus_client::encoding::EncodeCounterValue + Send + Sync + st
     }
 }
 
+/// One counter family with a series per label set (every set the same label names).
+fn counters(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Send + Sync + std::fmt::Debug>(
     e: &mut DescriptorEncoder,
     name: &str,
@@ -183,16 +197,27 @@ impl Collector for EngineCollector {
 
         let c = &s.expert_cache;
         let tier = vec![("tier", "host".to_owned()), ("precision", self.engine.expert_precision())];
-        counter(
-            &mut e,
-            "expert_cache_hits",
-            "Experts found resident (or already being read)",
-            &tier,
-            c.hits,
-        )?;
-        counter(&mut e, "expert_cache_misses", "Experts that had to be read", &tier, c.misses)?;
+        // Hits, misses and bytes per precision: the checkpoint's, and the low-bit copies'
+        // under the HOBBIT policy.
+        let p = &c.precision;
+        let mut by_precision = vec![(tier.clone(), p.full_hits, p.full_misses, p.full_bytes_read)];
+        if let Some(low) = p.low_format {
+            let labels = vec![("tier", "host".to_owned()), ("precision", low.to_ascii_lowercase())];
+            by_precision.push((labels, p.low_hits, p.low_misses, p.low_bytes_read));
+        }
+        let family = |name: &str, help: &str, value: fn(&(Labels, u64, u64, u64)) -> u64| {
+            let series: Vec<(Labels, u64)> = by_precision.iter().map(|b| (b.0.clone(), value(b))).collect();
+            (name.to_owned(), help.to_owned(), series)
+        };
+        for (name, help, series) in [
+            family("expert_cache_hits", "Experts found resident (or already being read)", |b| b.1),
+            family("expert_cache_misses", "Experts that had to be read", |b| b.2),
+            family("expert_bytes_read", "Bytes read from the shard files", |b| b.3),
+        ] {
+            counters(&mut e, &name, &help, &series)?;
+        }
+        counter(&mut e, "expert_skipped", "Experts the HOBBIT policy skipped", &tier, p.skipped)?;
         counter(&mut e, "expert_cache_evictions", "Experts evicted", &tier, c.evictions)?;
-        counter(&mut e, "expert_bytes_read", "Bytes read from the shard files", &tier, c.bytes_read)?;
         counter(&mut e, "expert_reads", "Expert reads completed", &tier, c.reads)?;
         counter(&mut e, "expert_read_failures", "Expert reads that failed", &tier, c.failed_reads)?;
         counter(

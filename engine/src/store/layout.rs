@@ -2,7 +2,7 @@
 //! once from the expert tensors the model checked at load; this and the expert keys are all the
 //! store knows of the model.
 
-use stevedore_cache::ExpertKey;
+use stevedore_cache::{ExpertKey, Precision};
 use stevedore_kernels::{DType, SwiGlu, Weight};
 use stevedore_models::{ExpertTensors, ExpertWeights, LayerId, LayerMap, Model, TensorLoc};
 
@@ -57,6 +57,8 @@ impl ExpertLayout {
 pub struct Layouts {
     /// Indexed by decoder layer; `None` for dense layers.
     by_layer: Vec<Option<Vec<ExpertLayout>>>,
+    /// The low-bit copies, likewise, when the store may use them.
+    low: Option<Vec<Option<Vec<ExpertLayout>>>>,
     num_experts: usize,
     footprint: ExpertFootprint,
 }
@@ -73,6 +75,11 @@ pub struct ExpertFootprint {
     /// The smallest budget the store accepts: `top_k` times `max_expert_bytes`, one layer's
     /// active experts for one token.
     pub min_budget: u64,
+    /// The low-bit copies', when the store uses them: the largest and all together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_max_expert_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_total_bytes: Option<u64>,
 }
 
 impl Layouts {
@@ -83,28 +90,26 @@ impl Layouts {
 
     /// Layouts of `tensors`, for a model of `map`'s layers whose router picks `top_k` experts.
     pub fn new(tensors: &ExpertTensors, map: &LayerMap, top_k: usize) -> Self {
-        let mut by_layer = vec![None; map.num_decoder_layers()];
-        let mut max_alloc = 0;
-        let (mut experts, mut total) = (0u64, 0u64);
-        for (moe, e, tensors) in tensors.iter() {
-            let layer = map.decoder(moe).expect("expert tensors exist for MoE layers only");
-            let layout = expert_layout(tensors);
-            max_alloc = max_alloc.max(layout.alloc);
-            experts += 1;
-            total += layout.alloc as u64;
-            let slot: &mut Option<Vec<ExpertLayout>> = &mut by_layer[layer.0];
-            let v = slot.get_or_insert_with(Vec::new);
-            debug_assert_eq!(v.len(), e);
-            v.push(layout);
-        }
+        let (by_layer, experts, max_alloc, total) = plan_all(tensors, map);
         let top_k = top_k as u64;
         let footprint = ExpertFootprint {
             experts,
-            max_expert_bytes: max_alloc as u64,
+            max_expert_bytes: max_alloc,
             total_bytes: total,
-            min_budget: top_k * max_alloc as u64,
+            min_budget: top_k * max_alloc,
+            low_max_expert_bytes: None,
+            low_total_bytes: None,
         };
-        Layouts { by_layer, num_experts: tensors.num_experts, footprint }
+        Layouts { by_layer, low: None, num_experts: tensors.num_experts, footprint }
+    }
+
+    /// With the low-bit copies `tensors` too (keys of [`Precision::Low`]).
+    pub fn with_low(mut self, tensors: &ExpertTensors, map: &LayerMap) -> Self {
+        let (low, _, max_alloc, total) = plan_all(tensors, map);
+        self.footprint.low_max_expert_bytes = Some(max_alloc);
+        self.footprint.low_total_bytes = Some(total);
+        self.low = Some(low);
+        self
     }
 
     pub fn footprint(&self) -> ExpertFootprint {
@@ -123,14 +128,38 @@ impl Layouts {
         keys
     }
 
-    pub(crate) fn get(&self, key: ExpertKey) -> Option<&ExpertLayout> {
-        self.by_layer.get(key.layer as usize)?.as_ref()?.get(key.expert as usize)
+    /// Experts per MoE layer.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
     }
 
-    /// Checks that `key` names a routed expert of this model.
+    /// The low-bit copies' format, if the store has them.
+    pub fn low_format(&self) -> Option<DType> {
+        let first = self.low.as_ref()?.iter().flatten().next()?.first()?;
+        Some(first.tensors[0].dtype)
+    }
+
+    /// Whether keys of [`Precision::Low`] have layouts.
+    pub fn has_low(&self) -> bool {
+        self.low.is_some()
+    }
+
+    fn of_precision(&self, precision: Precision) -> Option<&Vec<Option<Vec<ExpertLayout>>>> {
+        match precision {
+            Precision::Full => Some(&self.by_layer),
+            Precision::Low => self.low.as_ref(),
+        }
+    }
+
+    pub(crate) fn get(&self, key: ExpertKey) -> Option<&ExpertLayout> {
+        self.of_precision(key.precision)?.get(key.layer as usize)?.as_ref()?.get(key.expert as usize)
+    }
+
+    /// Checks that `key` names a routed expert of this model, in a precision the store holds.
     pub(crate) fn check(&self, key: ExpertKey) -> Result<&ExpertLayout, StoreError> {
         let layer = LayerId(key.layer as usize);
-        match self.by_layer.get(layer.0) {
+        let by_layer = self.of_precision(key.precision).ok_or(StoreError::NoLowBitCopies)?;
+        match by_layer.get(layer.0) {
             Some(Some(experts)) => experts.get(key.expert as usize).ok_or(StoreError::NoSuchExpert {
                 layer: layer.0,
                 expert: key.expert as usize,
@@ -139,6 +168,26 @@ impl Layouts {
             _ => Err(StoreError::NotMoeLayer { layer: layer.0, num_layers: self.by_layer.len() }),
         }
     }
+}
+
+/// Every expert's layout by decoder layer, with the count, the largest and the total bytes.
+type Planned = (Vec<Option<Vec<ExpertLayout>>>, u64, u64, u64);
+
+fn plan_all(tensors: &ExpertTensors, map: &LayerMap) -> Planned {
+    let mut by_layer = vec![None; map.num_decoder_layers()];
+    let (mut experts, mut max_alloc, mut total) = (0u64, 0u64, 0u64);
+    for (moe, e, tensors) in tensors.iter() {
+        let layer = map.decoder(moe).expect("expert tensors exist for MoE layers only");
+        let layout = expert_layout(tensors);
+        max_alloc = max_alloc.max(layout.alloc as u64);
+        experts += 1;
+        total += layout.alloc as u64;
+        let slot: &mut Option<Vec<ExpertLayout>> = &mut by_layer[layer.0];
+        let v = slot.get_or_insert_with(Vec::new);
+        debug_assert_eq!(v.len(), e);
+        v.push(layout);
+    }
+    (by_layer, experts, max_alloc, total)
 }
 
 /// Plans an expert's reads: tensors of the same shard whose aligned blocks touch or overlap are

@@ -18,6 +18,7 @@
 //!   demand queue.
 
 mod layout;
+mod precision;
 mod slots;
 mod stream;
 #[cfg(test)]
@@ -34,6 +35,7 @@ use stevedore_cache::{CacheError, Candidate, ExpertKey, Fill, PolicyKind, Tier};
 
 use crate::io::{IoError, IoOptions, ShardReader};
 pub use layout::{ExpertFootprint, Layouts};
+pub use precision::{HobbitRule, PrecisionPolicy, PrecisionStats};
 use slots::{Job, SlotId, Slots};
 pub use stream::StoreStream;
 
@@ -57,6 +59,8 @@ pub enum StoreError {
     Read { key: ExpertKey, source: IoError },
     #[error("expert cache: {0}")]
     Cache(#[from] CacheError),
+    #[error("the store has no low-bit copies of the experts (precision.policy = \"hobbit\" loads them)")]
+    NoLowBitCopies,
     #[error("the expert I/O threads have stopped")]
     IoStopped,
     #[error("cannot start the expert I/O threads: {0}")]
@@ -67,18 +71,30 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StoreOptions {
     pub policy: PolicyKind,
     /// Never use `O_DIRECT` (to compare with it, or where the page cache is wanted).
     pub force_buffered: bool,
     /// Reader threads: more than one keeps several reads in flight, which NVMe drives reward.
     pub readers: usize,
+    /// Which copy of an expert a layer uses ([`PrecisionPolicy::Hobbit`] needs the layouts'
+    /// low-bit copies).
+    pub precision: PrecisionPolicy,
+    /// Added to the router logits of experts resident in any precision before the top-k
+    /// (cache-conditional routing); 0 leaves routing alone.
+    pub resident_bias: f32,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { policy: PolicyKind::Lru, force_buffered: false, readers: 1 }
+        StoreOptions {
+            policy: PolicyKind::Lru,
+            force_buffered: false,
+            readers: 1,
+            precision: PrecisionPolicy::Full,
+            resident_bias: 0.0,
+        }
     }
 }
 
@@ -131,6 +147,8 @@ pub struct StoreStats {
     /// Seconds from the warm start until its last read landed (or its last unread entry was
     /// evicted); `None` while reads are pending.
     pub warm_fill_seconds: Option<f64>,
+    /// Accesses and reads by precision (all full unless the policy is HOBBIT's).
+    pub precision: PrecisionStats,
 }
 
 #[derive(Default)]
@@ -188,6 +206,7 @@ struct State {
     tier: Tier<SlotId>,
     slots: Slots,
     io: IoCounters,
+    precision: PrecisionStats,
     warm: Warm,
     /// Reader threads still running; 0 means every wait would be forever.
     readers_alive: usize,
@@ -204,6 +223,7 @@ struct Shared {
     work: Condvar,
     layouts: Layouts,
     reader: ShardReader,
+    opts: StoreOptions,
 }
 
 impl Shared {
@@ -282,6 +302,7 @@ fn reader_loop(shared: &Shared, budget: u64) {
             Ok((_, bytes)) => {
                 st.io.reads += 1;
                 st.io.bytes_read += bytes;
+                st.precision.read(job.key.precision, *bytes);
             }
             Err(e) => {
                 st.io.failed_reads += 1;
@@ -325,6 +346,9 @@ impl ExpertStore {
                 expert_bytes: fp.max_expert_bytes,
             });
         }
+        if matches!(opts.precision, PrecisionPolicy::Hobbit(_)) && !layouts.has_low() {
+            return Err(StoreError::NoLowBitCopies);
+        }
         let reader = ShardReader::open(shards, IoOptions { force_buffered: opts.force_buffered })?;
         let mut tier = Tier::new(budget, opts.policy.build());
         if let Some((params, prefetch_budget)) = anticipation {
@@ -336,6 +360,14 @@ impl ExpertStore {
                 tier,
                 slots: Slots::default(),
                 io: IoCounters::default(),
+                precision: PrecisionStats {
+                    policy: match opts.precision {
+                        PrecisionPolicy::Full => "full",
+                        PrecisionPolicy::Hobbit(_) => "hobbit",
+                    },
+                    low_format: layouts.low_format().map(|f| f.name()),
+                    ..PrecisionStats::default()
+                },
                 warm: Warm::default(),
                 readers_alive: readers,
                 shutdown: false,
@@ -344,6 +376,7 @@ impl ExpertStore {
             work: Condvar::new(),
             layouts,
             reader,
+            opts,
         });
         let mut handles = Vec::with_capacity(readers);
         for i in 0..readers {
@@ -452,7 +485,33 @@ impl ExpertStore {
             warm_bytes: t.warm_bytes,
             warm_reads: st.warm.landed,
             warm_fill_seconds: st.warm.seconds,
+            precision: st.precision.clone(),
         }
+    }
+
+    /// [`StoreOptions::resident_bias`] for each expert of decoder layer `layer` resident in
+    /// any precision (or being read); `None` when the bias is 0.
+    pub fn routing_bias(&self, layer: stevedore_models::LayerId) -> Option<Vec<f32>> {
+        let lambda = self.shared.opts.resident_bias;
+        if lambda == 0.0 {
+            return None;
+        }
+        let st = self.shared.lock();
+        let n = self.shared.layouts.num_experts();
+        Some(
+            (0..n)
+                .map(|e| {
+                    let key = ExpertKey::new(layer.0, e);
+                    let resident =
+                        stevedore_cache::Precision::ALL.iter().any(|&p| st.tier.contains(&key.at(p)));
+                    if resident {
+                        lambda
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
     }
 }
 

@@ -5,10 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use stevedore_cache::{Candidate, Demand, ExpertKey};
-use stevedore_models::{ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertsError, ReadyExperts};
+use stevedore_cache::{Candidate, Demand, ExpertKey, Precision};
+use stevedore_models::{
+    ExpertFailure, ExpertPlan, ExpertSource, ExpertStream, ExpertsError, LayerId, ReadyExperts, Served,
+};
 
-use super::{fill, ExpertStore, State, StoreError};
+use super::precision::Need;
+use super::{fill, ExpertStore, PrecisionPolicy, State, StoreError};
 use crate::io::AlignedBuf;
 
 /// The experts of one [`ExpertPlan`], delivered as they become ready; dropping it releases
@@ -22,6 +25,8 @@ pub struct StoreStream<'p> {
     /// How many experts at the front of the demand were handed out, to be released on the next
     /// call.
     holding: usize,
+    /// Plan entries the precision policy skipped, still to be handed out (first).
+    skipped: Vec<usize>,
 }
 
 fn failure(expert: Option<usize>, e: StoreError) -> ExpertFailure {
@@ -38,14 +43,43 @@ impl ExpertStore {
         candidates: &[Candidate],
     ) -> Result<StoreStream<'p>, StoreError> {
         let layouts = &self.shared.layouts;
-        let mut keys = Vec::with_capacity(plan.experts.len());
+        let hobbit = match self.shared.opts.precision {
+            PrecisionPolicy::Full => None,
+            PrecisionPolicy::Hobbit(rule) => Some(rule),
+        };
+        // What each expert's rows need of it (HOBBIT), decided before taking the lock.
+        let needs: Vec<Need> = match &hobbit {
+            Some(rule) => (0..plan.experts.len()).map(|i| rule.need(plan, i)).collect(),
+            None => Vec::new(),
+        };
         for e in plan.experts {
-            let key = ExpertKey::new(plan.layer.0, e.expert as usize);
-            keys.push((key, layouts.check(key)?.alloc as u64));
+            layouts.check(ExpertKey::new(plan.layer.0, e.expert as usize))?;
         }
         let candidates = self.sized(candidates);
         let mut guard = self.shared.lock();
-        let State { tier, slots, warm, .. } = &mut *guard;
+        let State { tier, slots, warm, precision, .. } = &mut *guard;
+        // Each expert's copy: full precision, or what the rule picks given what is resident.
+        let (mut keys, mut skipped) = (Vec::with_capacity(plan.experts.len()), Vec::new());
+        for (i, e) in plan.experts.iter().enumerate() {
+            let full = ExpertKey::new(plan.layer.0, e.expert as usize);
+            let chosen = match &hobbit {
+                None => Some(Precision::Full),
+                Some(rule) => {
+                    let low = full.at(Precision::Low);
+                    rule.choose(needs[i], tier.contains(&full), tier.contains(&low))
+                }
+            };
+            match chosen {
+                Some(p) => {
+                    let key = full.at(p);
+                    keys.push((key, layouts.check(key)?.alloc as u64));
+                }
+                None => {
+                    precision.skipped += 1;
+                    skipped.push(i);
+                }
+            }
+        }
         // An entry whose read failed is read again by the next layer that needs it.
         for (key, _) in &keys {
             if let Some(&id) = tier.peek(key) {
@@ -54,6 +88,9 @@ impl ExpertStore {
                     slots.free(id);
                 }
             }
+        }
+        for (key, _) in &keys {
+            precision.access(key.precision, tier.contains(key));
         }
         tier.steer(&candidates);
         let mut demand = tier.begin(&keys);
@@ -72,7 +109,7 @@ impl ExpertStore {
         self.shared.work.notify_all();
         // The plan's contents outlive 'p; narrowing its lifetime parameter to 'p is a coercion.
         let plan: &'p ExpertPlan<'p> = plan;
-        Ok(StoreStream { store: self, plan, demand, current: Vec::new(), holding: 0 })
+        Ok(StoreStream { store: self, plan, demand, current: Vec::new(), holding: 0, skipped })
     }
 }
 
@@ -87,6 +124,12 @@ impl StoreStream<'_> {
 
 impl ExpertStream for StoreStream<'_> {
     fn next_ready(&mut self, max: usize) -> Option<Result<ReadyExperts<'_>, ExpertFailure>> {
+        if !self.skipped.is_empty() {
+            return Some(Ok(std::mem::take(&mut self.skipped)
+                .into_iter()
+                .map(|i| (i, Served::Skipped))
+                .collect()));
+        }
         let shared = &self.store.shared;
         let layouts = &shared.layouts;
         let mut st = shared.lock();
@@ -161,7 +204,7 @@ impl ExpertStream for StoreStream<'_> {
                 .zip(&self.current)
                 .map(|(key, buf)| {
                     let layout = layouts.get(key).expect("checked when the stream began");
-                    (self.index_of(key), layout.weights(buf.as_slice()))
+                    (self.index_of(key), Served::Weights(layout.weights(buf.as_slice())))
                 })
                 .collect())),
             Err(f) => Some(Err(f)),
@@ -183,6 +226,10 @@ impl ExpertSource for ExpertStore {
     /// Without predictions, estimates would go unused.
     fn foresight(&self) -> Option<stevedore_models::Foresight> {
         None
+    }
+
+    fn routing_bias(&self, layer: LayerId) -> Option<Vec<f32>> {
+        ExpertStore::routing_bias(self, layer)
     }
 
     /// A layer step without predictions (the predictive policy then protects nothing).

@@ -10,8 +10,8 @@ use stevedore_cache::AnticipationParams;
 use stevedore_kernels::DType;
 use stevedore_models::names::{expert_tensor_names, expert_tensor_shapes};
 use stevedore_models::{
-    Arch, ExpertPlan, ExpertStream, ExpertTensors, ExpertUse, ExpertWeights, LayerId, LayerMap, ModelConfig,
-    MoeIndex, Row, WeightIndex,
+    Arch, ExpertPlan, ExpertStream, ExpertTensors, ExpertUse, LayerId, LayerMap, ModelConfig, MoeIndex, Row,
+    Served, WeightIndex,
 };
 
 use super::*;
@@ -176,8 +176,9 @@ impl Fixture {
         &self.files[info.shard][info.offset as usize..(info.offset + info.len) as usize]
     }
 
-    /// Asserts that `w` is exactly the checkpoint's expert `expert` of `layer`.
-    pub(crate) fn check(&self, layer: usize, expert: u32, w: &ExpertWeights<'_>) {
+    /// Asserts that `served` is exactly the checkpoint's expert `expert` of `layer`.
+    pub(crate) fn check(&self, layer: usize, expert: u32, served: &Served<'_>) {
+        let Served::Weights(w) = served else { panic!("layer {layer} expert {expert} was skipped") };
         let names = expert_tensor_names(Arch::Olmoe, layer, expert as usize);
         let shapes = expert_tensor_shapes(&self.cfg);
         let dtype = if layer % 3 == 1 { DType::F32 } else { DType::BF16 };
