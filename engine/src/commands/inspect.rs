@@ -32,6 +32,23 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     }
 }
 
+/// The low-bit copies written beside the checkpoint (`stevedore quantize`): per format, the
+/// host-cache bytes of the largest expert and of all, or why the copies cannot be used.
+fn low_bit_copies(
+    model: &stevedore_models::Model,
+) -> Vec<(stevedore_kernels::DType, Result<(u64, u64), String>)> {
+    stevedore_models::LowBitExperts::available(&model.index.dir)
+        .into_iter()
+        .map(|format| {
+            let found = stevedore_models::LowBitExperts::open(model, format, 0).map(|low| {
+                let fp = Layouts::of(model).with_low(&low.tensors, &model.layers).footprint();
+                (fp.low_max_expert_bytes.unwrap_or(0), fp.low_total_bytes.unwrap_or(0))
+            });
+            (format, found.map_err(|e| e.to_string()))
+        })
+        .collect()
+}
+
 /// What `run` prints.
 fn describe(args: &InspectArgs) -> Result<String, CliError> {
     let mut out = String::new();
@@ -47,6 +64,7 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
     formats.sort_unstable();
     formats.dedup();
     let formats = formats.join(", ");
+    let low = low_bit_copies(&model);
     let fit = args.host_cache.map(|s| {
         let budget = s.bytes(fp.total_bytes);
         let experts = budget.checked_div(fp.max_expert_bytes).unwrap_or(0).min(fp.experts);
@@ -69,6 +87,15 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
             "min_host_cache_bytes": fp.min_budget,
             "available_memory_bytes": crate::sys::available_memory_bytes(),
         });
+        let mut copies = serde_json::Map::new();
+        for (format, found) in &low {
+            let v = match found {
+                Ok((per, total)) => serde_json::json!({"bytes_per_expert": per, "total_bytes": total}),
+                Err(e) => serde_json::json!({"error": e}),
+            };
+            copies.insert(format.name().to_ascii_lowercase(), v);
+        }
+        v["low_bit_copies"] = copies.into();
         if let Some((budget, experts)) = fit {
             v["host_cache"] = serde_json::json!({
                 "budget_bytes": budget, "experts": experts, "fraction": experts as f64 / fp.experts.max(1) as f64,
@@ -161,6 +188,15 @@ fn describe(args: &InspectArgs) -> Result<String, CliError> {
         "bytes per expert: {} in the host cache (4 KiB-aligned buffer)",
         human(fp.max_expert_bytes)
     );
+    for (format, found) in &low {
+        let name = format.name().to_ascii_lowercase();
+        let _ = match found {
+            Ok((per, total)) => {
+                writeln!(out, "  {name} copies:    {} per expert, {} in all", human(*per), human(*total))
+            }
+            Err(e) => writeln!(out, "  {name} copies:    unusable: {e}"),
+        };
+    }
     let _ =
         writeln!(out, "all experts:      {} in the host cache (= --host-cache 100%)", human(fp.total_bytes));
     let _ = writeln!(
