@@ -398,11 +398,12 @@ warm_start = "auto"
 # threads = 8
 
 [precision]
-# Which copy of an expert a layer uses: "full" (the checkpoint's precision) or "hobbit" (mixed
+# Which copy of an expert a layer uses: "full" (the checkpoint's precision), "hobbit" (mixed
 # precision on a miss: rank a token's experts by gate weight; with s the share of its gate mass
 # ranked above an expert, a missed expert is read in full while s <= full_until, as its low-bit
-# copy while s <= skip_above, and skipped beyond; copies already resident are always used).
-# "hobbit" needs the copies: `stevedore quantize --model DIR --format q4_0`.
+# copy while s <= skip_above, and skipped beyond; copies already resident are always used) or
+# "low" (every expert's low-bit copy). The last two need the copies: `stevedore quantize
+# --model DIR --format q4_0`.
 policy = "full"
 # The low-bit copies' format: "q4_0" (4.5 bits per weight) or "q8_0" (8.5).
 low = "q4_0"

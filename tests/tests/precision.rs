@@ -351,13 +351,7 @@ fn resident_bias_raises_the_hit_rate() {
     };
     let (none, some) = (misses("0"), misses("3"));
     assert!(some < none, "resident bias 3: {some} misses, none: {none}");
-    let run = stevedore([
-        "generate",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--resident-bias=-1",
-    ]);
+    let run =
+        stevedore(["generate", "--model", dir.to_str().unwrap(), "--prompt-ids", "1", "--resident-bias=-1"]);
     run.err(&["routing.resident_bias", "-1"]);
 }

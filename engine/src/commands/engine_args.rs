@@ -55,10 +55,10 @@ pub struct EngineArgs {
     /// Compute threads. Default: the config's `engine.threads`, else the physical cores.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Which copy of an expert a layer uses: `full`, or `hobbit` (a missed expert of small gate
-    /// weight is read as its low-bit copy or skipped; needs `stevedore quantize`). Default: the
-    /// config's `precision.policy`.
-    #[arg(long, value_parser = ["full", "hobbit"])]
+    /// Which copy of an expert a layer uses: `full`; `hobbit` (a missed expert of small gate
+    /// weight is read as its low-bit copy or skipped); `low` (every expert's low-bit copy).
+    /// The last two need `stevedore quantize`. Default: the config's `precision.policy`.
+    #[arg(long, value_parser = ["full", "hobbit", "low"])]
     pub precision: Option<String>,
     /// Added to the router logits of experts already resident (cache-conditional routing).
     /// Default: the config's `routing.resident_bias`, 0 (off).
@@ -119,6 +119,7 @@ impl EngineArgs {
         }
         match self.precision.as_deref() {
             Some("hobbit") => config.precision.policy = crate::config::PrecisionKind::Hobbit,
+            Some("low") => config.precision.policy = crate::config::PrecisionKind::Low,
             Some(_) => config.precision.policy = crate::config::PrecisionKind::Full,
             None => {}
         }

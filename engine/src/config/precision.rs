@@ -15,6 +15,8 @@ pub enum PrecisionKind {
     Full,
     /// A missed expert of small gate weight is read as its low-bit copy, or skipped.
     Hobbit,
+    /// Every expert from its low-bit copy.
+    Low,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -83,12 +85,13 @@ impl PrecisionConfig {
                 skip_above: self.skip_above,
                 upgrade: self.upgrade,
             }),
+            PrecisionKind::Low => PrecisionPolicy::Low,
         }
     }
 
     /// The low-bit format the store loads, if the policy uses one.
     pub fn low_format(&self) -> Option<DType> {
-        (self.policy == PrecisionKind::Hobbit).then_some(self.low)
+        (self.policy != PrecisionKind::Full).then_some(self.low)
     }
 }
 

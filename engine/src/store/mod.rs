@@ -59,7 +59,7 @@ pub enum StoreError {
     Read { key: ExpertKey, source: IoError },
     #[error("expert cache: {0}")]
     Cache(#[from] CacheError),
-    #[error("the store has no low-bit copies of the experts (precision.policy = \"hobbit\" loads them)")]
+    #[error("the store has no low-bit copies of the experts (precision.policy = \"hobbit\" or \"low\" loads them)")]
     NoLowBitCopies,
     #[error("the expert I/O threads have stopped")]
     IoStopped,
@@ -346,7 +346,7 @@ impl ExpertStore {
                 expert_bytes: fp.max_expert_bytes,
             });
         }
-        if matches!(opts.precision, PrecisionPolicy::Hobbit(_)) && !layouts.has_low() {
+        if opts.precision != PrecisionPolicy::Full && !layouts.has_low() {
             return Err(StoreError::NoLowBitCopies);
         }
         let reader = ShardReader::open(shards, IoOptions { force_buffered: opts.force_buffered })?;
@@ -364,6 +364,7 @@ impl ExpertStore {
                     policy: match opts.precision {
                         PrecisionPolicy::Full => "full",
                         PrecisionPolicy::Hobbit(_) => "hobbit",
+                        PrecisionPolicy::Low => "low",
                     },
                     low_format: layouts.low_format().map(|f| f.name()),
                     ..PrecisionStats::default()

@@ -20,6 +20,9 @@ pub enum PrecisionPolicy {
     /// Every expert in the checkpoint's precision (the reference's tokens).
     Full,
     Hobbit(HobbitRule),
+    /// Every expert from its low-bit copy (a fully quantized MoE, like a Q4_0 GGUF's experts):
+    /// the quality floor HOBBIT is measured against.
+    Low,
 }
 
 /// HOBBIT's thresholds (see the module docs).

@@ -43,9 +43,10 @@ impl ExpertStore {
         candidates: &[Candidate],
     ) -> Result<StoreStream<'p>, StoreError> {
         let layouts = &self.shared.layouts;
-        let hobbit = match self.shared.opts.precision {
-            PrecisionPolicy::Full => None,
+        let policy = self.shared.opts.precision;
+        let hobbit = match policy {
             PrecisionPolicy::Hobbit(rule) => Some(rule),
+            PrecisionPolicy::Full | PrecisionPolicy::Low => None,
         };
         // What each expert's rows need of it (HOBBIT), decided before taking the lock.
         let needs: Vec<Need> = match &hobbit {
@@ -63,6 +64,7 @@ impl ExpertStore {
         for (i, e) in plan.experts.iter().enumerate() {
             let full = ExpertKey::new(plan.layer.0, e.expert as usize);
             let chosen = match &hobbit {
+                None if policy == PrecisionPolicy::Low => Some(Precision::Low),
                 None => Some(Precision::Full),
                 Some(rule) => {
                     let low = full.at(Precision::Low);

@@ -1,0 +1,246 @@
+//! Mixed precision on a miss (HOBBIT), measured: for each model, `stevedore generate` at one
+//! host-cache budget with LRU and every expert in full precision, with the HOBBIT policy over
+//! q4_0 and q8_0 copies, and with every expert's q4_0 copy; decode tokens/s and bytes read per
+//! generated token, all in one run on the same prompt. With `--text`, the quality side: the
+//! perplexity (`stevedore perplexity`, llama.cpp's chunking) of the same variants and of
+//! cache-conditional routing at two biases, on the first model. Writes the low-bit copies
+//! (`stevedore quantize`) where they are missing. See bench/README.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use serde_json::{json, Value};
+use stevedore_bench::{setup, TempDir};
+
+const USAGE: &str = "\
+usage: hobbit --model DIR [--model DIR ...] [options]
+  --budget SIZE        host-cache budget (default 25%)
+  --max-new-tokens N   decode tokens per run (default 64)
+  --prompt-ids LIST    the prompt (default 1,2,3,4,5,6,7,8)
+  --text FILE          also measure perplexity on this text, on the first model
+  --context N          perplexity context (default: the command's)
+  --bin PATH           the stevedore binary (default: `stevedore` next to this executable)
+  --json-out FILE      also write every number as JSON
+Bars: HOBBIT over q4_0 reads at least 40% fewer bytes per token than full precision; its
+perplexity is at most 1% above full precision's (with --text).";
+
+/// (label, config file contents) of each variant; every one runs LRU.
+const VARIANTS: [(&str, &str); 4] = [
+    ("full", ""),
+    ("hobbit-q4_0", "[precision]\npolicy = \"hobbit\"\nlow = \"q4_0\"\n"),
+    ("hobbit-q8_0", "[precision]\npolicy = \"hobbit\"\nlow = \"q8_0\"\n"),
+    ("low-q4_0", "[precision]\npolicy = \"low\"\nlow = \"q4_0\"\n"),
+];
+
+/// Cache-conditional routing, for the quality table only (its speed is the full run's plus
+/// fewer misses).
+const BIASES: [(&str, &str); 2] = [
+    ("resident-bias-0.5", "[routing]\nresident_bias = 0.5\n"),
+    ("resident-bias-2", "[routing]\nresident_bias = 2.0\n"),
+];
+
+struct Args {
+    models: Vec<PathBuf>,
+    budget: String,
+    max_new_tokens: usize,
+    prompt_ids: String,
+    text: Option<PathBuf>,
+    context: Option<usize>,
+    bin: PathBuf,
+    json_out: Option<PathBuf>,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args {
+        models: Vec::new(),
+        budget: "25%".into(),
+        max_new_tokens: 64,
+        prompt_ids: "1,2,3,4,5,6,7,8".into(),
+        text: None,
+        context: None,
+        bin: setup::default_bin()?,
+        json_out: None,
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.models.push(value()?.into()),
+            "--budget" => a.budget = value()?,
+            "--max-new-tokens" => a.max_new_tokens = setup::positive(&flag, &value()?)?,
+            "--prompt-ids" => a.prompt_ids = value()?,
+            "--text" => a.text = Some(value()?.into()),
+            "--context" => a.context = Some(setup::positive(&flag, &value()?)?),
+            "--bin" => a.bin = value()?.into(),
+            "--json-out" => a.json_out = Some(value()?.into()),
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown flag `{other}`\n{USAGE}")),
+        }
+    }
+    if a.models.is_empty() {
+        return Err(format!("give at least one --model\n{USAGE}"));
+    }
+    setup::check_bin(&a.bin)?;
+    Ok(a)
+}
+
+/// Runs the binary; its stdout, parsed as JSON when `json`.
+fn stevedore(bin: &Path, args: &[&str], json: bool) -> Result<Value, String> {
+    let out = Command::new(bin).args(args).output().map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`stevedore {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if !json {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("`stevedore {}`: not JSON: {e}", args.join(" ")))
+}
+
+/// A config file for `variant` at `budget` with LRU, in a temporary directory.
+fn config(dir: &TempDir, label: &str, variant: &str, budget: &str) -> Result<PathBuf, String> {
+    let path = dir.path().join(format!("{label}.toml"));
+    let text = format!("[cache]\npolicy = \"lru\"\n[tiers.host]\nbudget = \"{budget}\"\n{variant}");
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+fn run(a: Args) -> Result<bool, String> {
+    let tmp = TempDir::new("hobbit").map_err(|e| format!("temporary directory: {e}"))?;
+    let mut pass = true;
+    let mut report =
+        json!({"command": setup::command_line("hobbit"), "commit": setup::git_commit(), "budget": a.budget});
+    println!("# HOBBIT mixed precision at host cache {} (LRU), {} tokens", a.budget, a.max_new_tokens);
+    for model in &a.models {
+        let dir = model.to_str().ok_or("model path is not UTF-8")?;
+        for format in ["q4_0", "q8_0"] {
+            if !model.join(format!("experts.{format}.json")).exists() {
+                eprintln!("writing {format} copies of {dir}");
+                stevedore(&a.bin, &["quantize", "--model", dir, "--format", format], false)?;
+            }
+        }
+        println!(
+            "\n{dir}\n{:<14} {:>10} {:>14} {:>9} {:>7} {:>7} {:>7}",
+            "variant", "decode/s", "bytes/token", "vs full", "low%", "skip%", "agree"
+        );
+        let mut rows = Vec::new();
+        let mut full: Option<(f64, Vec<Value>)> = None;
+        for (label, variant) in VARIANTS {
+            let cfg = config(&tmp, label, variant, &a.budget)?;
+            let cfg = cfg.to_str().ok_or("temporary path is not UTF-8")?;
+            let out = stevedore(
+                &a.bin,
+                &[
+                    "generate",
+                    "--model",
+                    dir,
+                    "--config",
+                    cfg,
+                    "--prompt-ids",
+                    &a.prompt_ids,
+                    "--max-new-tokens",
+                    &a.max_new_tokens.to_string(),
+                    "--temperature",
+                    "0",
+                    "--json",
+                ],
+                true,
+            )?;
+            let s = &out["stats"];
+            let c = &s["expert_cache"];
+            let tokens = out["generated_ids"].as_array().map_or(0, Vec::len).max(1) as f64;
+            let per_token = f(c, "bytes_read") / tokens;
+            let p = &c["precision"];
+            let accesses = ["full_hits", "full_misses", "low_hits", "low_misses", "skipped"]
+                .iter()
+                .map(|k| f(p, k))
+                .sum::<f64>()
+                .max(1.0);
+            let low = (f(p, "low_hits") + f(p, "low_misses")) / accesses;
+            let skipped = f(p, "skipped") / accesses;
+            let ids = out["generated_ids"].as_array().cloned().unwrap_or_default();
+            let (ratio, agree) = match &full {
+                None => {
+                    full = Some((per_token, ids.clone()));
+                    (1.0, ids.len())
+                }
+                Some((b, reference)) => {
+                    (per_token / b, reference.iter().zip(&ids).take_while(|(x, y)| x == y).count())
+                }
+            };
+            println!(
+                "{label:<14} {:>10.2} {:>14.0} {:>8.2}x {:>6.1}% {:>6.1}% {:>3}/{}",
+                f(s, "decode_tokens_per_s"),
+                per_token,
+                ratio,
+                100.0 * low,
+                100.0 * skipped,
+                agree,
+                ids.len()
+            );
+            if label == "hobbit-q4_0" && ratio > 0.6 {
+                pass = false;
+                println!(
+                    "  bar not met: hobbit-q4_0 reads {:.0}% fewer bytes per token (bar: 40%)",
+                    100.0 * (1.0 - ratio)
+                );
+            }
+            rows.push(json!({"variant": label, "decode_tokens_per_s": f(s, "decode_tokens_per_s"),
+                "bytes_read_per_token": per_token, "vs_full": ratio, "low_share": low, "skipped_share": skipped,
+                "tokens_agreeing_with_full": agree, "precision": p}));
+        }
+        report[dir] = json!({"generate": rows});
+    }
+    if let Some(text) = &a.text {
+        let model = a.models[0].to_str().ok_or("model path is not UTF-8")?;
+        let text = text.to_str().ok_or("text path is not UTF-8")?;
+        println!(
+            "\nperplexity of {model} on {text} at host cache {}\n{:<18} {:>10} {:>9}",
+            a.budget, "variant", "PPL", "vs full"
+        );
+        let mut rows = Vec::new();
+        let mut base = None;
+        for (label, variant) in VARIANTS.iter().chain(&BIASES) {
+            let cfg = config(&tmp, label, variant, &a.budget)?;
+            let mut args = vec![
+                "perplexity",
+                "--model",
+                model,
+                "--text",
+                text,
+                "--config",
+                cfg.to_str().unwrap(),
+                "--json",
+            ];
+            let context = a.context.map(|c| c.to_string());
+            if let Some(c) = &context {
+                args.extend(["--context", c]);
+            }
+            let out = stevedore(&a.bin, &args, true)?;
+            let ppl = f(&out, "ppl");
+            let b = *base.get_or_insert(ppl);
+            println!("{label:<18} {ppl:>10.4} {:>+8.2}%", 100.0 * (ppl / b - 1.0));
+            if *label == "hobbit-q4_0" && ppl > b * 1.01 {
+                pass = false;
+                println!("  bar not met: hobbit-q4_0 raises perplexity by more than 1%");
+            }
+            rows.push(json!({"variant": label, "ppl": ppl, "vs_full": ppl / b, "result": out}));
+        }
+        report["perplexity"] = json!({"model": model, "text": text, "rows": rows});
+    }
+    if let Some(path) = &a.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(pass)
+}
+
+fn main() -> ExitCode {
+    setup::main("hobbit", parse_args, run)
+}
