@@ -411,6 +411,9 @@ full_until = 0.6
 skip_above = 0.9
 # Read an expert in full when a token needs it so while only its low-bit copy is resident.
 upgrade = true
+# The dense matrices (attention, dense and shared MLPs, embeddings, LM head): "full" (the
+# checkpoint's) or their low-bit copies, "q8_0" or "q4_0" (`stevedore quantize --all`).
+dense = "full"
 
 [routing]
 # Cache-conditional routing: added to the router logits of experts already resident before the

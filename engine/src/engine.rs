@@ -32,7 +32,9 @@ use crate::horizon::{HorizonControl, HorizonStats};
 use crate::record::Recorder;
 use crate::sampling::SamplingParams;
 use crate::size::Size;
-use crate::store::{ExpertFootprint, ExpertStore, Layouts, StoreError, StoreOptions, StoreStats};
+use crate::store::{
+    ExpertFootprint, ExpertStore, Layouts, PrecisionPolicy, StoreError, StoreOptions, StoreStats,
+};
 use crate::text::Text;
 use regroup::Route;
 pub use regroup::Schedule;
@@ -250,8 +252,14 @@ impl Loaded {
     /// Loads `dir`'s config, weight index (dense weights mapped, every tensor checked) and
     /// tokenizer (if it has one).
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`Loaded::load`] with the dense matrices from their `dense` low-bit copies when given
+    /// (`precision.dense`).
+    pub fn load_with(dir: &Path, dense: Option<stevedore_kernels::DType>) -> Result<Self, EngineError> {
         let t = Instant::now();
-        let model = Model::load(dir)?;
+        let model = Model::load_with(dir, dense)?;
         let text = Text::load(dir).map_err(EngineError::Config)?;
         let layouts = Layouts::of(&model);
         tracing::info!(
@@ -347,7 +355,11 @@ impl Loaded {
             precision: config.precision.policy(),
             resident_bias: config.resident_bias,
         };
-        let total = fp.total_bytes;
+        // What a warm start would read: every expert in the precision layers read first.
+        let total = match opts.precision {
+            PrecisionPolicy::Low => layouts.footprint().low_total_bytes.unwrap_or(fp.total_bytes),
+            PrecisionPolicy::Full | PrecisionPolicy::Hobbit(_) => fp.total_bytes,
+        };
         let store = ExpertStore::new(layouts, &shards, budget, opts, anticipation, cfg.num_experts_per_tok)?;
         if config.warm_start.applies(budget, total) {
             store.warm();

@@ -102,9 +102,18 @@ impl Model {
     /// Loads `config.json` and the checkpoint's dense weights from `dir`, checking every tensor
     /// the forward pass needs (experts included) for presence, dtype and shape.
     pub fn load(dir: &Path) -> Result<Self, Error> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`Model::load`], with the dense matrices read from their `dense` low-bit copies when
+    /// given (`stevedore quantize --all`).
+    pub fn load_with(dir: &Path, dense: Option<stevedore_kernels::DType>) -> Result<Self, Error> {
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.merge_generation_config(&dir.join("generation_config.json"))?;
-        let index = WeightIndex::open(dir)?;
+        let mut index = WeightIndex::open(dir)?;
+        if let Some(format) = dense {
+            index.use_dense_copies(format)?;
+        }
         Self::from_parts(config, index)
     }
 

@@ -22,7 +22,7 @@ impl Mat {
     }
 
     pub fn bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype.size()
+        self.rows * self.dtype.bytes(self.cols).expect("checked at load: rows of whole blocks")
     }
 
     pub fn weight<'a>(&self, index: &'a WeightIndex) -> Weight<'a> {

@@ -172,6 +172,40 @@ impl WeightIndex {
         Ok(shard)
     }
 
+    /// Reads the dense matrices from their `format` copies (`stevedore quantize --all`): every
+    /// tensor the copies' index lists (checked like the safetensors index, and against this
+    /// checkpoint's shape) now lies in the copies' file, in `format`. Returns how many.
+    pub fn use_dense_copies(&mut self, format: DType) -> Result<usize, Error> {
+        let opened = crate::quantized::Opened::open(&self.dir, crate::quantized::Copies::Dense, format)?;
+        let shard = self.shards.len();
+        let mut replaced = Vec::new();
+        for name in opened.names() {
+            let info = self.info(name)?;
+            let &[rows, cols] = &info.shape[..] else {
+                return Err(Error::Tensor {
+                    path: opened.index_path.clone(),
+                    name: name.to_owned(),
+                    msg: format!("has shape {:?} in the checkpoint: not a matrix", info.shape),
+                });
+            };
+            let (offset, len) = opened.entry(name, rows, cols)?;
+            let info = TensorInfo {
+                shard,
+                dtype_name: format.name().to_owned(),
+                dtype: Some(format),
+                shape: vec![rows, cols],
+                offset,
+                len,
+            };
+            replaced.push((name.to_owned(), info));
+        }
+        let n = replaced.len();
+        self.tensors.extend(replaced);
+        let crate::quantized::Opened { data, map, .. } = opened;
+        self.shards.push(Shard { path: data, map });
+        Ok(n)
+    }
+
     /// The whole mapped file of shard `i`.
     pub fn shard_data(&self, i: usize) -> &[u8] {
         &self.shards[i].map

@@ -25,7 +25,7 @@ use crate::api::response::{unique_hex, ChoiceResult, Meta, Usage};
 use crate::api::ApiError;
 use crate::commands::engine_args::EngineArgs;
 use crate::commands::CliError;
-use crate::engine::{Event, Loaded, RequestHandle};
+use crate::engine::{Event, RequestHandle};
 use input::{Entry, Refusal};
 use output::Results;
 use progress::{Figures, Progress};
@@ -115,7 +115,7 @@ pub fn run(args: &BatchArgs) -> Result<(), CliError> {
         .map_err(|e| format!("{}: cannot read the input: {e}", args.input.display()))?;
     let mut results = Results::open(&args.output)?;
     let dir = &args.engine.model;
-    let loaded = Loaded::load(dir)?;
+    let loaded = settings.load()?;
     let api = ApiModel::load(dir, args.chat_template.as_deref(), None)?;
     // Checked against the context only: the KV cache is sized for these requests below.
     let info = api.info(loaded.model(), loaded.text(), loaded.model().config.max_positions());

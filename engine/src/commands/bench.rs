@@ -16,7 +16,7 @@ use stevedore_models::profile::{self, OpTime};
 use super::engine_args::{configure_threads, EngineArgs};
 use super::{parse_size, CliError};
 use crate::config::WarmStart;
-use crate::engine::{Completion, Engine, Loaded, Request};
+use crate::engine::{Completion, Engine, Request};
 use crate::sampling::SamplingParams;
 use crate::size::{human, Size};
 
@@ -122,7 +122,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             resident_bias: None,
         };
         let settings = engine_args.settings()?;
-        let loaded = Loaded::load(&args.model)?;
+        let loaded = settings.load()?;
         weight_bytes = loaded.model().decode_weight_bytes();
         let longest = args.prompt.iter().copied().max().unwrap_or(1).max(12) + args.decode + 1;
         let kv = loaded.kv_bytes_for([longest]);

@@ -170,6 +170,11 @@ impl Settings<'_> {
         }
     }
 
+    /// Loads the model (`--model`), its dense matrices in the precision the config asks for.
+    pub fn load(&self) -> Result<Loaded, CliError> {
+        Ok(Loaded::load_with(&self.args.model, self.config.precision.dense)?)
+    }
+
     /// Starts the engine on `loaded` with a KV cache of `kv_cache` bytes; says how the host
     /// budget was chosen when it was automatic.
     pub fn start(&self, loaded: Loaded, kv_cache: u64) -> Result<Engine, CliError> {

@@ -134,7 +134,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
         seed: args.seed,
     };
 
-    let loaded = Loaded::load(&args.engine.model)?;
+    let loaded = settings.load()?;
     let jobs = match &args.batch {
         Some(path) => read_batch(path, &loaded, args.max_new_tokens, &sampling)?,
         None => {

@@ -16,7 +16,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use stevedore_kernels::DType;
-use stevedore_models::quantized::{data_file_name, index_path, LowBitIndex, LowBitTensor, EXPERT_ALIGN};
+use stevedore_models::quantized::{dense_matrices, Copies, LowBitIndex, LowBitTensor, EXPERT_ALIGN};
 use stevedore_models::{Model, LOW_BIT_FORMATS};
 
 use super::CliError;
@@ -30,6 +30,11 @@ pub struct QuantizeArgs {
     /// Formats to write, comma-separated: `q8_0` (8.5 bits per weight), `q4_0` (4.5).
     #[arg(long, value_delimiter = ',', required = true, value_parser = parse_format)]
     pub format: Vec<DType>,
+    /// Also write copies of the dense matrices (attention, dense and shared MLPs, embeddings,
+    /// LM head; not the routers): a fully quantized model, like a llama.cpp Q8_0/Q4_0 GGUF,
+    /// used with `precision.dense`.
+    #[arg(long)]
+    pub all: bool,
     /// Replace copies that exist already.
     #[arg(long)]
     pub force: bool,
@@ -44,24 +49,38 @@ fn parse_format(s: &str) -> Result<DType, String> {
 
 pub fn run(args: &QuantizeArgs) -> Result<(), CliError> {
     let model = super::load_model(&args.model)?;
-    for &format in &args.format {
-        let dir = &args.model;
-        let (index, data) = (index_path(dir, format), dir.join(data_file_name(format)));
-        if !args.force {
-            if let Some(existing) = [&index, &data].into_iter().find(|p| p.exists()) {
+    let mut sets = vec![Copies::Experts];
+    if args.all {
+        sets.push(Copies::Dense);
+    }
+    let dir = &args.model;
+    // Refuse before writing anything.
+    if !args.force {
+        for (&format, &copies) in args.format.iter().flat_map(|f| sets.iter().map(move |c| (f, c))) {
+            let paths = [copies.index_path(dir, format), dir.join(copies.data_file_name(format))];
+            if let Some(existing) = paths.iter().find(|p| p.exists()) {
                 return Err(format!("{} exists; give --force to replace it", existing.display()).into());
             }
         }
-        let t = std::time::Instant::now();
-        let written = write_copies(&model, format, dir)?;
-        eprintln!(
-            "{}: {} experts, {} in {:.1}s ({})",
-            format.name().to_ascii_lowercase(),
-            written.experts,
-            human(written.bytes),
-            t.elapsed().as_secs_f64(),
-            data.display()
-        );
+    }
+    for &format in &args.format {
+        for &copies in &sets {
+            let groups = match copies {
+                Copies::Experts => plan_experts(&model, format)?,
+                Copies::Dense => plan_dense(&model, format)?,
+            };
+            let t = std::time::Instant::now();
+            let written = write_copies(&model, format, dir, copies, groups)?;
+            eprintln!(
+                "{} {}: {} tensors, {} in {:.1}s ({})",
+                format.name().to_ascii_lowercase(),
+                copies.data_file_name(format).split('.').next().unwrap_or_default(),
+                written.tensors,
+                human(written.bytes),
+                t.elapsed().as_secs_f64(),
+                dir.join(copies.data_file_name(format)).display()
+            );
+        }
     }
     Ok(())
 }
@@ -77,47 +96,68 @@ struct Planned {
 }
 
 struct Written {
-    experts: usize,
+    tensors: usize,
     bytes: u64,
 }
 
-/// Every expert tensor's place: each expert's three together, the first on an
-/// [`EXPERT_ALIGN`] boundary of the data section. Errors name a tensor whose rows are not
-/// whole blocks.
-fn plan(model: &Model, format: DType) -> Result<(Vec<[Planned; 3]>, u64), CliError> {
+/// The bytes of a `[rows, cols]` matrix in `format`, or an error naming the tensor when its
+/// rows are not whole blocks.
+fn matrix_bytes(model: &Model, name: &str, [rows, cols]: [usize; 2], format: DType) -> Result<u64, CliError> {
+    let row = format.bytes(cols).ok_or_else(|| {
+        format!(
+            "{}: tensor `{name}` has rows of {cols} values, not whole {} blocks of {}",
+            model.index.dir.display(),
+            format.name(),
+            format.block()
+        )
+    })?;
+    Ok((row * rows) as u64)
+}
+
+/// Places `groups` (each a list of names and shapes) one after another, each group starting on
+/// an [`EXPERT_ALIGN`] boundary of the data section; returns the groups and the section's end.
+fn place(model: &Model, format: DType, groups: Vec<Vec<(String, [usize; 2])>>) -> Result<Plan, CliError> {
+    let mut at = 0u64;
+    let mut placed = Vec::with_capacity(groups.len());
+    for group in groups {
+        at = at.next_multiple_of(EXPERT_ALIGN);
+        let mut tensors = Vec::with_capacity(group.len());
+        for (name, shape) in group {
+            let len = matrix_bytes(model, &name, shape, format)?;
+            tensors.push(Planned { name, rows: shape[0], cols: shape[1], at, len });
+            at += len;
+        }
+        placed.push(tensors);
+    }
+    Ok((placed, at))
+}
+
+/// Groups of tensors placed, and the data section's length.
+type Plan = (Vec<Vec<Planned>>, u64);
+
+/// Every routed expert's three tensors together (one read fetches an expert), in layer order.
+fn plan_experts(model: &Model, format: DType) -> Result<Plan, CliError> {
     let cfg = &model.config;
     let shapes = stevedore_models::names::expert_tensor_shapes(cfg);
-    let mut experts = Vec::new();
-    let mut at = 0u64;
+    let mut groups = Vec::new();
     for &layer in model.layers.moe_layers() {
         for e in 0..cfg.num_experts {
-            at = at.next_multiple_of(EXPERT_ALIGN);
             let names = stevedore_models::names::expert_tensor_names(cfg.arch, layer.0, e);
-            let mut three = Vec::with_capacity(3);
-            for (name, [rows, cols]) in names.into_iter().zip(shapes) {
-                let row = format.bytes(cols).ok_or_else(|| {
-                    format!(
-                        "{}: tensor `{name}` has rows of {cols} values, not whole {} blocks of {}",
-                        model.index.dir.display(),
-                        format.name(),
-                        format.block()
-                    )
-                })?;
-                let len = (row * rows) as u64;
-                three.push(Planned { name, rows, cols, at, len });
-                at += len;
-            }
-            let [g, u, d] = <[Planned; 3]>::try_from(three).map_err(|_| "three tensors per expert")?;
-            experts.push([g, u, d]);
+            groups.push(names.into_iter().zip(shapes).collect());
         }
     }
-    Ok((experts, at))
+    place(model, format, groups)
+}
+
+/// Every dense matrix, each on its own.
+fn plan_dense(model: &Model, format: DType) -> Result<Plan, CliError> {
+    place(model, format, dense_matrices(model).into_iter().map(|m| vec![m]).collect())
 }
 
 /// The safetensors header for `experts` (data section of `end` bytes): each tensor as `U8`
 /// `[rows, row bytes]`, gaps as padding tensors, the whole header padded with spaces so that
 /// the data section starts on an [`EXPERT_ALIGN`] boundary of the file.
-fn header(experts: &[[Planned; 3]], end: u64, format: DType) -> Vec<u8> {
+fn header(groups: &[Vec<Planned>], end: u64, format: DType) -> Vec<u8> {
     let mut map = serde_json::Map::new();
     let meta =
         serde_json::json!({"format": format.name().to_ascii_lowercase(), "written_by": "stevedore quantize"});
@@ -133,7 +173,7 @@ fn header(experts: &[[Planned; 3]], end: u64, format: DType) -> Vec<u8> {
             *cursor = to;
         }
     };
-    for t in experts.iter().flatten() {
+    for t in groups.iter().flatten() {
         pad_to(&mut map, t.at, &mut cursor);
         let row = t.len / t.rows as u64;
         let v =
@@ -148,11 +188,17 @@ fn header(experts: &[[Planned; 3]], end: u64, format: DType) -> Vec<u8> {
     text
 }
 
-fn write_copies(model: &Model, format: DType, dir: &Path) -> Result<Written, CliError> {
-    let (experts, end) = plan(model, format)?;
-    let head = header(&experts, end, format);
+fn write_copies(
+    model: &Model,
+    format: DType,
+    dir: &Path,
+    copies: Copies,
+    plan: Plan,
+) -> Result<Written, CliError> {
+    let (groups, end) = plan;
+    let head = header(&groups, end, format);
     let data_start = 8 + head.len() as u64;
-    let name = data_file_name(format);
+    let name = copies.data_file_name(format);
     let (data, tmp) = (dir.join(&name), dir.join(format!("{name}.tmp")));
     let io = |path: &Path, e: std::io::Error| -> CliError { format!("{}: {e}", path.display()).into() };
 
@@ -160,26 +206,26 @@ fn write_copies(model: &Model, format: DType, dir: &Path) -> Result<Written, Cli
     let mut out = BufWriter::with_capacity(1 << 20, file);
     out.write_all(&(head.len() as u64).to_le_bytes()).map_err(|e| io(&tmp, e))?;
     out.write_all(&head).map_err(|e| io(&tmp, e))?;
-    let bar =
-        ProgressBar::with_draw_target(Some(experts.len() as u64), ProgressDrawTarget::stderr_with_hz(4));
+    let tensors: usize = groups.iter().map(Vec::len).sum();
+    let bar = ProgressBar::with_draw_target(Some(tensors as u64), ProgressDrawTarget::stderr_with_hz(4));
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} experts  {msg}  ETA {eta}")
+        ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  {msg}  ETA {eta}")
             .expect("a valid template"),
     );
     bar.set_message(format!("quantizing to {}", format.name().to_ascii_lowercase()));
-    // Experts are quantized in parallel a batch at a time and written in order, so memory holds
-    // one batch of quantized experts.
+    // Tensors are quantized in parallel a batch at a time and written in order, so memory
+    // holds one batch of quantized tensors.
     let mut cursor = 0u64;
-    for batch in experts.chunks(rayon::current_num_threads().max(1) * 2) {
-        let quantized: Vec<Result<[Vec<u8>; 3], CliError>> =
-            batch.par_iter().map(|three| quantize_expert(model, three, format)).collect();
-        for (three, bytes) in batch.iter().zip(quantized) {
-            for (t, b) in three.iter().zip(bytes?) {
-                debug_assert_eq!(b.len() as u64, t.len);
-                write_zeros(&mut out, t.at - cursor).map_err(|e| io(&tmp, e))?;
-                out.write_all(&b).map_err(|e| io(&tmp, e))?;
-                cursor = t.at + t.len;
-            }
+    let all: Vec<&Planned> = groups.iter().flatten().collect();
+    for batch in all.chunks(rayon::current_num_threads().max(1) * 4) {
+        let quantized: Vec<Result<Vec<u8>, CliError>> =
+            batch.par_iter().map(|t| quantize_tensor(model, t, format)).collect();
+        for (t, bytes) in batch.iter().zip(quantized) {
+            let b = bytes?;
+            debug_assert_eq!(b.len() as u64, t.len);
+            write_zeros(&mut out, t.at - cursor).map_err(|e| io(&tmp, e))?;
+            out.write_all(&b).map_err(|e| io(&tmp, e))?;
+            cursor = t.at + t.len;
             bar.inc(1);
         }
     }
@@ -191,7 +237,7 @@ fn write_copies(model: &Model, format: DType, dir: &Path) -> Result<Written, Cli
     std::fs::rename(&tmp, &data).map_err(|e| io(&data, e))?;
     sync_dir(dir)?;
 
-    let tensors: BTreeMap<String, LowBitTensor> = experts
+    let entries: BTreeMap<String, LowBitTensor> = groups
         .iter()
         .flatten()
         .map(|t| {
@@ -203,9 +249,9 @@ fn write_copies(model: &Model, format: DType, dir: &Path) -> Result<Written, Cli
         format: format.name().to_ascii_lowercase(),
         file: name,
         file_bytes: data_start + end,
-        tensors,
+        tensors: entries,
     };
-    let path = index_path(dir, format);
+    let path = copies.index_path(dir, format);
     let tmp = path.with_extension("json.tmp");
     let mut text = serde_json::to_vec(&index).expect("the index serialises");
     text.push(b'\n');
@@ -213,17 +259,14 @@ fn write_copies(model: &Model, format: DType, dir: &Path) -> Result<Written, Cli
     f.write_all(&text).and_then(|_| f.sync_all()).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
     sync_dir(dir)?;
-    Ok(Written { experts: experts.len(), bytes: data_start + end })
+    Ok(Written { tensors, bytes: data_start + end })
 }
 
-fn quantize_expert(model: &Model, three: &[Planned; 3], format: DType) -> Result<[Vec<u8>; 3], CliError> {
-    let one = |t: &Planned| -> Result<Vec<u8>, CliError> {
-        let src = model.index.get(&t.name, &[t.rows, t.cols])?;
-        let mut values = vec![0.0f32; t.rows * t.cols];
-        stevedore_kernels::to_f32(src.dtype, src.bytes, &mut values);
-        Ok(stevedore_kernels::quantize(format, &values))
-    };
-    Ok([one(&three[0])?, one(&three[1])?, one(&three[2])?])
+fn quantize_tensor(model: &Model, t: &Planned, format: DType) -> Result<Vec<u8>, CliError> {
+    let src = model.index.get(&t.name, &[t.rows, t.cols])?;
+    let mut values = vec![0.0f32; t.rows * t.cols];
+    stevedore_kernels::to_f32(src.dtype, src.bytes, &mut values);
+    Ok(stevedore_kernels::quantize(format, &values))
 }
 
 fn write_zeros(out: &mut impl Write, n: u64) -> std::io::Result<()> {

@@ -34,6 +34,10 @@ pub struct PrecisionConfig {
     /// Whether an expert needed in full precision is read in full while its low-bit copy is
     /// resident (false: the low-bit copy serves).
     pub upgrade: bool,
+    /// The dense matrices' format: `None` (`"full"`) for the checkpoint's, or their low-bit
+    /// copies (`stevedore quantize --all`).
+    #[serde(deserialize_with = "dense_format")]
+    pub dense: Option<DType>,
 }
 
 impl Default for PrecisionConfig {
@@ -44,6 +48,7 @@ impl Default for PrecisionConfig {
             full_until: 0.6,
             skip_above: 0.9,
             upgrade: true,
+            dense: None,
         }
     }
 }
@@ -55,6 +60,19 @@ fn low_format<'de, D: Deserializer<'de>>(d: D) -> Result<DType, D::Error> {
         _ => {
             Err(serde::de::Error::custom(format!("`{name}` is not a low-bit format (\"q8_0\" or \"q4_0\")")))
         }
+    }
+}
+
+fn dense_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DType>, D::Error> {
+    let name = String::deserialize(d)?;
+    if name == "full" {
+        return Ok(None);
+    }
+    match DType::parse(&name) {
+        Some(f) if stevedore_models::LOW_BIT_FORMATS.contains(&f) => Ok(Some(f)),
+        _ => Err(serde::de::Error::custom(format!(
+            "`{name}` is not \"full\" or a low-bit format (\"q8_0\" or \"q4_0\")"
+        ))),
     }
 }
 

@@ -29,7 +29,7 @@ use crate::api::request::ApiModel;
 use crate::api::ApiError;
 use crate::commands::engine_args::EngineArgs;
 use crate::commands::CliError;
-use crate::engine::{Engine, Loaded};
+use crate::engine::Engine;
 use metrics::Metrics;
 
 /// Request bodies larger than this are refused with 413.
@@ -187,7 +187,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
 pub fn run(args: &ServeArgs) -> Result<(), CliError> {
     let settings = args.engine.settings()?;
     let dir = &args.engine.model;
-    let loaded = Loaded::load(dir)?;
+    let loaded = settings.load()?;
     let api = ApiModel::load(dir, args.chat_template.as_deref(), args.served_model_name.clone())?;
     let kv_cache = settings.kv_cache.unwrap_or_else(|| {
         let per_seq = loaded.model().config.max_positions().min(DEFAULT_KV_POSITIONS);

@@ -116,13 +116,14 @@ impl Layouts {
         self.footprint
     }
 
-    /// Every expert with its accounted bytes, in layer order (then expert id): the order a
-    /// warm start reads them in, the order the first tokens need them.
-    pub fn all_keys(&self) -> Vec<(ExpertKey, u64)> {
+    /// Every expert in `precision` (none without its copies) with its accounted bytes, in
+    /// layer order (then expert id): the order a warm start reads them in, the order the first
+    /// tokens need them.
+    pub fn all_keys(&self, precision: Precision) -> Vec<(ExpertKey, u64)> {
         let mut keys = Vec::with_capacity(self.footprint.experts as usize);
-        for (layer, experts) in self.by_layer.iter().enumerate() {
+        for (layer, experts) in self.of_precision(precision).into_iter().flatten().enumerate() {
             for (e, layout) in experts.iter().flatten().enumerate() {
-                keys.push((ExpertKey::new(layer, e), layout.alloc as u64));
+                keys.push((ExpertKey::new(layer, e).at(precision), layout.alloc as u64));
             }
         }
         keys

@@ -408,11 +408,18 @@ impl ExpertStore {
         Ok(self.shared.layouts.check(key)?.alloc as u64)
     }
 
-    /// `candidates` with the store's sizes; candidates that name no expert are dropped.
+    /// `candidates` with the store's sizes, each in the precision a layer would read it in
+    /// (the low-bit copy under the `low` policy; HOBBIT's choice depends on the gate weights
+    /// to come, so it prefetches and protects full precision); candidates that name no expert
+    /// are dropped.
     fn sized(&self, candidates: &[Candidate]) -> Vec<Candidate> {
+        let low = self.shared.opts.precision == PrecisionPolicy::Low;
         candidates
             .iter()
-            .filter_map(|c| Some(Candidate { bytes: self.shared.layouts.get(c.key)?.alloc as u64, ..*c }))
+            .filter_map(|c| {
+                let key = if low { c.key.at(stevedore_cache::Precision::Low) } else { c.key };
+                Some(Candidate { key, bytes: self.shared.layouts.get(key)?.alloc as u64, ..*c })
+            })
             .collect()
     }
 
@@ -434,7 +441,12 @@ impl ExpertStore {
     /// time. A layer that asks for an expert still queued moves its read to the front. Returns
     /// the number of experts admitted.
     pub fn warm(&self) -> usize {
-        let keys = self.shared.layouts.all_keys();
+        // The copies a layer reads first: the low-bit ones under the `low` policy.
+        let precision = match self.shared.opts.precision {
+            PrecisionPolicy::Low => stevedore_cache::Precision::Low,
+            PrecisionPolicy::Full | PrecisionPolicy::Hobbit(_) => stevedore_cache::Precision::Full,
+        };
+        let keys = self.shared.layouts.all_keys(precision);
         let mut guard = self.shared.lock();
         let State { tier, slots, warm, .. } = &mut *guard;
         let layouts = &self.shared.layouts;

@@ -320,7 +320,7 @@ fn a_warm_start_reads_every_expert_once_then_every_step_hits() {
 fn a_partial_warm_start_fills_layer_order_and_yields_to_demand() {
     let fx = Fixture::new();
     // Layer 0's eight experts and two of layer 1's (larger, f32) ones.
-    let keys = fx.layouts().all_keys();
+    let keys = fx.layouts().all_keys(stevedore_cache::Precision::Full);
     let budget: u64 = keys[..10].iter().map(|(_, b)| b).sum();
     let store = fx.store(budget, opts(1));
     assert_eq!(store.warm(), 10);
