@@ -94,7 +94,7 @@ fn read_batch(
         let max_new_tokens = l.max_new_tokens.unwrap_or(max_new_tokens);
         jobs.push(Job {
             line: Some(n),
-            req: Request { prompt_ids, max_new_tokens, sampling: sampling.clone() },
+            req: Request { prompt_ids, max_new_tokens, sampling: sampling.clone(), prompt_logprobs: false },
         });
     }
     if jobs.is_empty() {
@@ -139,7 +139,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
         Some(path) => read_batch(path, &loaded, args.max_new_tokens, &sampling)?,
         None => {
             let prompt_ids = load_prompt(args, &loaded)?;
-            let req = Request { prompt_ids, max_new_tokens: args.max_new_tokens, sampling };
+            let req =
+                Request { prompt_ids, max_new_tokens: args.max_new_tokens, sampling, prompt_logprobs: false };
             loaded.check(&req)?;
             vec![Job { line: None, req }]
         }
