@@ -163,7 +163,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
 }
 
 /// The stats every run reports.
-fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
+pub(super) fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
     json!({
         "peak_rss_bytes": crate::sys::peak_rss_bytes(),
         "dense_bytes": dense_bytes,
