@@ -29,6 +29,20 @@ enum Command {
     /// prompt sizes and for decode, and the weight bytes per second against the memory
     /// bandwidth measured in the same run, at each host-cache budget.
     Bench(commands::bench::BenchArgs),
+    /// Measure a model's perplexity on a text file, chunked as llama.cpp's `llama-perplexity`
+    /// does, so that the numbers compare.
+    ///
+    /// The text is tokenized once with the model's tokenizer (a BOS in front if the tokenizer
+    /// adds one, no other special tokens) and cut into consecutive chunks of --context tokens,
+    /// the remainder dropped; each chunk's first token is replaced by BOS if the tokenizer adds
+    /// one. Each chunk runs from position 0 and only its second half is scored: with
+    /// first = context/2, the tokens at positions first+1 ..= context-1, each given the chunk's
+    /// tokens before it. PPL = exp(mean negative log-likelihood over every scored token); the
+    /// error is llama.cpp's (the NLL's standard error of the mean, times PPL). All chunks are
+    /// submitted to one engine and share forward passes; the result does not depend on the
+    /// batching or the host-cache budget. Running PPL per chunk (`[1]12.34,[2]...`) goes to
+    /// stderr, `PPL = X +/- err` to stdout.
+    Perplexity(commands::perplexity::PerplexityArgs),
     /// Describe a checkpoint: architecture, dense vs expert bytes, what fits a budget.
     Inspect(InspectArgs),
     /// Write low-bit copies (q8_0, q4_0) of every routed expert beside the checkpoint, for
@@ -70,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Predictor(c) => predictor_cli::run(c),
         Command::Simulate(a) => sim::run(a).map_err(Into::into),
         Command::Config { .. } => {

@@ -106,8 +106,12 @@ pub struct AutoBudget {
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt_ids: Vec<u32>,
+    /// Tokens to generate; 0 with `prompt_logprobs` scores the prompt and generates nothing.
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
+    /// Also return each prompt token's log-probability given the tokens before it
+    /// ([`Completion::prompt_logprobs`]), as vLLM's `prompt_logprobs` does.
+    pub prompt_logprobs: bool,
 }
 
 /// Why a sequence ended.
@@ -124,6 +128,10 @@ pub enum FinishReason {
 #[derive(Clone, Debug, Serialize)]
 pub struct Completion {
     pub prompt_tokens: usize,
+    /// With [`Request::prompt_logprobs`]: entry `i` is ln p(`prompt[i + 1]` | `prompt[..=i]`),
+    /// from the full vocabulary's log-softmax computed in f64; `prompt_tokens - 1` entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<f32>>,
     pub generated_ids: Vec<u32>,
     /// The decoded output (`None` without a tokenizer).
     pub text: Option<String>,

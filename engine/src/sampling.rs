@@ -84,9 +84,41 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// ln softmax(`logits`)[`id`]: the log-probability a next-token distribution gives `id`, over
+/// the whole vocabulary, in f64 with the largest logit subtracted first (no overflow).
+pub fn log_prob(logits: &[f32], id: u32) -> f32 {
+    let max = f64::from(logits.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+    (f64::from(logits[id as usize]) - max - sum.ln()) as f32
+}
+
+/// [`log_prob`] of `targets[i]` under row `i` of `logits` (`vocab` values a row), the rows in
+/// parallel (each row's value is computed alone, so it does not depend on the others).
+pub fn log_probs(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    logits.par_chunks_exact(vocab).zip(targets.par_iter()).map(|(row, &id)| log_prob(row, id)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_prob_is_the_log_softmax() {
+        // p = [1/4, 3/4]
+        let logits = [0.0, 3f32.ln()];
+        assert!((log_prob(&logits, 0) - 0.25f32.ln()).abs() < 1e-7);
+        assert!((log_prob(&logits, 1) - 0.75f32.ln()).abs() < 1e-7);
+        // Large logits do not overflow; tiny probabilities keep their digits.
+        assert_eq!(log_prob(&[1000.0, 1000.0], 1), 0.5f32.ln());
+        assert!((log_prob(&[0.0, -200.0], 1) - -200.0).abs() < 1e-4);
+        // Over a vocabulary the probabilities sum to one; rows are independent.
+        let row: Vec<f32> = (0..4096).map(|i| ((i * 7919) % 113) as f32 * 0.37 - 20.0).collect();
+        let total: f64 = (0..4096).map(|i| f64::from(log_prob(&row, i)).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        let two: Vec<f32> = row.iter().chain(&logits.repeat(2048)).copied().collect();
+        assert_eq!(log_probs(&two, 4096, &[17, 1]), [log_prob(&row, 17), log_prob(&logits.repeat(2048), 1)]);
+    }
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, seed }

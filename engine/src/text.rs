@@ -36,6 +36,14 @@ impl Text {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The id the tokenizer puts in front of every text (its post-processor's BOS), if it adds
+    /// one: the first id of `encode` when the rest is `encode_with(.., false)`.
+    pub fn added_bos(&self) -> Result<Option<u32>, String> {
+        let with = self.encode_with("a", true)?;
+        let without = self.encode_with("a", false)?;
+        Ok((with.len() > without.len() && with[1..].starts_with(&without)).then(|| with[0]))
+    }
+
     /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.tokenizer.decode(ids, true).map_err(|e| format!("cannot decode token ids: {e}"))

@@ -19,7 +19,7 @@ pub mod quantized;
 mod tensor;
 pub mod weights;
 
-pub use batch::{Batch, Row, SeqId, Span};
+pub use batch::{Batch, Logits, Row, SeqId, Span};
 pub use config::{Arch, ModelConfig, RopeKind, RouterKind};
 pub use error::Error;
 pub use experts::{

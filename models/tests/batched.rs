@@ -9,7 +9,7 @@ mod common;
 
 use common::{argmax, fixture};
 use serde_json::Value;
-use stevedore_models::{Batch, KvPool, MappedExperts, Model, SeqId};
+use stevedore_models::{Batch, KvPool, Logits, MappedExperts, Model, SeqId};
 
 /// One sequence of a run: its prompt, the step it joins at, how many tokens to generate.
 #[derive(Clone)]
@@ -41,14 +41,19 @@ fn run(model: &Model, jobs: &[Job], chunk: usize) -> Vec<Vec<u32>> {
             if fed[i] < j.prompt.len() {
                 let end = (fed[i] + chunk).min(j.prompt.len());
                 let done = end == j.prompt.len();
-                batch.push(i as SeqId, fed[i], &j.prompt[fed[i]..end], done);
+                batch.push(
+                    i as SeqId,
+                    fed[i],
+                    &j.prompt[fed[i]..end],
+                    if done { Logits::Last } else { Logits::None },
+                );
                 fed[i] = end;
                 if done {
                     who.push(i);
                 }
             } else {
                 let pos = j.prompt.len() + out[i].len() - 1;
-                batch.push(i as SeqId, pos, &[*out[i].last().unwrap()], true);
+                batch.push(i as SeqId, pos, &[*out[i].last().unwrap()], Logits::Last);
                 who.push(i);
             }
         }
@@ -110,6 +115,72 @@ fn check(name: &str) {
                 );
             }
         }
+    }
+}
+
+/// `Logits::All` returns every row's logits in row order: for a 20-token prompt run in one pass
+/// beside another sequence, row `i`'s logits equal, bit for bit, the last-row logits of the
+/// prompt's first `i + 1` tokens run alone; and the same in chunks of 6 rows.
+fn check_all_rows(name: &str) {
+    let model = Model::load(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let experts = MappedExperts::new(&model);
+    let vocab = model.config.vocab_size;
+    let all = prompts(vocab, 3);
+    let (prompt, other) = (&all[2], &all[1]);
+    assert_eq!(prompt.len(), 20);
+    let pool = |n: usize| {
+        let mut kv =
+            KvPool::new(&model.config, KvPool::bytes_for(&model.config, 4, 64) * n as u64, 4).unwrap();
+        for s in 0..n {
+            kv.allocate(s as SeqId, 32).unwrap();
+        }
+        kv
+    };
+    let last_alone: Vec<Vec<f32>> = (1..=prompt.len())
+        .map(|n| {
+            let mut batch = Batch::new();
+            batch.push(0, 0, &prompt[..n], Logits::Last);
+            model.forward(&batch, &mut pool(1), &experts).unwrap().logits
+        })
+        .collect();
+    for chunk in [prompt.len(), 6] {
+        let mut kv = pool(2);
+        let mut rows = Vec::new();
+        for (k, start) in (0..prompt.len()).step_by(chunk).enumerate() {
+            let end = (start + chunk).min(prompt.len());
+            let mut batch = Batch::new();
+            if k == 0 {
+                batch.push(1, 0, other, Logits::Last);
+            }
+            batch.push(0, start, &prompt[start..end], Logits::All);
+            let out = model.forward(&batch, &mut kv, &experts).unwrap();
+            let skip = if k == 0 { vocab } else { 0 };
+            assert_eq!(out.logits.len(), skip + (end - start) * vocab);
+            rows.extend(out.logits[skip..].chunks_exact(vocab).map(<[f32]>::to_vec));
+        }
+        for (i, (got, want)) in rows.iter().zip(&last_alone).enumerate() {
+            assert!(
+                got == want,
+                "{name}: row {i} of the prompt (chunks of {chunk}) differs from its prefix alone"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_row_logits_equal_each_prefix_alone() {
+    for name in [
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "glm4_moe",
+        "phimoe",
+        "deepseek_v3",
+        "deepseek_v2",
+        "pydoc-moe",
+    ] {
+        check_all_rows(name);
     }
 }
 

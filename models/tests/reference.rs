@@ -7,7 +7,7 @@ mod common;
 
 use common::{argmax, fixture};
 use serde_json::Value;
-use stevedore_models::{Batch, KvPool, MappedExperts, Model};
+use stevedore_models::{Batch, KvPool, Logits, MappedExperts, Model};
 
 /// Largest allowed |ours - transformers| for a logit, relative to max(1, |logit|). Both sides
 /// compute in f32 from the same bf16 weights; only summation order differs.
@@ -31,7 +31,7 @@ fn check(name: &str) {
         kv.allocate(0, positions).unwrap();
         let run = |kv: &mut KvPool, pos: usize, tokens: &[u32]| {
             let mut batch = Batch::new();
-            batch.push(0, pos, tokens, true);
+            batch.push(0, pos, tokens, Logits::Last);
             let out = model.forward(&batch, kv, &experts).unwrap();
             assert!(out.failed.is_empty());
             out.logits

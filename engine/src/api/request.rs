@@ -160,7 +160,12 @@ impl Prepared {
             for i in 0..self.n {
                 let mut sampling = self.sampling.clone();
                 sampling.seed = sampling.seed.wrapping_add(i as u64);
-                out.push(Request { prompt_ids: ids.clone(), max_new_tokens: self.max_tokens[p], sampling });
+                out.push(Request {
+                    prompt_ids: ids.clone(),
+                    max_new_tokens: self.max_tokens[p],
+                    sampling,
+                    prompt_logprobs: false,
+                });
             }
         }
         out

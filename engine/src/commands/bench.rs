@@ -281,7 +281,7 @@ fn prompt(vocab: u32, len: usize, seed: u64) -> Vec<u32> {
 /// run; rates are over the tokens actually generated).
 fn complete(engine: &Engine, prompt_ids: Vec<u32>, new: usize) -> Result<Completion, CliError> {
     let sampling = SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
-    let req = Request { prompt_ids, max_new_tokens: new, sampling };
+    let req = Request { prompt_ids, max_new_tokens: new, sampling, prompt_logprobs: false };
     Ok(engine.submit(req)?.wait()?)
 }
 

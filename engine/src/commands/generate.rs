@@ -94,7 +94,7 @@ fn read_batch(
         let max_new_tokens = l.max_new_tokens.unwrap_or(max_new_tokens);
         jobs.push(Job {
             line: Some(n),
-            req: Request { prompt_ids, max_new_tokens, sampling: sampling.clone() },
+            req: Request { prompt_ids, max_new_tokens, sampling: sampling.clone(), prompt_logprobs: false },
         });
     }
     if jobs.is_empty() {
@@ -139,7 +139,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
         Some(path) => read_batch(path, &loaded, args.max_new_tokens, &sampling)?,
         None => {
             let prompt_ids = load_prompt(args, &loaded)?;
-            let req = Request { prompt_ids, max_new_tokens: args.max_new_tokens, sampling };
+            let req =
+                Request { prompt_ids, max_new_tokens: args.max_new_tokens, sampling, prompt_logprobs: false };
             loaded.check(&req)?;
             vec![Job { line: None, req }]
         }
@@ -162,7 +163,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
 }
 
 /// The stats every run reports.
-fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
+pub(super) fn stats_json(engine_stats: &EngineStats, dense_bytes: u64) -> Value {
     json!({
         "peak_rss_bytes": crate::sys::peak_rss_bytes(),
         "dense_bytes": dense_bytes,

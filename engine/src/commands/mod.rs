@@ -4,6 +4,7 @@ pub mod bench;
 pub mod engine_args;
 pub mod generate;
 pub mod inspect;
+pub mod perplexity;
 pub mod quantize;
 
 use std::path::Path;

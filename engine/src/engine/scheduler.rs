@@ -7,6 +7,8 @@
 //! each sequence past its prompt, and prompt chunks of the others within the step's row budget.
 //! Sampled tokens go to their owners as they are chosen; a sequence that stops (EOS or length)
 //! or fails (an expert it needed could not be read) frees its blocks, and the others go on.
+//! A sequence that asked for its prompt's log-probabilities gets the logits of every prompt row
+//! (`Logits::All`) and keeps, per row, the log-probability of the prompt token that follows.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,14 +16,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use stevedore_models::{Batch, KvPool, SeqId};
+use stevedore_models::{Batch, KvPool, Logits, SeqId};
 
 use super::regroup::{self, Ready, Route, Schedule};
 use super::source::StepSource;
 use super::{lock, Command, Completion, Event, FinishReason, Inner, Request, Sink};
 use crate::forecast::{alone_rows, RowAhead, StepRow};
 use crate::record::RecordRow;
-use crate::sampling::Sampler;
+use crate::sampling::{log_probs, Sampler};
 use crate::text::Detokenizer;
 use crate::trace::Phase;
 
@@ -33,6 +35,9 @@ pub(crate) struct Sequence {
     generated: Vec<u32>,
     /// Prompt tokens already run.
     fed: usize,
+    /// With `req.prompt_logprobs`: the log-probability of each prompt token after the first
+    /// whose predicting row has run (`fed - 1` entries once a chunk has run).
+    prompt_logprobs: Option<Vec<f32>>,
     detok: Option<Detokenizer>,
     sink: Sink,
     cancel: Arc<AtomicBool>,
@@ -58,6 +63,9 @@ impl Sequence {
             waited: 0,
             id,
             sampler: Sampler::new(req.sampling.clone()),
+            prompt_logprobs: req
+                .prompt_logprobs
+                .then(|| Vec::with_capacity(req.prompt_ids.len().saturating_sub(1))),
             req,
             generated: Vec::new(),
             fed: 0,
@@ -93,6 +101,7 @@ impl Sequence {
         };
         Completion {
             prompt_tokens: self.req.prompt_ids.len(),
+            prompt_logprobs: self.prompt_logprobs.take(),
             generated_ids: std::mem::take(&mut self.generated),
             text,
             tail,
@@ -184,7 +193,8 @@ impl Scheduler {
     }
 
     fn submit(&mut self, inner: &Inner, mut seq: Sequence) {
-        if seq.req.max_new_tokens == 0 {
+        // Nothing to generate and nothing to score: done before it starts.
+        if seq.req.max_new_tokens == 0 && !seq.req.prompt_logprobs {
             seq.admitted = Some(Instant::now());
             let c = seq.completion(inner, FinishReason::Length);
             seq.sink.send(seq.id, Event::Finished(c));
@@ -279,13 +289,13 @@ impl Scheduler {
         // Decode tokens first (one row each), then prompt chunks within the row budget.
         let chosen = self.choose();
         let mut batch = Batch::new();
-        let mut rows: Vec<(usize, usize)> = Vec::new(); // (sequence index, rows)
+        let mut rows: Vec<(usize, usize, Logits)> = Vec::new(); // (sequence index, rows, logits of)
         let mut budget = self.max_batch_tokens;
         for &i in chosen.iter().filter(|&&i| self.running[i].prefilled()) {
             let s = &self.running[i];
             let pos = s.req.prompt_ids.len() + s.generated.len() - 1;
-            batch.push(s.id, pos, &s.generated[s.generated.len() - 1..], true);
-            rows.push((i, 1));
+            batch.push(s.id, pos, &s.generated[s.generated.len() - 1..], Logits::Last);
+            rows.push((i, 1, Logits::Last));
             budget = budget.saturating_sub(1);
         }
         for &i in chosen.iter().filter(|&&i| !self.running[i].prefilled()) {
@@ -294,9 +304,13 @@ impl Scheduler {
             if take == 0 {
                 break;
             }
-            let done = s.fed + take == s.req.prompt_ids.len();
-            batch.push(s.id, s.fed, &s.req.prompt_ids[s.fed..s.fed + take], done);
-            rows.push((i, take));
+            let logits = match (s.req.prompt_logprobs, s.fed + take == s.req.prompt_ids.len()) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            batch.push(s.id, s.fed, &s.req.prompt_ids[s.fed..s.fed + take], logits);
+            rows.push((i, take, logits));
             budget -= take;
         }
 
@@ -343,7 +357,7 @@ impl Scheduler {
             let record: Vec<RecordRow> = batch
                 .rows()
                 .iter()
-                .zip(rows.iter().flat_map(|&(i, n)| std::iter::repeat_n(i, n)))
+                .zip(rows.iter().flat_map(|&(i, n, _)| std::iter::repeat_n(i, n)))
                 .map(|(r, i)| RecordRow {
                     seq: r.seq,
                     pos: r.pos,
@@ -363,8 +377,10 @@ impl Scheduler {
             layer_experts: Default::default(),
             // Each sequence's last row in the batch carries its route for the next step.
             route_rows: matches!(self.schedule, Schedule::Regroup { .. }).then(|| {
-                let of_row =
-                    rows.iter().flat_map(|&(i, n)| (0..n).map(move |k| (k + 1 == n).then_some(i))).collect();
+                let of_row = rows
+                    .iter()
+                    .flat_map(|&(i, n, _)| (0..n).map(move |k| (k + 1 == n).then_some(i)))
+                    .collect();
                 (of_row, Default::default())
             }),
         };
@@ -383,7 +399,7 @@ impl Scheduler {
             Err(e) => {
                 // The batch as a whole was refused: every sequence in it fails.
                 let msg = e.to_string();
-                let mut ids: Vec<usize> = rows.iter().map(|&(i, _)| i).collect();
+                let mut ids: Vec<usize> = rows.iter().map(|&(i, ..)| i).collect();
                 ids.sort_unstable();
                 for i in ids.into_iter().rev() {
                     let s = self.running.remove(i);
@@ -405,7 +421,7 @@ impl Scheduler {
             }
             st.layer_steps += steps;
             st.layer_experts += experts;
-            if rows.iter().all(|&(i, _)| self.running[i].prefilled()) {
+            if rows.iter().all(|&(i, ..)| self.running[i].prefilled()) {
                 st.decode_layer_steps += steps;
                 st.decode_layer_experts += experts;
             }
@@ -417,7 +433,7 @@ impl Scheduler {
         }
         {
             let st = &mut *lock(&inner.stats);
-            for &(i, n) in &rows {
+            for &(i, n, _) in &rows {
                 if self.running[i].prefilled() {
                     st.decode_rows += n as u64;
                 } else {
@@ -426,23 +442,44 @@ impl Scheduler {
             }
         }
 
-        // Sample each sequence whose logits came back; note prompt progress.
+        // Score prompt rows and sample each sequence whose next-token logits came back; note
+        // prompt progress.
         let vocab = inner.model.config.vocab_size;
         let eos = &inner.model.config.eos_token_ids;
-        let mut logits = out.logits.chunks_exact(vocab);
+        let mut next_row = 0; // the first logits row of the next span
         let mut ended: Vec<(usize, Option<FinishReason>, Option<String>)> = Vec::new();
-        for &(i, n) in &rows {
+        for &(i, n, want) in &rows {
             let s = &mut self.running[i];
-            let wants_logits = s.prefilled() || s.fed + n == s.req.prompt_ids.len();
-            let l = if wants_logits { logits.next() } else { None };
+            let count = match want {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => n,
+            };
+            let logits = &out.logits[next_row * vocab..(next_row + count) * vocab];
+            next_row += count;
             if let Some((_, e)) = out.failed.iter().find(|(id, _)| *id == s.id) {
                 ended.push((i, None, Some(format!("{e}"))));
                 continue;
             }
-            if !s.prefilled() {
+            let l = if s.prefilled() {
+                Some(logits)
+            } else {
+                let len = s.req.prompt_ids.len();
+                if let Some(scores) = s.prompt_logprobs.as_mut() {
+                    // Row `fed + k` predicts prompt token `fed + k + 1`; the prompt's last row
+                    // predicts the first new token, sampled below.
+                    let targets = &s.req.prompt_ids[s.fed + 1..(s.fed + n + 1).min(len)];
+                    scores.extend(log_probs(logits, vocab, targets));
+                }
                 s.fed += n;
-            }
+                s.prefilled().then(|| &logits[(count - 1) * vocab..])
+            };
             let Some(l) = l else { continue };
+            if s.req.max_new_tokens == 0 {
+                // Scored only: the prompt is done and nothing is generated.
+                ended.push((i, Some(FinishReason::Length), None));
+                continue;
+            }
             let id = s.sampler.sample(l);
             s.generated.push(id);
             if s.first_token.is_none() {

@@ -33,7 +33,7 @@ fn config(kv_cache: u64) -> EngineConfig {
 
 fn greedy(prompt_ids: Vec<u32>, max_new_tokens: usize) -> Request {
     let sampling = SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
-    Request { prompt_ids, max_new_tokens, sampling }
+    Request { prompt_ids, max_new_tokens, sampling, prompt_logprobs: false }
 }
 
 /// Splits a single-file checkpoint into two shards, the second holding only the tensors whose
@@ -176,4 +176,78 @@ fn requests_the_model_cannot_run_are_refused_up_front() {
     let c = engine.submit(greedy(vec![1, 2], 0)).unwrap().wait().unwrap();
     assert!(c.generated_ids.is_empty());
     assert_eq!(engine.stats().steps.steps, 0);
+}
+
+fn scored(prompt_ids: Vec<u32>, max_new_tokens: usize) -> Request {
+    Request { prompt_logprobs: true, ..greedy(prompt_ids, max_new_tokens) }
+}
+
+/// Prompts of lengths 1 to 250 (some longer than a prefill chunk of 37 rows, or several) in
+/// pydoc-moe's vocabulary.
+fn prompts() -> Vec<Vec<u32>> {
+    [1usize, 2, 5, 37, 38, 100, 200, 250]
+        .iter()
+        .enumerate()
+        .map(|(k, &len)| {
+            (0..len as u32)
+                .map(|i| 2 + i.wrapping_mul(2654435761).wrapping_add(k as u32 * 97) % 4094)
+                .collect()
+        })
+        .collect()
+}
+
+/// Prompt log-probabilities are a property of the sequence alone: the same, bit for bit, for
+/// each prompt run alone in one pass and for all of them sharing passes in chunks of 37 rows;
+/// asking for them changes none of the generated tokens; a score-only request (no new tokens)
+/// runs the model and finishes with its prompt's log-probabilities and nothing generated.
+#[test]
+fn prompt_logprobs_do_not_depend_on_the_batch_or_the_chunks() {
+    let dir = fixture("pydoc-moe");
+    let kv = Loaded::load(&dir).unwrap().kv_bytes_for(prompts().iter().map(|p| p.len() + 4));
+    let alone_engine = Engine::build(&dir, &EngineConfig { max_batch: 1, ..config(kv) }).unwrap();
+    let alone: Vec<Completion> =
+        prompts().into_iter().map(|p| alone_engine.submit(scored(p, 0)).unwrap().wait().unwrap()).collect();
+    assert_eq!(alone_engine.stats().steps.generated_tokens, 0);
+    assert!(alone_engine.stats().steps.steps >= prompts().len() as u64);
+    for (p, c) in prompts().iter().zip(&alone) {
+        let lp = c.prompt_logprobs.as_ref().expect("asked for");
+        assert_eq!(lp.len(), p.len() - 1);
+        assert!(lp.iter().all(|&x| x.is_finite() && x <= 0.0), "{lp:?}");
+        assert!(c.generated_ids.is_empty());
+        assert_eq!(c.finish_reason, FinishReason::Length);
+    }
+
+    let shared = Engine::build(&dir, &EngineConfig { max_batch_tokens: 37, ..config(kv) }).unwrap();
+    let handles: Vec<RequestHandle> = prompts()
+        .into_iter()
+        .flat_map(|p| [scored(p.clone(), 0), scored(p.clone(), 4), greedy(p, 4)])
+        .map(|r| shared.submit(r).unwrap())
+        .collect();
+    let mut done = handles.into_iter().map(|h| h.wait().unwrap());
+    for a in &alone {
+        let (score_only, with_tokens, plain) =
+            (done.next().unwrap(), done.next().unwrap(), done.next().unwrap());
+        assert_eq!(score_only.prompt_logprobs, a.prompt_logprobs);
+        assert_eq!(with_tokens.prompt_logprobs, a.prompt_logprobs);
+        assert_eq!(plain.prompt_logprobs, None);
+        assert_eq!(with_tokens.generated_ids, plain.generated_ids);
+        assert!(!plain.generated_ids.is_empty());
+    }
+    assert!(shared.stats().steps.max_batch_seen > 1);
+}
+
+/// Scoring a prompt and its greedy continuation: each continuation token was the most likely
+/// one, so its log-probability is at least ln(1/vocab), and the prompt part equals the prompt
+/// scored alone.
+#[test]
+fn prompt_logprobs_of_a_greedy_continuation() {
+    let engine = Engine::build(&fixture("pydoc-moe"), &config(1 << 22)).unwrap();
+    let prompt = vec![1, 547, 1114, 1239];
+    let c = engine.submit(greedy(prompt.clone(), 20)).unwrap().wait().unwrap();
+    let all: Vec<u32> = prompt.iter().chain(&c.generated_ids).copied().collect();
+    let lp = engine.submit(scored(all, 0)).unwrap().wait().unwrap().prompt_logprobs.unwrap();
+    let floor = -(4096f32.ln());
+    assert!(lp[prompt.len() - 1..].iter().all(|&x| x >= floor), "{lp:?}");
+    let alone = engine.submit(scored(prompt.clone(), 0)).unwrap().wait().unwrap().prompt_logprobs.unwrap();
+    assert_eq!(alone[..], lp[..prompt.len() - 1]);
 }
