@@ -91,7 +91,7 @@ impl DType {
     /// Bytes of `n` elements; `None` when `n` is not a whole number of blocks or the size
     /// overflows.
     pub fn bytes(self, n: usize) -> Option<usize> {
-        if n % self.block() != 0 {
+        if !n.is_multiple_of(self.block()) {
             return None;
         }
         (n / self.block()).checked_mul(self.block_bytes())
@@ -136,7 +136,7 @@ impl<'a> Weight<'a> {
     /// Checks that `data` holds exactly `rows * cols` elements of `dtype` (for a block format,
     /// that each row is whole blocks).
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        if cols % dtype.block() != 0 {
+        if !cols.is_multiple_of(dtype.block()) {
             return Err(KernelError::PartialBlock { cols, dtype, block: dtype.block() });
         }
         let expected = dtype
