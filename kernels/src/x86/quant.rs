@@ -85,7 +85,7 @@ dispatch!(tile_q4_0, true);
 unsafe fn scale(p: *const u8) -> __m256 {
     // SAFETY: the caller guarantees 2 readable bytes; `read_unaligned` needs no alignment.
     let bits = unsafe { p.cast::<u16>().read_unaligned() };
-    _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
 }
 
 /// `R` weight rows x `T` tokens of q8_0 activations over `args.blocks` blocks; `Q4` selects
@@ -103,6 +103,7 @@ unsafe fn tile<const Q4W: bool, const R: usize, const T: usize>(args: &mut QTile
     assert!(args.sums.len() >= R * T);
     let (w, x) = (args.w.as_ptr(), args.x.as_ptr());
     let ones = _mm256_set1_epi16(1);
+    let nibble_shift = _mm256_setr_epi64x(0, 0, 4, 4);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..blocks {
         // Every token's activation block (and for q4_0 its `8 * x` pair sums) first, then one
@@ -140,12 +141,10 @@ unsafe fn tile<const Q4W: bool, const R: usize, const T: usize>(args: &mut QTile
             if Q4W {
                 // SAFETY: as above, the block's 16 bytes of nibbles.
                 let packed = unsafe { _mm_loadu_si128(p.add(2) as *const __m128i) };
-                let low = _mm_set1_epi8(0x0F);
-                // Weights 0..16 (low nibbles) in the low half, 16..32 (high nibbles) above.
-                let q = _mm256_set_m128i(
-                    _mm_and_si128(_mm_srli_epi16::<4>(packed), low),
-                    _mm_and_si128(packed, low),
-                );
+                // Weights 0..16 (low nibbles) in the low half, 16..32 (high nibbles) above: the
+                // 16 bytes in both halves, the upper half shifted right by 4, then masked.
+                let both = _mm256_broadcastsi128_si256(packed);
+                let q = _mm256_and_si256(_mm256_srlv_epi64(both, nibble_shift), _mm256_set1_epi8(0x0F));
                 for t in 0..T {
                     let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq[t]), ones);
                     let dot = _mm256_sub_epi32(dot, bias[t]);
