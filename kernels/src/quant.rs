@@ -5,8 +5,15 @@
 //! write. A matrix product against quantized weights works as llama.cpp's CPU backend does:
 //! each activation row is quantized to `q8_0` once, and each weight block's dot product with
 //! it is an integer sum scaled by the two blocks' scales (`sum += d_w * d_x * sum_i(qw_i *
-//! qx_i)`), block by block from the left. A token's result depends on its own row only, so
-//! batched equals alone.
+//! qx_i)`), block by block from the left.
+//!
+//! The driver ([`matmul_many`]) cuts the rows of every weight of a call into chunks for rayon
+//! (tokens too when there are few rows), and covers each chunk with tiles of rows x tokens
+//! computed by a path's kernels ([`QTiles`]: the scalar reference here, AVX2 in
+//! `x86::quant`). Decode streams each row once; prefill passes every token tile over a panel of
+//! rows kept in L2. A tile computes each (row, token) dot product over the whole row in block
+//! order with the same operations whatever the tile's shape, so a token's result depends on
+//! its own row only: batched equals alone, and threading changes nothing.
 
 use std::ops::Range;
 
