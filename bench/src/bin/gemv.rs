@@ -6,7 +6,9 @@
 //! the bar (kernels issue): q8_0's fraction >= 0.8 x bf16's on every shape.
 //!
 //! Rounds alternate the formats (one pass over each format's copies per round, best pass
-//! kept), so a slower stretch of a shared machine hits every format alike.
+//! kept), so a slower stretch of a shared machine hits every format alike. The `other load`
+//! column is the cores' worth of CPU other processes used while a shape ran (all CPU time from
+//! /proc/stat minus this process's own): on two cores, anything above ~0.1 shows in the rates.
 
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -73,6 +75,26 @@ fn cold_copies(dtype: DType, rows: usize, cols: usize, cold_bytes: usize) -> Vec
     vec![one.clone(); cold_bytes.div_ceil(one.len()).max(2)]
 }
 
+/// Non-idle CPU seconds of all cores (first line of /proc/stat) and of this process.
+fn cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map_while(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: u64 =
+        fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // SAFETY: `rusage` is plain data, valid when zeroed, and getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if hz <= 0 || unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some((busy as f64 / hz as f64, secs(usage.ru_utime) + secs(usage.ru_stime)))
+}
+
 /// Seconds of one pass: one GEMV on each copy in turn.
 fn pass(weights: &[Weight], x: &[f32], out: &mut [f32]) -> f64 {
     let t0 = Instant::now();
@@ -104,8 +126,8 @@ fn main() -> ExitCode {
         Isa::detect().name(),
         args.cold_bytes >> 20
     );
-    println!("| shape | format | bytes | us / GEMV | GB/s | of memory bw | fraction / bf16's |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| shape | format | bytes | us / GEMV | GB/s | of memory bw | fraction / bf16's | other load |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut pass_bar = true;
     for &(rows, cols) in &args.shapes {
         let copies: Vec<Vec<Vec<u8>>> =
@@ -118,6 +140,7 @@ fn main() -> ExitCode {
         let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
         let mut out = vec![0.0f32; rows];
         let mut best = [f64::INFINITY; DTYPES.len()];
+        let (t0, cpu0) = (Instant::now(), cpu_seconds());
         for round in 0..=args.rounds {
             for (i, ws) in weights.iter().enumerate() {
                 let s = pass(ws, &x, &mut out) / ws.len() as f64;
@@ -127,11 +150,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        let other = cpu0
+            .zip(cpu_seconds())
+            .map(|((b0, s0), (b1, s1))| (((b1 - b0) - (s1 - s0)) / t0.elapsed().as_secs_f64()).max(0.0));
+        let other = other.map_or("?".to_string(), |o| format!("{o:.2}"));
         let gb_s = |i: usize| weights[i][0].data.len() as f64 / best[i] / 1e9;
         for (i, dtype) in DTYPES.iter().enumerate() {
             let ratio = gb_s(i) / gb_s(0);
             println!(
-                "| {rows}x{cols} | {} | {:.2} MiB | {:.1} | {:.1} | {:.2} | {} |",
+                "| {rows}x{cols} | {} | {:.2} MiB | {:.1} | {:.1} | {:.2} | {} | {other} |",
                 dtype.name().to_lowercase(),
                 weights[i][0].data.len() as f64 / (1 << 20) as f64,
                 best[i] * 1e6,
