@@ -1,7 +1,9 @@
-//! Kernel micro-benchmarks: decode GEMV and prefill matmul over bf16/f16/f32 weights, next to
-//! this machine's memory read bandwidth so the GB/s can be compared within one run.
+//! Kernel micro-benchmarks: decode GEMV and prefill matmul over bf16/f16/f32 weights and the
+//! q8_0/q4_0 block formats, next to this machine's memory read bandwidth so the GB/s can be
+//! compared within one run (`src/bin/gemv.rs` prints the block formats' ratios to bf16 directly).
 //!
-//! Throughput is bytes of weights per second (prefill MAC/s = bytes/s / dtype size * tokens);
+//! Throughput is bytes of weights per second (prefill MAC/s = bytes/s / bytes per weight *
+//! tokens; q8_0 is 34/32 bytes a weight, q4_0 18/32);
 //! `fma_peak_1thread` gives the core's multiply-add ceiling in elements (MACs) per second.
 //! Decode cycles through enough copies of each matrix to overflow the L3 cache, as decode does
 //! (every weight is read once per token), so its GB/s is comparable with `mem_read`.
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use stevedore_kernels::{matmul_with, DType, Isa, MatmulOptions, Threading, Weight};
+use stevedore_kernels::{matmul_with, quantize, DType, Isa, MatmulOptions, Threading, Weight};
 
 /// Total bytes of weight copies a decode benchmark cycles through: well over a 32 MiB L3.
 const COLD_BYTES: usize = 256 << 20;
@@ -32,23 +34,18 @@ const PREFILL_SHAPES: [(usize, usize); 2] = [(2048, 2048), (14336, 4096)];
 
 const PREFILL_TOKENS: [usize; 3] = [4, 16, 64];
 
-const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+const DTYPES: [DType; 5] = [DType::BF16, DType::F16, DType::F32, DType::Q8_0, DType::Q4_0];
 
-/// Deterministic values in [-1, 1) stored as `dtype`.
+/// Deterministic values in [-1, 1) stored as `dtype` (block formats quantized as ggml does).
 fn weight_bytes(dtype: DType, len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed;
-    let mut out = Vec::with_capacity(len * dtype.size());
-    for _ in 0..len {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let v = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-        match dtype {
-            DType::F32 => out.extend(v.to_le_bytes()),
-            DType::F16 => out.extend(half::f16::from_f32(v).to_bits().to_le_bytes()),
-            DType::BF16 => out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes()),
-            DType::Q8_0 | DType::Q4_0 => unreachable!("quantized from f32 values below"),
-        }
-    }
-    out
+    let values: Vec<f32> = (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    quantize(dtype, &values)
 }
 
 /// Copies of one matrix, enough to overflow the caches when used in turn.

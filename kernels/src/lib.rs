@@ -10,8 +10,16 @@
 //! `softmax` and `silu_mul`, in `exp` (a vector polynomial within 2^-23 relative error instead
 //! of libm's); results agree to f32 rounding.
 //!
+//! Block-format weights ([`DType::Q8_0`], [`DType::Q4_0`]) are multiplied as llama.cpp's CPU
+//! backend does: each activation row is quantized to q8_0 once, and each block's integer dot
+//! product is scaled by the two blocks' scales. Their SIMD path is AVX2 (the AVX-512 path runs
+//! the same code: there is no AVX-512 or VNNI quantized kernel, since no development machine
+//! has AVX-512 to test one on).
+//!
 //! Module map: `backend` (the seam a forward pass computes through, and the [`Cpu`] backend),
 //! `matmul` (threads, cache blocks, tiles), `x86::{avx512, avx2}` (matmul micro-kernels),
+//! `quant` (block formats: ggml's quantization, the reference block dot, and the driver of
+//! products against them) + `x86::quant` (their AVX2 tiles and activation quantization),
 //! `elementwise` + `x86::elementwise` (dot, axpy, norms, softmax, SiLU, dtype conversion),
 //! `scalar` (the reference).
 
@@ -91,7 +99,7 @@ impl DType {
     /// Bytes of `n` elements; `None` when `n` is not a whole number of blocks or the size
     /// overflows.
     pub fn bytes(self, n: usize) -> Option<usize> {
-        if n % self.block() != 0 {
+        if !n.is_multiple_of(self.block()) {
             return None;
         }
         (n / self.block()).checked_mul(self.block_bytes())
@@ -136,7 +144,7 @@ impl<'a> Weight<'a> {
     /// Checks that `data` holds exactly `rows * cols` elements of `dtype` (for a block format,
     /// that each row is whole blocks).
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        if cols % dtype.block() != 0 {
+        if !cols.is_multiple_of(dtype.block()) {
             return Err(KernelError::PartialBlock { cols, dtype, block: dtype.block() });
         }
         let expected = dtype

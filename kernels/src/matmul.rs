@@ -166,12 +166,13 @@ pub(crate) fn matmul_many_with(opts: MatmulOptions, x: &[f32], parts: &mut [(Wei
     };
     opts.isa.assert_available();
     if parts.iter().any(|(w, _)| w.dtype.is_block()) {
-        // Block formats have their own driver; plain weights of the same call keep theirs.
-        for (w, out) in parts.iter_mut() {
-            match w.dtype.is_block() {
-                true => crate::quant::matmul(opts, x, w, out, n),
-                false => matmul_many_with(opts, x, &mut [(*w, &mut **out)]),
-            }
+        // Block formats have their own driver (one parallel job for all of them); plain weights
+        // of the same call keep theirs.
+        let (mut blocks, mut plain): (Vec<_>, Vec<_>) =
+            parts.iter_mut().map(|(w, out)| (*w, &mut **out)).partition(|(w, _)| w.dtype.is_block());
+        crate::quant::matmul_many(opts, x, &mut blocks, n);
+        if !plain.is_empty() {
+            matmul_many_with(opts, x, &mut plain);
         }
         return;
     }
@@ -355,14 +356,14 @@ fn even_odd(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
 }
 
 /// Where tiles write: the caller's slice, or the same slice shared by parallel tasks.
-enum Out<'a, 'b> {
+pub(crate) enum Out<'a, 'b> {
     Whole(&'a mut [f32]),
     Shared(&'a SharedOut<'b>),
 }
 
 impl Out<'_, '_> {
     #[inline]
-    fn set(&mut self, i: usize, v: f32) {
+    pub(crate) fn set(&mut self, i: usize, v: f32) {
         match self {
             Out::Whole(out) => out[i] = v,
             // SAFETY: a task only touches `out[t, r]` for its own rows and tokens, and the tasks'
@@ -383,7 +384,7 @@ impl Out<'_, '_> {
 
 /// The output slice shared by tasks that write disjoint elements of it. A task's rows are
 /// strided in `out` (`out[t * rows + r]`), so the slice cannot be split into chunks.
-struct SharedOut<'a> {
+pub(crate) struct SharedOut<'a> {
     ptr: *mut f32,
     len: usize,
     _out: std::marker::PhantomData<&'a mut [f32]>,
@@ -396,7 +397,7 @@ unsafe impl Send for SharedOut<'_> {}
 unsafe impl Sync for SharedOut<'_> {}
 
 impl<'a> SharedOut<'a> {
-    fn new(out: &'a mut [f32]) -> Self {
+    pub(crate) fn new(out: &'a mut [f32]) -> Self {
         SharedOut { ptr: out.as_mut_ptr(), len: out.len(), _out: std::marker::PhantomData }
     }
 

@@ -5,12 +5,22 @@
 //! write. A matrix product against quantized weights works as llama.cpp's CPU backend does:
 //! each activation row is quantized to `q8_0` once, and each weight block's dot product with
 //! it is an integer sum scaled by the two blocks' scales (`sum += d_w * d_x * sum_i(qw_i *
-//! qx_i)`), block by block from the left. A token's result depends on its own row only, so
-//! batched equals alone.
+//! qx_i)`), block by block from the left.
+//!
+//! The driver ([`matmul_many`]) cuts the rows of every weight of a call into chunks for rayon
+//! (tokens too when there are few rows), and covers each chunk with tiles of rows x tokens
+//! computed by a path's kernels ([`QTiles`]: the scalar reference here, AVX2 in
+//! `x86::quant`). Decode streams each row once; prefill passes every token tile over a panel of
+//! rows kept in L2. A tile computes each (row, token) dot product over the whole row in block
+//! order with the same operations whatever the tile's shape, so a token's result depends on
+//! its own row only: batched equals alone, and threading changes nothing.
+
+use std::ops::Range;
 
 use half::f16;
 use rayon::prelude::*;
 
+use crate::matmul::{Out, SharedOut};
 use crate::{DType, Isa, MatmulOptions, Threading, Weight};
 
 /// Elements per quantization block.
@@ -92,11 +102,8 @@ pub(crate) fn to_f32(dtype: DType, data: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The dot product of one weight row (whole blocks of `dtype`) with one activation row
-/// quantized to q8_0, block by block from the left.
-type RowDot = fn(dtype: DType, w: &[u8], x: &[u8]) -> f32;
-
-/// The reference: plain integer loops.
+/// The reference dot product of one weight row (whole blocks of `dtype`) with one activation
+/// row quantized to q8_0: plain integer loops, blocks summed from the left.
 pub(crate) fn dot_scalar(dtype: DType, w: &[u8], x: &[u8]) -> f32 {
     let (wb, xb) = (dtype.block_bytes(), DType::Q8_0.block_bytes());
     let mut sum = 0.0f32;
@@ -117,42 +124,206 @@ pub(crate) fn dot_scalar(dtype: DType, w: &[u8], x: &[u8]) -> f32 {
     sum
 }
 
-/// Below this many multiply-adds a product stays on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 16;
-
-/// `out[t, r] = sum_c x[t, c] * w[r, c]` for a block-format `w`: activations quantized to
-/// q8_0 per row, then integer block dot products (see the module documentation).
-pub(crate) fn matmul(opts: MatmulOptions, x: &[f32], w: &Weight, out: &mut [f32], n: usize) {
-    debug_assert!(w.dtype.is_block());
-    let dot: RowDot = match opts.isa {
-        Isa::Scalar => dot_scalar,
+/// Activation rows (`cols` each) quantized to q8_0, one after the other, on `isa`'s path (every
+/// path gives the reference's bytes).
+pub(crate) fn quantize_rows(isa: Isa, x: &[f32], cols: usize) -> Vec<u8> {
+    assert_eq!(x.len() % cols.max(1), 0, "quantize_rows: {} values are not rows of {cols}", x.len());
+    match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => dot_scalar,
-        #[allow(unreachable_patterns)]
-        isa => unreachable!("{isa:?} passed assert_available on a CPU without it"),
+        Isa::Avx2 | Isa::Avx512 => {
+            isa.assert_available();
+            let mut out = vec![0u8; DType::Q8_0.bytes(x.len()).expect("quantize_rows: whole blocks")];
+            // SAFETY: both paths need AVX2, FMA and F16C, which `assert_available` checked.
+            unsafe { crate::x86::quant::quantize_q8_0(x, &mut out) };
+            out
+        }
+        _ => quantize(DType::Q8_0, x),
+    }
+}
+
+/// The operands of one tile: `rows` weight rows from `w` (row `i` starts at byte
+/// `i * w_stride`) against `tokens` activation rows quantized to q8_0 (token `t` starts at byte
+/// `t * x_stride` of `x`), over `blocks` blocks. `sums[i * tokens + t]` receives row `i` .
+/// token `t`, the whole row's dot product.
+pub(crate) struct QTile<'a> {
+    pub w: &'a [u8],
+    pub w_stride: usize,
+    pub x: &'a [u8],
+    pub x_stride: usize,
+    pub blocks: usize,
+    /// Whether the rows are streamed from memory once (decode): the kernel prefetches the rows
+    /// of the tiles ahead.
+    pub streaming: bool,
+    pub sums: &'a mut [f32],
+}
+
+/// One path's tile kernels for one weight format.
+#[derive(Clone, Copy)]
+pub(crate) struct QTiles {
+    /// Rows per tile by token count: a tile of `t` tokens has `tall[t - 1]` rows, or 1 for the
+    /// rows left at the end of a range. `tall.len()` is the most tokens per tile.
+    pub tall: &'static [usize],
+    /// Computes one tile of shape `(tall[tokens - 1], tokens)` or `(1, tokens)`. Panics if
+    /// `args` is too short for the shape.
+    ///
+    /// # Safety
+    /// The CPU must support the ISA the kernel was compiled for.
+    pub tile: unsafe fn(rows: usize, tokens: usize, args: &mut QTile),
+}
+
+impl QTiles {
+    fn row_align(&self) -> usize {
+        self.tall.iter().copied().max().unwrap_or(1)
+    }
+}
+
+/// The reference as tiles of one row and one token.
+fn scalar_tiles(dtype: DType) -> QTiles {
+    fn tile<const Q4W: bool>(rows: usize, tokens: usize, args: &mut QTile) {
+        assert_eq!((rows, tokens), (1, 1), "scalar quantized matmul has no {rows}x{tokens} tile");
+        let dtype = if Q4W { DType::Q4_0 } else { DType::Q8_0 };
+        let (wb, xb) = (args.blocks * dtype.block_bytes(), args.blocks * DType::Q8_0.block_bytes());
+        args.sums[0] = dot_scalar(dtype, &args.w[..wb], &args.x[..xb]);
+    }
+    let tile = match dtype {
+        DType::Q8_0 => tile::<false> as unsafe fn(usize, usize, &mut QTile),
+        DType::Q4_0 => tile::<true>,
+        _ => unreachable!("{} is not a block format", dtype.name()),
     };
-    let xq: Vec<u8> = x.chunks_exact(w.cols).flat_map(|row| quantize(DType::Q8_0, row)).collect();
-    let (wb, xb) = (w.row_bytes(), DType::Q8_0.bytes(w.cols).expect("whole blocks"));
-    let row = |r: usize, t: usize| dot(w.dtype, &w.data[r * wb..(r + 1) * wb], &xq[t * xb..(t + 1) * xb]);
+    QTiles { tall: &[1], tile }
+}
+
+/// Weight bytes of a row panel in prefill: a quarter of a 1 MiB L2, so that the rows read from
+/// memory for the first tokens serve every later token tile from L2.
+const PANEL_BYTES: usize = 256 * 1024;
+
+/// Below this many multiply-adds a product runs on the calling thread: tens of microseconds of
+/// one core, several times the cost of waking rayon's workers.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// Chunks per rayon thread: more than one so that a core slowed by other work gets fewer.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// `out[t, r] = sum_c x[t, c] * w[r, c]` for every `(w, out)` of `parts` (block-format weights
+/// of one column count, `n` tokens), in one parallel job: activations quantized to q8_0 per row
+/// once, then integer block dot products (see the module documentation).
+///
+/// Threads split the rows of all the weights into chunks of about equal work, and the tokens
+/// too where a weight has too few rows to go round; small products stay on the calling thread.
+/// Each (row, token) dot product is one kernel call over the whole row, in block order, so its
+/// value does not depend on the split or on the other tokens.
+pub(crate) fn matmul_many(opts: MatmulOptions, x: &[f32], parts: &mut [(Weight, &mut [f32])], n: usize) {
+    let Some(cols) = parts.first().map(|(w, _)| w.cols) else { return };
+    if n == 0 {
+        return;
+    }
+    opts.isa.assert_available();
+    let xq = quantize_rows(opts.isa, x, cols);
+    let tiles = |w: &Weight| {
+        debug_assert!(w.dtype.is_block() && w.cols == cols);
+        match opts.isa {
+            Isa::Scalar => scalar_tiles(w.dtype),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => crate::x86::quant::tiles(w.dtype),
+            #[allow(unreachable_patterns)]
+            isa => unreachable!("{isa:?} passed assert_available on a CPU without it"),
+        }
+    };
+    let weights: Vec<Weight> = parts.iter().map(|(w, _)| *w).collect();
+    let jobs: Vec<Job> = weights.iter().map(|w| Job { tiles: tiles(w), w, xq: &xq }).collect();
+    let threads = rayon::current_num_threads();
+    let macs: usize = weights.iter().map(|w| w.rows * w.cols * n).sum();
     let parallel = match opts.threading {
         Threading::Single => false,
         Threading::Parallel => true,
-        Threading::Auto => rayon::current_num_threads() > 1 && w.rows * w.cols * n >= PARALLEL_MIN_MACS,
+        Threading::Auto => threads > 1 && macs >= PARALLEL_MIN_MACS,
     };
-    // Output is token-major (`out[t * rows + r]`); each task takes one token's rows.
-    if parallel {
-        out.par_chunks_mut(w.rows.max(1)).enumerate().for_each(|(t, o)| {
-            o.par_chunks_mut(64).enumerate().for_each(|(c, o)| {
-                for (i, v) in o.iter_mut().enumerate() {
-                    *v = row(c * 64 + i, t);
+    if !parallel {
+        for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
+            job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
+        }
+        return;
+    }
+    let tasks = threads * CHUNKS_PER_THREAD;
+    let mut work: Vec<(usize, Range<usize>, Range<usize>)> = Vec::new();
+    for (j, (job, w)) in jobs.iter().zip(&weights).enumerate().filter(|(_, (_, w))| w.rows > 0) {
+        let share = (w.rows * w.cols * n * tasks).div_ceil(macs.max(1)).max(1);
+        let row_chunk = w.rows.div_ceil(share).next_multiple_of(job.tiles.row_align());
+        let row_chunks = w.rows.div_ceil(row_chunk);
+        let max_tokens = job.tiles.tall.len();
+        let token_chunks = share.div_ceil(row_chunks).min(n.div_ceil(max_tokens));
+        let token_chunk = n.div_ceil(token_chunks).next_multiple_of(max_tokens);
+        for rc in 0..row_chunks {
+            for tc in 0..n.div_ceil(token_chunk) {
+                let rows = rc * row_chunk..((rc + 1) * row_chunk).min(w.rows);
+                work.push((j, rows, tc * token_chunk..((tc + 1) * token_chunk).min(n)));
+            }
+        }
+    }
+    let shared: Vec<SharedOut> = parts.iter_mut().map(|(_, out)| SharedOut::new(out)).collect();
+    work.into_par_iter().for_each(|(j, rows, tokens)| {
+        jobs[j].compute(rows, tokens, &mut Out::Shared(&shared[j]));
+    });
+}
+
+/// One weight of a call, prepared.
+struct Job<'a> {
+    tiles: QTiles,
+    w: &'a Weight<'a>,
+    /// The activations quantized to q8_0, one row per token.
+    xq: &'a [u8],
+}
+
+impl Job<'_> {
+    /// Computes `out[t, r]` for rows `range` and tokens `tokens`. Decode (all tokens in one
+    /// tile) streams the rows once; prefill passes every token tile over a panel of rows that
+    /// stays in L2.
+    fn compute(&self, range: Range<usize>, tokens: Range<usize>, out: &mut Out) {
+        let max_tokens = self.tiles.tall.len();
+        let streaming = tokens.len() <= max_tokens;
+        let align = self.tiles.row_align();
+        let panel = match streaming {
+            true => range.len().max(1),
+            false => (PANEL_BYTES / self.w.row_bytes().max(1) / align * align).max(align),
+        };
+        for p0 in range.clone().step_by(panel) {
+            let p1 = (p0 + panel).min(range.end);
+            for t0 in tokens.clone().step_by(max_tokens) {
+                let count = max_tokens.min(tokens.end - t0);
+                let tall = self.tiles.tall[count - 1];
+                let mut r = p0;
+                while r < p1 {
+                    let rows = if p1 - r >= tall { tall } else { 1 };
+                    self.tile(r, rows, (t0, count), streaming, out);
+                    r += rows;
                 }
-            })
-        });
-    } else {
-        for (t, o) in out.chunks_mut(w.rows.max(1)).enumerate() {
-            for (r, v) in o.iter_mut().enumerate() {
-                *v = row(r, t);
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + rows` against tokens `t0..t0 + tokens`, written to `out`.
+    fn tile(&self, r0: usize, rows: usize, (t0, tokens): (usize, usize), streaming: bool, out: &mut Out) {
+        let (wb, xb) = (self.w.row_bytes(), DType::Q8_0.bytes(self.w.cols).expect("whole blocks"));
+        let mut sums = [0.0f32; MAX_TILE];
+        let mut args = QTile {
+            w: &self.w.data[r0 * wb..(r0 + rows) * wb],
+            w_stride: wb,
+            x: &self.xq[t0 * xb..(t0 + tokens) * xb],
+            x_stride: xb,
+            blocks: self.w.cols / QK,
+            streaming,
+            sums: &mut sums[..rows * tokens],
+        };
+        // SAFETY: `matmul_many` checked that the CPU supports the kernels' ISA, and
+        // `(rows, tokens)` is one of the shapes `QTiles::tile` accepts.
+        unsafe { (self.tiles.tile)(rows, tokens, &mut args) };
+        for i in 0..rows {
+            for t in 0..tokens {
+                out.set((t0 + t) * self.w.rows + r0 + i, sums[i * tokens + t]);
             }
         }
     }
 }
+
+/// Most `rows * tokens` of any tile shape.
+const MAX_TILE: usize = 16;

@@ -3,6 +3,7 @@
 
 mod elementwise;
 mod matmul;
+mod quant;
 
 use half::{bf16, f16};
 

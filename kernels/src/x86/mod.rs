@@ -4,6 +4,7 @@
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod elementwise;
+pub(crate) mod quant;
 
 use std::arch::x86_64::*;
 
