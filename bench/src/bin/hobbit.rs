@@ -1,10 +1,13 @@
-//! Mixed precision on a miss (HOBBIT), measured: for each model, `stevedore generate` at one
-//! host-cache budget with LRU and every expert in full precision, with the HOBBIT policy over
-//! q4_0 and q8_0 copies, and with every expert's q4_0 copy; decode tokens/s and bytes read per
-//! generated token, all in one run on the same prompt. With `--text`, the quality side: the
-//! perplexity (`stevedore perplexity`, llama.cpp's chunking) of the same variants and of
-//! cache-conditional routing at two biases, on the first model. Writes the low-bit copies
-//! (`stevedore quantize`) where they are missing. See bench/README.md.
+//! Mixed precision on a miss (HOBBIT), measured: for each `--model`, `stevedore generate` at
+//! one host-cache budget with LRU and every expert in full precision, with the HOBBIT policy
+//! over q4_0 and q8_0 copies, and with every expert's q4_0 copy; decode tokens/s and bytes read
+//! per generated token, all in one run on the same prompt. With `--ppl-model DIR --text FILE`,
+//! the quality side: the perplexity (`stevedore perplexity`, llama.cpp's chunking) of the same
+//! variants and of cache-conditional routing at two biases, fed one token per forward pass
+//! (`max_batch_tokens = 1`), so that the cache sees each token's routing as a single-stream
+//! decode does (a prefill pass of hundreds of rows uses every expert of a layer, and an expert
+//! of a pass needs what its most demanding row needs), with the bytes read per token. Writes
+//! the low-bit copies (`stevedore quantize`) where they are missing. See bench/README.md.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -17,12 +20,13 @@ usage: hobbit --model DIR [--model DIR ...] [options]
   --budget SIZE        host-cache budget (default 25%)
   --max-new-tokens N   decode tokens per run (default 64)
   --prompt-ids LIST    the prompt (default 1,2,3,4,5,6,7,8)
-  --text FILE          also measure perplexity on this text, on the first model
+  --ppl-model DIR      also measure perplexity on this model...
+  --text FILE          ...over this text
   --context N          perplexity context (default: the command's)
   --bin PATH           the stevedore binary (default: `stevedore` next to this executable)
   --json-out FILE      also write every number as JSON
-Bars: HOBBIT over q4_0 reads at least 40% fewer bytes per token than full precision; its
-perplexity is at most 1% above full precision's (with --text).";
+Bars: on every --model, HOBBIT over q4_0 reads at least 40% fewer bytes per generated token
+than full precision; on the --ppl-model, its perplexity is at most 1% above full precision's.";
 
 /// (label, config file contents) of each variant; every one runs LRU.
 const VARIANTS: [(&str, &str); 4] = [
@@ -44,6 +48,7 @@ struct Args {
     budget: String,
     max_new_tokens: usize,
     prompt_ids: String,
+    ppl_model: Option<PathBuf>,
     text: Option<PathBuf>,
     context: Option<usize>,
     bin: PathBuf,
@@ -56,6 +61,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         budget: "25%".into(),
         max_new_tokens: 64,
         prompt_ids: "1,2,3,4,5,6,7,8".into(),
+        ppl_model: None,
         text: None,
         context: None,
         bin: setup::default_bin()?,
@@ -68,6 +74,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--budget" => a.budget = value()?,
             "--max-new-tokens" => a.max_new_tokens = setup::positive(&flag, &value()?)?,
             "--prompt-ids" => a.prompt_ids = value()?,
+            "--ppl-model" => a.ppl_model = Some(value()?.into()),
             "--text" => a.text = Some(value()?.into()),
             "--context" => a.context = Some(setup::positive(&flag, &value()?)?),
             "--bin" => a.bin = value()?.into(),
@@ -76,8 +83,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             other => return Err(format!("unknown flag `{other}`\n{USAGE}")),
         }
     }
-    if a.models.is_empty() {
-        return Err(format!("give at least one --model\n{USAGE}"));
+    if a.models.is_empty() && a.ppl_model.is_none() {
+        return Err(format!("give at least one --model, or --ppl-model\n{USAGE}"));
+    }
+    if a.ppl_model.is_some() != a.text.is_some() {
+        return Err(format!("--ppl-model and --text go together\n{USAGE}"));
     }
     setup::check_bin(&a.bin)?;
     Ok(a)
@@ -107,6 +117,24 @@ fn config(dir: &TempDir, label: &str, variant: &str, budget: &str) -> Result<Pat
     Ok(path)
 }
 
+/// Writes the model's missing low-bit copies.
+fn ensure_copies(bin: &Path, dir: &str) -> Result<(), String> {
+    for format in ["q4_0", "q8_0"] {
+        if !Path::new(dir).join(format!("experts.{format}.json")).exists() {
+            eprintln!("writing {format} copies of {dir}");
+            stevedore(bin, &["quantize", "--model", dir, "--format", format], false)?;
+        }
+    }
+    Ok(())
+}
+
+/// The share of a run's expert accesses served by low-bit copies, and skipped.
+fn shares(p: &Value) -> (f64, f64) {
+    let keys = ["full_hits", "full_misses", "low_hits", "low_misses", "skipped"];
+    let accesses = keys.iter().map(|k| f(p, k)).sum::<f64>().max(1.0);
+    ((f(p, "low_hits") + f(p, "low_misses")) / accesses, f(p, "skipped") / accesses)
+}
+
 fn f(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
 }
@@ -119,12 +147,7 @@ fn run(a: Args) -> Result<bool, String> {
     println!("# HOBBIT mixed precision at host cache {} (LRU), {} tokens", a.budget, a.max_new_tokens);
     for model in &a.models {
         let dir = model.to_str().ok_or("model path is not UTF-8")?;
-        for format in ["q4_0", "q8_0"] {
-            if !model.join(format!("experts.{format}.json")).exists() {
-                eprintln!("writing {format} copies of {dir}");
-                stevedore(&a.bin, &["quantize", "--model", dir, "--format", format], false)?;
-            }
-        }
+        ensure_copies(&a.bin, dir)?;
         println!(
             "\n{dir}\n{:<14} {:>10} {:>14} {:>9} {:>7} {:>7} {:>7}",
             "variant", "decode/s", "bytes/token", "vs full", "low%", "skip%", "agree"
@@ -197,27 +220,21 @@ fn run(a: Args) -> Result<bool, String> {
         }
         report[dir] = json!({"generate": rows});
     }
-    if let Some(text) = &a.text {
-        let model = a.models[0].to_str().ok_or("model path is not UTF-8")?;
+    if let (Some(model), Some(text)) = (&a.ppl_model, &a.text) {
+        let model = model.to_str().ok_or("model path is not UTF-8")?;
         let text = text.to_str().ok_or("text path is not UTF-8")?;
+        ensure_copies(&a.bin, model)?;
         println!(
-            "\nperplexity of {model} on {text} at host cache {}\n{:<18} {:>10} {:>9}",
-            a.budget, "variant", "PPL", "vs full"
+            "\nperplexity of {model} on {text} at host cache {} (LRU, one token per pass)\n{:<18} {:>10} {:>9} {:>12} {:>7} {:>7}",
+            a.budget, "variant", "PPL", "vs full", "bytes/token", "low%", "skip%"
         );
         let mut rows = Vec::new();
         let mut base = None;
         for (label, variant) in VARIANTS.iter().chain(&BIASES) {
-            let cfg = config(&tmp, label, variant, &a.budget)?;
-            let mut args = vec![
-                "perplexity",
-                "--model",
-                model,
-                "--text",
-                text,
-                "--config",
-                cfg.to_str().unwrap(),
-                "--json",
-            ];
+            let one_at_a_time = format!("[engine]\nmax_batch = 1\nmax_batch_tokens = 1\n{variant}");
+            let cfg = config(&tmp, label, &one_at_a_time, &a.budget)?;
+            let cfg = cfg.to_str().ok_or("temporary path is not UTF-8")?;
+            let mut args = vec!["perplexity", "--model", model, "--text", text, "--config", cfg, "--json"];
             let context = a.context.map(|c| c.to_string());
             if let Some(c) = &context {
                 args.extend(["--context", c]);
@@ -225,12 +242,23 @@ fn run(a: Args) -> Result<bool, String> {
             let out = stevedore(&a.bin, &args, true)?;
             let ppl = f(&out, "ppl");
             let b = *base.get_or_insert(ppl);
-            println!("{label:<18} {ppl:>10.4} {:>+8.2}%", 100.0 * (ppl / b - 1.0));
+            let c = &out["stats"]["expert_cache"];
+            let per_token = f(c, "bytes_read") / f(&out, "text_tokens").max(1.0);
+            let (low, skipped) = shares(&c["precision"]);
+            println!(
+                "{label:<18} {ppl:>10.4} {:>+8.2}% {per_token:>12.0} {:>6.1}% {:>6.1}%",
+                100.0 * (ppl / b - 1.0),
+                100.0 * low,
+                100.0 * skipped
+            );
             if *label == "hobbit-q4_0" && ppl > b * 1.01 {
                 pass = false;
                 println!("  bar not met: hobbit-q4_0 raises perplexity by more than 1%");
             }
-            rows.push(json!({"variant": label, "ppl": ppl, "vs_full": ppl / b, "result": out}));
+            rows.push(
+                json!({"variant": label, "ppl": ppl, "vs_full": ppl / b, "bytes_read_per_token": per_token,
+                "low_share": low, "skipped_share": skipped, "result": out}),
+            );
         }
         report["perplexity"] = json!({"model": model, "text": text, "rows": rows});
     }
