@@ -151,7 +151,7 @@ impl CpuMeter {
 }
 
 /// Non-idle CPU seconds of all cores since boot, from the first line of /proc/stat.
-fn machine_busy_seconds() -> Option<f64> {
+pub fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> =
         stat.lines().next()?.split_whitespace().skip(1).map_while(|v| v.parse().ok()).collect();

@@ -194,30 +194,60 @@ pub(crate) fn matmul_many_with(opts: MatmulOptions, x: &[f32], parts: &mut [(Wei
     }
     let weights: Vec<Weight> = parts.iter().map(|(w, _)| *w).collect();
     let jobs: Vec<Job> = weights.iter().map(|w| Job::new(micro(w), x, w)).collect();
+    let shapes: Vec<WorkShape> = jobs
+        .iter()
+        .map(|j| WorkShape {
+            rows: j.w.rows,
+            cols: j.w.cols,
+            row_align: j.micro.row_align(),
+            max_tokens: j.micro.tall.len(),
+        })
+        .collect();
+    let Some(work) = split_work(opts.threading, &shapes, n) else {
+        for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
+            job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
+        }
+        return;
+    };
+    let shared: Vec<SharedOut> = parts.iter_mut().map(|(_, out)| SharedOut::new(out)).collect();
+    work.into_par_iter().for_each(|(j, rows, tokens)| {
+        jobs[j].compute(rows, tokens, &mut Out::Shared(&shared[j]));
+    });
+}
+
+/// What [`split_work`] needs of one weight of a call.
+pub(crate) struct WorkShape {
+    pub rows: usize,
+    pub cols: usize,
+    /// Row chunks are multiples of this (the tallest tile).
+    pub row_align: usize,
+    /// Most tokens per tile.
+    pub max_tokens: usize,
+}
+
+/// The parallel tasks of a call over `weights` and `n` tokens, each `(weight, rows, tokens)`;
+/// `None` when the call should stay on the calling thread (too small for a fork-join, or
+/// `Threading::Single`). Each weight's rows are cut into chunks of about the same number of
+/// multiply-adds, and tokens too where a weight has too few rows to go round.
+pub(crate) fn split_work(threading: Threading, weights: &[WorkShape], n: usize) -> Option<Vec<Work>> {
     let threads = rayon::current_num_threads();
-    let macs: usize = parts.iter().map(|(w, _)| w.rows * w.cols * n).sum();
-    let parallel = match opts.threading {
+    let macs: usize = weights.iter().map(|w| w.rows * w.cols * n).sum();
+    let parallel = match threading {
         Threading::Single => false,
         Threading::Parallel => true,
         Threading::Auto => threads > 1 && macs >= PARALLEL_MIN_MACS,
     };
     if !parallel {
-        for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
-            job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
-        }
-        return;
+        return None;
     }
-    // Tasks over the rows of all the weights: each weight's rows cut into chunks of about the
-    // same number of multiply-adds, and tokens too where a weight has too few rows to go round.
     let tasks = threads * CHUNKS_PER_THREAD;
-    let mut work: Vec<(usize, Range<usize>, Range<usize>)> = Vec::new();
-    for (j, (job, w)) in jobs.iter().zip(&weights).enumerate().filter(|(_, (_, w))| w.rows > 0) {
+    let mut work: Vec<Work> = Vec::new();
+    for (j, w) in weights.iter().enumerate().filter(|(_, w)| w.rows > 0) {
         let share = (w.rows * w.cols * n * tasks).div_ceil(macs.max(1)).max(1);
-        let row_chunk = w.rows.div_ceil(share).next_multiple_of(job.micro.row_align());
+        let row_chunk = w.rows.div_ceil(share).next_multiple_of(w.row_align);
         let row_chunks = w.rows.div_ceil(row_chunk);
-        let max_tokens = job.micro.tall.len();
-        let token_chunks = share.div_ceil(row_chunks).min(n.div_ceil(max_tokens));
-        let token_chunk = n.div_ceil(token_chunks).next_multiple_of(max_tokens);
+        let token_chunks = share.div_ceil(row_chunks).min(n.div_ceil(w.max_tokens));
+        let token_chunk = n.div_ceil(token_chunks).next_multiple_of(w.max_tokens);
         for rc in 0..row_chunks {
             for tc in 0..n.div_ceil(token_chunk) {
                 let rows = rc * row_chunk..((rc + 1) * row_chunk).min(w.rows);
@@ -225,11 +255,11 @@ pub(crate) fn matmul_many_with(opts: MatmulOptions, x: &[f32], parts: &mut [(Wei
             }
         }
     }
-    let shared: Vec<SharedOut> = parts.iter_mut().map(|(_, out)| SharedOut::new(out)).collect();
-    work.into_par_iter().for_each(|(j, rows, tokens)| {
-        jobs[j].compute(rows, tokens, &mut Out::Shared(&shared[j]));
-    });
+    Some(work)
 }
+
+/// One parallel task: (weight of the call, its rows, tokens).
+pub(crate) type Work = (usize, Range<usize>, Range<usize>);
 
 /// One matmul call, prepared.
 struct Job<'a> {

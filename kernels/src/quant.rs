@@ -20,8 +20,8 @@ use std::ops::Range;
 use half::f16;
 use rayon::prelude::*;
 
-use crate::matmul::{Out, SharedOut};
-use crate::{DType, Isa, MatmulOptions, Threading, Weight};
+use crate::matmul::{split_work, Out, SharedOut, WorkShape};
+use crate::{DType, Isa, MatmulOptions, Weight};
 
 /// Elements per quantization block.
 pub const QK: usize = 32;
@@ -197,13 +197,6 @@ fn scalar_tiles(dtype: DType) -> QTiles {
 /// memory for the first tokens serve every later token tile from L2.
 const PANEL_BYTES: usize = 256 * 1024;
 
-/// Below this many multiply-adds a product runs on the calling thread: tens of microseconds of
-/// one core, several times the cost of waking rayon's workers.
-const PARALLEL_MIN_MACS: usize = 1 << 20;
-
-/// Chunks per rayon thread: more than one so that a core slowed by other work gets fewer.
-const CHUNKS_PER_THREAD: usize = 4;
-
 /// `out[t, r] = sum_c x[t, c] * w[r, c]` for every `(w, out)` of `parts` (block-format weights
 /// of one column count, `n` tokens), in one parallel job: activations quantized to q8_0 per row
 /// once, then integer block dot products (see the module documentation).
@@ -231,35 +224,23 @@ pub(crate) fn matmul_many(opts: MatmulOptions, x: &[f32], parts: &mut [(Weight, 
     };
     let weights: Vec<Weight> = parts.iter().map(|(w, _)| *w).collect();
     let jobs: Vec<Job> = weights.iter().map(|w| Job { tiles: tiles(w), w, xq: &xq }).collect();
-    let threads = rayon::current_num_threads();
-    let macs: usize = weights.iter().map(|w| w.rows * w.cols * n).sum();
-    let parallel = match opts.threading {
-        Threading::Single => false,
-        Threading::Parallel => true,
-        Threading::Auto => threads > 1 && macs >= PARALLEL_MIN_MACS,
-    };
-    if !parallel {
+    let shapes: Vec<WorkShape> = jobs
+        .iter()
+        .map(|j| WorkShape {
+            rows: j.w.rows,
+            cols: j.w.cols,
+            row_align: j.tiles.row_align(),
+            max_tokens: j.tiles.tall.len(),
+        })
+        .collect();
+    // The same split as plain weights' (and the same size below which a call stays on the
+    // calling thread).
+    let Some(work) = split_work(opts.threading, &shapes, n) else {
         for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
             job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
         }
         return;
-    }
-    let tasks = threads * CHUNKS_PER_THREAD;
-    let mut work: Vec<(usize, Range<usize>, Range<usize>)> = Vec::new();
-    for (j, (job, w)) in jobs.iter().zip(&weights).enumerate().filter(|(_, (_, w))| w.rows > 0) {
-        let share = (w.rows * w.cols * n * tasks).div_ceil(macs.max(1)).max(1);
-        let row_chunk = w.rows.div_ceil(share).next_multiple_of(job.tiles.row_align());
-        let row_chunks = w.rows.div_ceil(row_chunk);
-        let max_tokens = job.tiles.tall.len();
-        let token_chunks = share.div_ceil(row_chunks).min(n.div_ceil(max_tokens));
-        let token_chunk = n.div_ceil(token_chunks).next_multiple_of(max_tokens);
-        for rc in 0..row_chunks {
-            for tc in 0..n.div_ceil(token_chunk) {
-                let rows = rc * row_chunk..((rc + 1) * row_chunk).min(w.rows);
-                work.push((j, rows, tc * token_chunk..((tc + 1) * token_chunk).min(n)));
-            }
-        }
-    }
+    };
     let shared: Vec<SharedOut> = parts.iter_mut().map(|(_, out)| SharedOut::new(out)).collect();
     work.into_par_iter().for_each(|(j, rows, tokens)| {
         jobs[j].compute(rows, tokens, &mut Out::Shared(&shared[j]));

@@ -149,7 +149,9 @@ fn a_bad_index_or_data_file_is_named() {
         ])
     };
     let name = "model.layers.1.mlp.experts.3.up_proj.weight";
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>)> = vec![
+    // (what, how to corrupt a copy of the fixture, what the error must say)
+    type Case<'a> = (&'a str, Box<dyn Fn(&Path) + 'a>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             "moved offset",
             Box::new(|d| {

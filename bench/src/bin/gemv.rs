@@ -77,22 +77,15 @@ fn cold_copies(dtype: DType, rows: usize, cols: usize, cold_bytes: usize) -> Vec
 
 /// Non-idle CPU seconds of all cores (first line of /proc/stat) and of this process.
 fn cpu_seconds() -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> =
-        stat.lines().next()?.split_whitespace().skip(1).map_while(|v| v.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    let busy: u64 =
-        fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let busy = stevedore_bench::runner::machine_busy_seconds()?;
     // SAFETY: `rusage` is plain data, valid when zeroed, and getrusage only writes into it.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `usage` is a valid, writable rusage.
-    if hz <= 0 || unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
         return None;
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    Some((busy as f64 / hz as f64, secs(usage.ru_utime) + secs(usage.ru_stime)))
+    Some((busy, secs(usage.ru_utime) + secs(usage.ru_stime)))
 }
 
 /// Seconds of one pass: one GEMV on each copy in turn.

@@ -32,11 +32,12 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     }
 }
 
+/// One format's copies: (bytes of the largest expert, of all), or why they cannot be used.
+type CopiesFound = Result<(u64, u64), String>;
+
 /// The low-bit copies written beside the checkpoint (`stevedore quantize`): per format, the
 /// host-cache bytes of the largest expert and of all, or why the copies cannot be used.
-fn low_bit_copies(
-    model: &stevedore_models::Model,
-) -> Vec<(stevedore_kernels::DType, Result<(u64, u64), String>)> {
+fn low_bit_copies(model: &stevedore_models::Model) -> Vec<(stevedore_kernels::DType, CopiesFound)> {
     stevedore_models::LowBitExperts::available(&model.index.dir)
         .into_iter()
         .map(|format| {
