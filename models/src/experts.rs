@@ -212,7 +212,7 @@ impl ExpertTensors {
                 let mut locs = Vec::with_capacity(3);
                 for (name, &[rows, cols]) in names.iter().zip(&shapes) {
                     let (info, dtype) = index.check(name, &[rows, cols])?;
-                    let len = rows * cols * dtype.size();
+                    let len = dtype.bytes(cols).map_or(usize::MAX, |row| row.saturating_mul(rows));
                     if info.len != len as u64 {
                         return Err(Error::Tensor {
                             path: index.shards[info.shard].path.clone(),

@@ -175,7 +175,7 @@ impl Mla {
         let mut out = vec![0.0f32; n * heads * v];
         let (mut lat, mut val) = (vec![0.0f32; n * lora], vec![0.0f32; n * v]);
         let wb = self.kv_b.weight(index);
-        let row_bytes = lora * wb.dtype.size();
+        let row_bytes = wb.row_bytes();
         for hd in 0..heads {
             for t in 0..n {
                 lat[t * lora..(t + 1) * lora].copy_from_slice(&out_latent[(t * heads + hd) * lora..][..lora]);
