@@ -394,3 +394,36 @@ fn quantize_all_makes_a_fully_quantized_model() {
     eprintln!("pydoc-moe fully q8_0: {agree}/{} greedy tokens equal bf16's", a.len());
     assert!(agree >= a.len() / 2, "q8_0 changed most tokens: {a:?} vs {b:?}");
 }
+
+/// HOBBIT on every fixture whose experts quantize (the others' rows are not whole blocks): the
+/// greedy tokens at a small budget against the full-precision run's, agreement printed (not
+/// required), every run complete and every access counted.
+#[test]
+fn hobbit_agreement_on_the_fixtures() {
+    for name in common::FIXTURES.iter().copied().chain([PYDOC_MOE]) {
+        let tmp = copy_fixture(name);
+        let q = quantize(tmp.path(), "q4_0", &[]);
+        if q.code != Some(0) {
+            q.err(&["not whole Q4_0 blocks"]);
+            eprintln!("{name}: experts' rows are not whole blocks of 32; no copies");
+            continue;
+        }
+        let r = reference(name);
+        let (mut agree, mut total) = (0, 0);
+        for case in &r.cases {
+            let flags = |p: &'static str| ["--precision", p, "--host-cache", "50%", "--policy", "lru"];
+            let full = generate_ids(tmp.path(), &case.prompt_ids, r.max_new_tokens, &flags("full"));
+            let hobbit = generate_ids(tmp.path(), &case.prompt_ids, r.max_new_tokens, &flags("hobbit"));
+            let (a, b) = (ids(&full["generated_ids"]), ids(&hobbit["generated_ids"]));
+            assert_eq!(a.len(), b.len(), "{name}");
+            agree += a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            total += a.len();
+            let c = &hobbit["stats"]["expert_cache"];
+            let p = &c["precision"];
+            let counted: u64 =
+                ["full_hits", "full_misses", "low_hits", "low_misses"].iter().map(|k| u64_at(p, k)).sum();
+            assert_eq!(counted, u64_at(c, "hits") + u64_at(c, "misses"), "{name}: {c}");
+        }
+        eprintln!("{name}: HOBBIT q4_0 at 50%: {agree}/{total} greedy tokens equal full precision's before the first difference");
+    }
+}
