@@ -24,6 +24,8 @@
 //! `scalar` (the reference).
 
 mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod elementwise;
 mod isa;
 mod matmul;

@@ -1,6 +1,8 @@
 //! Every kernel on every path the CPU has, against plain loops in f64 on deterministic
 //! pseudo-random inputs: odd sizes (tails of every SIMD width) and weight bytes at odd addresses.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod elementwise;
 mod matmul;
 mod quant;
