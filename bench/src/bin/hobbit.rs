@@ -36,9 +36,11 @@ const VARIANTS: [(&str, &str); 4] = [
     ("low-q4_0", "[precision]\npolicy = \"low\"\nlow = \"q4_0\"\n"),
 ];
 
-/// Cache-conditional routing, for the quality table only (its speed is the full run's plus
-/// fewer misses).
-const BIASES: [(&str, &str); 2] = [
+/// For the quality table only: the whole model in q4_0 (experts and dense matrices, like a
+/// llama.cpp Q4_0 file), and cache-conditional routing (its speed is the full run's plus fewer
+/// misses).
+const QUALITY_ONLY: [(&str, &str); 3] = [
+    ("all-q4_0+dense", "[precision]\npolicy = \"low\"\nlow = \"q4_0\"\ndense = \"q4_0\"\n"),
     ("resident-bias-0.5", "[routing]\nresident_bias = 0.5\n"),
     ("resident-bias-2", "[routing]\nresident_bias = 2.0\n"),
 ];
@@ -117,12 +119,17 @@ fn config(dir: &TempDir, label: &str, variant: &str, budget: &str) -> Result<Pat
     Ok(path)
 }
 
-/// Writes the model's missing low-bit copies.
-fn ensure_copies(bin: &Path, dir: &str) -> Result<(), String> {
+/// Writes the model's missing low-bit copies (with `dense`, of the dense matrices too).
+fn ensure_copies(bin: &Path, dir: &str, dense: bool) -> Result<(), String> {
     for format in ["q4_0", "q8_0"] {
-        if !Path::new(dir).join(format!("experts.{format}.json")).exists() {
+        let missing = |set: &str| !Path::new(dir).join(format!("{set}.{format}.json")).exists();
+        if missing("experts") || (dense && missing("dense")) {
             eprintln!("writing {format} copies of {dir}");
-            stevedore(bin, &["quantize", "--model", dir, "--format", format], false)?;
+            let mut args = vec!["quantize", "--model", dir, "--format", format, "--force"];
+            if dense {
+                args.push("--all");
+            }
+            stevedore(bin, &args, false)?;
         }
     }
     Ok(())
@@ -147,7 +154,7 @@ fn run(a: Args) -> Result<bool, String> {
     println!("# HOBBIT mixed precision at host cache {} (LRU), {} tokens", a.budget, a.max_new_tokens);
     for model in &a.models {
         let dir = model.to_str().ok_or("model path is not UTF-8")?;
-        ensure_copies(&a.bin, dir)?;
+        ensure_copies(&a.bin, dir, false)?;
         println!(
             "\n{dir}\n{:<14} {:>10} {:>14} {:>9} {:>7} {:>7} {:>7}",
             "variant", "decode/s", "bytes/token", "vs full", "low%", "skip%", "agree"
@@ -223,14 +230,14 @@ fn run(a: Args) -> Result<bool, String> {
     if let (Some(model), Some(text)) = (&a.ppl_model, &a.text) {
         let model = model.to_str().ok_or("model path is not UTF-8")?;
         let text = text.to_str().ok_or("text path is not UTF-8")?;
-        ensure_copies(&a.bin, model)?;
+        ensure_copies(&a.bin, model, true)?;
         println!(
             "\nperplexity of {model} on {text} at host cache {} (LRU, one token per pass)\n{:<18} {:>10} {:>9} {:>12} {:>7} {:>7}",
             a.budget, "variant", "PPL", "vs full", "bytes/token", "low%", "skip%"
         );
         let mut rows = Vec::new();
         let mut base = None;
-        for (label, variant) in VARIANTS.iter().chain(&BIASES) {
+        for (label, variant) in VARIANTS.iter().chain(&QUALITY_ONLY) {
             let one_at_a_time = format!("[engine]\nmax_batch = 1\nmax_batch_tokens = 1\n{variant}");
             let cfg = config(&tmp, label, &one_at_a_time, &a.budget)?;
             let cfg = cfg.to_str().ok_or("temporary path is not UTF-8")?;
