@@ -194,18 +194,28 @@ pub(crate) fn matmul_many_with(opts: MatmulOptions, x: &[f32], parts: &mut [(Wei
     }
     let weights: Vec<Weight> = parts.iter().map(|(w, _)| *w).collect();
     let jobs: Vec<Job> = weights.iter().map(|w| Job::new(micro(w), x, w)).collect();
-    let shapes: Vec<WorkShape> = jobs
-        .iter()
-        .map(|j| WorkShape {
-            rows: j.w.rows,
-            cols: j.w.cols,
-            row_align: j.micro.row_align(),
-            max_tokens: j.micro.tall.len(),
-        })
-        .collect();
-    let Some(work) = split_work(opts.threading, &shapes, n) else {
-        for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
-            job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
+    run_jobs(opts.threading, &jobs, parts, n);
+}
+
+/// One weight of a call, prepared for its tiles: what [`run_jobs`] needs of it.
+pub(crate) trait TileJob: Sync {
+    fn shape(&self) -> WorkShape;
+    /// Computes `out[t, r]` for rows `rows` and tokens `tokens`.
+    fn compute(&self, rows: Range<usize>, tokens: Range<usize>, out: &mut Out);
+}
+
+/// Runs `jobs` (one per entry of `parts`, whose outputs they write) over `n` tokens: split
+/// among the threads by [`split_work`], or all on the calling thread.
+pub(crate) fn run_jobs<J: TileJob>(
+    threading: Threading,
+    jobs: &[J],
+    parts: &mut [(Weight, &mut [f32])],
+    n: usize,
+) {
+    let shapes: Vec<WorkShape> = jobs.iter().map(TileJob::shape).collect();
+    let Some(work) = split_work(threading, &shapes, n) else {
+        for ((job, shape), (_, out)) in jobs.iter().zip(&shapes).zip(parts.iter_mut()) {
+            job.compute(0..shape.rows, 0..n, &mut Out::Whole(out));
         }
         return;
     };
@@ -229,7 +239,7 @@ pub(crate) struct WorkShape {
 /// `None` when the call should stay on the calling thread (too small for a fork-join, or
 /// `Threading::Single`). Each weight's rows are cut into chunks of about the same number of
 /// multiply-adds, and tokens too where a weight has too few rows to go round.
-pub(crate) fn split_work(threading: Threading, weights: &[WorkShape], n: usize) -> Option<Vec<Work>> {
+fn split_work(threading: Threading, weights: &[WorkShape], n: usize) -> Option<Vec<Work>> {
     let threads = rayon::current_num_threads();
     let macs: usize = weights.iter().map(|w| w.rows * w.cols * n).sum();
     let parallel = match threading {
@@ -272,6 +282,17 @@ struct Job<'a> {
     x_stride: usize,
     /// Whole SIMD blocks per row; columns from `blocks * block` on are the scalar tail.
     blocks: usize,
+}
+
+impl TileJob for Job<'_> {
+    fn shape(&self) -> WorkShape {
+        let (rows, cols) = (self.w.rows, self.w.cols);
+        WorkShape { rows, cols, row_align: self.micro.row_align(), max_tokens: self.micro.tall.len() }
+    }
+
+    fn compute(&self, rows: Range<usize>, tokens: Range<usize>, out: &mut Out) {
+        Job::compute(self, rows, tokens, out)
+    }
 }
 
 impl<'a> Job<'a> {

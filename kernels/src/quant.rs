@@ -18,9 +18,8 @@
 use std::ops::Range;
 
 use half::f16;
-use rayon::prelude::*;
 
-use crate::matmul::{split_work, Out, SharedOut, WorkShape};
+use crate::matmul::{run_jobs, Out, TileJob, WorkShape};
 use crate::{DType, Isa, MatmulOptions, Weight};
 
 /// Elements per quantization block.
@@ -224,27 +223,9 @@ pub(crate) fn matmul_many(opts: MatmulOptions, x: &[f32], parts: &mut [(Weight, 
     };
     let weights: Vec<Weight> = parts.iter().map(|(w, _)| *w).collect();
     let jobs: Vec<Job> = weights.iter().map(|w| Job { tiles: tiles(w), w, xq: &xq }).collect();
-    let shapes: Vec<WorkShape> = jobs
-        .iter()
-        .map(|j| WorkShape {
-            rows: j.w.rows,
-            cols: j.w.cols,
-            row_align: j.tiles.row_align(),
-            max_tokens: j.tiles.tall.len(),
-        })
-        .collect();
     // The same split as plain weights' (and the same size below which a call stays on the
     // calling thread).
-    let Some(work) = split_work(opts.threading, &shapes, n) else {
-        for (job, (_, out)) in jobs.iter().zip(parts.iter_mut()) {
-            job.compute(0..job.w.rows, 0..n, &mut Out::Whole(out));
-        }
-        return;
-    };
-    let shared: Vec<SharedOut> = parts.iter_mut().map(|(_, out)| SharedOut::new(out)).collect();
-    work.into_par_iter().for_each(|(j, rows, tokens)| {
-        jobs[j].compute(rows, tokens, &mut Out::Shared(&shared[j]));
-    });
+    run_jobs(opts.threading, &jobs, parts, n);
 }
 
 /// One weight of a call, prepared.
@@ -253,6 +234,17 @@ struct Job<'a> {
     w: &'a Weight<'a>,
     /// The activations quantized to q8_0, one row per token.
     xq: &'a [u8],
+}
+
+impl TileJob for Job<'_> {
+    fn shape(&self) -> WorkShape {
+        let (rows, cols) = (self.w.rows, self.w.cols);
+        WorkShape { rows, cols, row_align: self.tiles.row_align(), max_tokens: self.tiles.tall.len() }
+    }
+
+    fn compute(&self, rows: Range<usize>, tokens: Range<usize>, out: &mut Out) {
+        Job::compute(self, rows, tokens, out)
+    }
 }
 
 impl Job<'_> {
