@@ -319,6 +319,7 @@ fn hobbit_reads_fewer_bytes_at_a_small_budget() {
     assert_eq!(p["policy"], "hobbit");
     assert_eq!(p["low_format"], "Q4_0");
     assert!(u64_at(p, "low_misses") > 0, "no low-bit reads: {p}");
+    assert!(u64_at(p, "skipped") > 0, "nothing skipped: {p}");
     assert_eq!(u64_at(p, "full_bytes_read") + u64_at(p, "low_bytes_read"), u64_at(ch, "bytes_read"), "{ch}");
     assert_eq!(
         u64_at(p, "full_hits") + u64_at(p, "low_hits") + u64_at(p, "full_misses") + u64_at(p, "low_misses"),

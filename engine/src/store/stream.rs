@@ -127,10 +127,8 @@ impl StoreStream<'_> {
 impl ExpertStream for StoreStream<'_> {
     fn next_ready(&mut self, max: usize) -> Option<Result<ReadyExperts<'_>, ExpertFailure>> {
         if !self.skipped.is_empty() {
-            return Some(Ok(std::mem::take(&mut self.skipped)
-                .into_iter()
-                .map(|i| (i, Served::Skipped))
-                .collect()));
+            let n = self.skipped.len().min(max.max(1));
+            return Some(Ok(self.skipped.drain(..n).map(|i| (i, Served::Skipped)).collect()));
         }
         let shared = &self.store.shared;
         let layouts = &shared.layouts;
