@@ -244,6 +244,21 @@ fn run_one(args: &GenerateArgs, engine: Engine, req: Request) -> Result<(), CliE
             if cache.direct_io { "O_DIRECT" } else { "buffered" },
             crate::sys::peak_rss_bytes().map(human).unwrap_or_else(|| "unknown".into()),
         );
+        let p = &cache.precision;
+        if let Some(low) = p.low_format {
+            eprintln!(
+                "precision {}: full {} hits, {} misses, {} read; {} {} hits, {} misses, {} read; {} skipped",
+                p.policy,
+                p.full_hits,
+                p.full_misses,
+                human(p.full_bytes_read),
+                low.to_ascii_lowercase(),
+                p.low_hits,
+                p.low_misses,
+                human(p.low_bytes_read),
+                p.skipped
+            );
+        }
         if args.profile {
             let ops = stevedore_models::profile::snapshot();
             let tokens = stats.steps.steps as f64;
