@@ -53,16 +53,15 @@ impl ExpertStore {
             Some(rule) => (0..plan.experts.len()).map(|i| rule.need(plan, i)).collect(),
             None => Vec::new(),
         };
-        for e in plan.experts {
-            layouts.check(ExpertKey::new(plan.layer.0, e.expert as usize))?;
-        }
         let candidates = self.sized(candidates);
         let mut guard = self.shared.lock();
         let State { tier, slots, warm, precision, .. } = &mut *guard;
-        // Each expert's copy: full precision, or what the rule picks given what is resident.
+        // Each expert's copy: full precision, or what the rule picks given what is resident
+        // (each key checked here; an error returns before the tier is touched).
         let (mut keys, mut skipped) = (Vec::with_capacity(plan.experts.len()), Vec::new());
         for (i, e) in plan.experts.iter().enumerate() {
             let full = ExpertKey::new(plan.layer.0, e.expert as usize);
+            let full_bytes = layouts.check(full)?.alloc as u64;
             let chosen = match &hobbit {
                 None if policy == PrecisionPolicy::Low => Some(Precision::Low),
                 None => Some(Precision::Full),
@@ -72,16 +71,15 @@ impl ExpertStore {
                 }
             };
             match chosen {
+                Some(Precision::Full) => keys.push((full, full_bytes)),
                 Some(p) => {
                     let key = full.at(p);
                     keys.push((key, layouts.check(key)?.alloc as u64));
                 }
-                None => {
-                    precision.skipped += 1;
-                    skipped.push(i);
-                }
+                None => skipped.push(i),
             }
         }
+        precision.skipped += skipped.len() as u64;
         // An entry whose read failed is read again by the next layer that needs it.
         for (key, _) in &keys {
             if let Some(&id) = tier.peek(key) {

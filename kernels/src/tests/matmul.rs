@@ -7,9 +7,7 @@
 //! doubled element breaks the bound by a factor of about `1 / (cols * 2^-24)`.
 
 use super::{encode_unaligned, Rng, DTYPES, U};
-use crate::{
-    matmul, matmul_many_with, matmul_with, DType, Isa, KernelError, MatmulOptions, Threading, Weight,
-};
+use crate::{matmul, matmul_with, DType, Isa, KernelError, MatmulOptions, Threading, Weight};
 
 /// `(rows, cols, tokens)`: odd sizes hit every tile shape (1 to 4 tokens, full and 1-row) and
 /// every row, token and column remainder; 64x64 is the smallest expert in the model tests; cols
@@ -209,19 +207,7 @@ fn matmul_many_equals_each_matmul_alone() {
                         .map(|(b, r)| Weight::new(dtype, &b[1..], r, cols).unwrap())
                         .collect();
                     let x = rng.vec(n * cols);
-                    let mut outs: Vec<Vec<f32>> = heights.iter().map(|&r| vec![f32::NAN; n * r]).collect();
-                    let mut parts: Vec<(Weight, &mut [f32])> =
-                        ws.iter().zip(outs.iter_mut()).map(|(w, o)| (*w, &mut o[..])).collect();
-                    matmul_many_with(opts, &x, &mut parts);
-                    for (w, got) in ws.iter().zip(&outs) {
-                        let mut alone = vec![0.0; n * w.rows];
-                        matmul_with(opts, &x, w, &mut alone);
-                        assert!(
-                            got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{isa:?} {threading:?} {dtype:?} {}x{cols} n={n}",
-                            w.rows
-                        );
-                    }
+                    super::assert_many_equals_each_alone(opts, &x, &ws, "plain weights");
                 }
             }
         }

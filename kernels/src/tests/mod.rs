@@ -9,7 +9,7 @@ mod quant;
 
 use half::{bf16, f16};
 
-use crate::DType;
+use crate::{matmul_many_with, matmul_with, DType, MatmulOptions, Weight};
 
 /// Unit roundoff of f32: every correctly rounded f32 operation has relative error <= U.
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -76,5 +76,28 @@ fn isa_availability_is_ordered() {
     assert_eq!(available.last(), Some(&crate::Isa::detect()));
     for isa in crate::Isa::ALL {
         assert_eq!(isa.is_available(), isa <= crate::Isa::detect(), "{isa:?}");
+    }
+}
+
+/// `matmul_many` with `opts` over `ws` gives each weight exactly what `matmul` gives it alone,
+/// bit for bit (`what` names the case in a failure).
+fn assert_many_equals_each_alone(opts: MatmulOptions, x: &[f32], ws: &[Weight], what: &str) {
+    let cols = ws.first().map_or(1, |w| w.cols).max(1);
+    let n = x.len() / cols;
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; n * w.rows]).collect();
+    let mut parts: Vec<(Weight, &mut [f32])> =
+        ws.iter().zip(outs.iter_mut()).map(|(w, o)| (*w, &mut o[..])).collect();
+    matmul_many_with(opts, x, &mut parts);
+    for (w, got) in ws.iter().zip(&outs) {
+        let mut alone = vec![0.0; n * w.rows];
+        matmul_with(opts, x, w, &mut alone);
+        assert!(
+            got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: {:?} {:?} {:?} {}x{cols} n={n}",
+            opts.isa,
+            opts.threading,
+            w.dtype,
+            w.rows
+        );
     }
 }

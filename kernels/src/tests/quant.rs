@@ -24,8 +24,8 @@
 use super::{Rng, U};
 use crate::quant::{dot_scalar, quantize_rows};
 use crate::{
-    dequantize, matmul_many_with, matmul_with, quantize, read_f32, to_f32, DType, Isa, KernelError,
-    MatmulOptions, Threading, Weight, QK,
+    dequantize, matmul_with, quantize, read_f32, to_f32, DType, Isa, KernelError, MatmulOptions, Threading,
+    Weight, QK,
 };
 
 const BLOCK_DTYPES: [DType; 2] = [DType::Q8_0, DType::Q4_0];
@@ -364,20 +364,7 @@ fn matmul_many_mixing_formats_equals_each_alone() {
     for isa in Isa::available() {
         for threading in [Threading::Single, Threading::Parallel] {
             let opts = MatmulOptions { isa, threading };
-            let mut outs: Vec<Vec<f32>> = heights.iter().map(|&r| vec![f32::NAN; n * r]).collect();
-            let mut parts: Vec<(Weight, &mut [f32])> =
-                ws.iter().zip(outs.iter_mut()).map(|(w, o)| (*w, &mut o[..])).collect();
-            matmul_many_with(opts, &x, &mut parts);
-            for (w, got) in ws.iter().zip(&outs) {
-                let mut alone = vec![0.0; n * w.rows];
-                matmul_with(opts, &x, w, &mut alone);
-                assert!(
-                    got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{isa:?} {threading:?} {:?} {}x{cols}",
-                    w.dtype,
-                    w.rows
-                );
-            }
+            super::assert_many_equals_each_alone(opts, &x, &ws, "mixed formats");
         }
     }
 }
